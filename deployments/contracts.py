@@ -1,0 +1,136 @@
+"""Pydantic contracts that cross a process boundary.
+
+The Open Inference Protocol (KServe V2) JSON shapes, and the calls the ingress
+makes on model deployments through Ray handles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.repository import ModelSpec
+
+# --- Open Inference Protocol (REST) -------------------------------------------------
+
+
+class RequestInput(BaseModel):
+    """One input tensor of an inference request."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    #: Row-major flattened (nested lists are accepted too); absent when the
+    #: tensor travels in the binary tensor data extension.
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    """An output the client asks for; parameters such as ``binary_data`` ride along."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    """``POST /v2/models/{name}[/versions/{v}]/infer`` body."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    """One output tensor of an inference response."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    """The answer to an inference request."""
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+class TensorMetadata(BaseModel):
+    """A tensor as the metadata endpoints describe it."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """``GET /v2/models/{name}[/versions/{v}]``."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] | None = None
+
+
+class ServerMetadata(BaseModel):
+    """``GET /v2``."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+# --- ingress -> model deployment ------------------------------------------------------
+
+
+class InferCall(BaseModel):
+    """What the ingress sends to an ``OnnxModel`` for one request (already validated)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    inputs: dict[str, np.ndarray]
+    #: Pin a version; ``None`` means the version the deployment serves now.
+    version: str | None = None
+    #: Outputs to compute; ``None`` means all declared outputs.
+    outputs: list[str] | None = None
+
+
+class InferResult(BaseModel):
+    """The model's outputs, and the version that actually computed them."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model_name: str
+    model_version: str
+    outputs: dict[str, np.ndarray]
+    #: How many requests shared the ONNX Runtime call that answered this one.
+    batch_size: int = 1
+    model_ms: float = 0.0
+
+
+class ModelStatus(BaseModel):
+    """A model deployment's view of itself: what is loaded and which version is served."""
+
+    name: str
+    served_version: str | None
+    loaded: dict[str, ModelSpec]
+    available_versions: list[str]
+    providers: list[str] = Field(default_factory=list)
+    error: str | None = None

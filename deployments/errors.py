@@ -1,0 +1,77 @@
+"""One small error hierarchy; each class carries the HTTP status it maps to.
+
+The ingress turns any ``KeelError`` into ``{"error": message}`` with ``status``
+(and ``Retry-After`` where set) through a single handler table.
+"""
+
+from __future__ import annotations
+
+
+class KeelError(Exception):
+    """Base of every error Keel reports to a client."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross Ray process boundaries; keep the keyword argument on the way.
+        return (_rebuild, (type(self), self.message, self.retry_after_s))
+
+
+def _rebuild(cls: type[KeelError], message: str, retry_after_s: int | None) -> KeelError:
+    return cls(message, retry_after_s=retry_after_s)
+
+
+class InvalidInput(KeelError):
+    """The request is malformed or does not match the model's declared inputs."""
+
+    status = 400
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+
+
+class ModelNotFound(KeelError):
+    """No such model, or no such version of it."""
+
+    status = 404
+
+
+class ModelNotReady(KeelError):
+    """The model exists but cannot answer yet (loading, or failed to load)."""
+
+    status = 503
+
+
+class Overloaded(KeelError):
+    """Too many requests queued; the client should retry after a pause."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int | None = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class DependencyUnavailable(KeelError):
+    """A dependency (feature store, cache, model replica) does not answer."""
+
+    status = 503
+
+
+class UpstreamTimeout(KeelError):
+    """A downstream call took longer than the configured timeout."""
+
+    status = 504
+
+
+class ConfigError(KeelError):
+    """A configuration value is invalid; raised at start-up or reconfigure."""
+
+    status = 500

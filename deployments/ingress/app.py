@@ -1,0 +1,328 @@
+"""The ingress FastAPI app: Open Inference Protocol (KServe V2) REST routes.
+
+Routes hold no model logic: they read the body within a size limit, validate it
+against the served model's declared inputs and call the model through a
+``ModelBackend`` (Ray handles in production, see ``deployment.py``). No Ray here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    KeelError,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    UpstreamTimeout,
+)
+from deployments.ingress import codec
+from deployments.repository import ModelSpec
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "keel"
+
+
+def _server_version() -> str:
+    try:
+        return package_version("keel")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class IngressConfig(BaseModel):
+    """Live knobs of the ingress (its ``user_config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Larger bodies get 413 before they are read in full.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    #: Longest wait for a model's answer before 504.
+    request_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: How long the ingress trusts its copy of a model's status (served version, spec).
+    status_ttl_s: float = Field(default=1.0, ge=0, le=300)
+    #: Longest wait for each model in ``/v2/health/ready``.
+    ready_timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
+class ModelBackend(Protocol):
+    """Where the ingress sends validated calls: one model deployment per name."""
+
+    def model_names(self) -> list[str]: ...
+
+    async def status(self, name: str) -> ModelStatus: ...
+
+    async def infer(self, name: str, call: InferCall) -> InferResult: ...
+
+
+@dataclass
+class _Cached:
+    status: ModelStatus
+    fetched: float
+
+
+@dataclass
+class ModelCatalog:
+    """The ingress's short-lived copy of each model's status.
+
+    Validation needs the served version's spec on every request; asking the
+    model deployment each time would add a hop, so the answer is kept for
+    ``status_ttl_s`` and refreshed early when a result reports a new version.
+    """
+
+    backend: ModelBackend
+    config: Callable[[], IngressConfig]
+    _cache: dict[str, _Cached] = field(default_factory=dict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def known(self, name: str) -> bool:
+        return name in self.backend.model_names()
+
+    async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
+        if not self.known(name):
+            raise ModelNotFound(f"model {name!r} is not served here "
+                                f"(models: {self.backend.model_names()})")
+        cached = self._cache.get(name)
+        ttl = self.config().status_ttl_s
+        if cached and not fresh and time.monotonic() - cached.fetched < ttl:
+            return cached.status
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            cached = self._cache.get(name)
+            if cached and not fresh and time.monotonic() - cached.fetched < ttl:
+                return cached.status
+            try:
+                status = await self.backend.status(name)
+            except KeelError:
+                if cached is not None and not fresh:
+                    log.warning("model %s: status refresh failed, using the last one", name)
+                    return cached.status
+                raise
+            self._cache[name] = _Cached(status, time.monotonic())
+            return status
+
+    async def spec(self, name: str, version: str | None) -> ModelSpec:
+        """The spec to validate against: the pinned version's, or the served one's."""
+        status = await self.status(name)
+        if version is None:
+            if status.served_version is None:
+                raise ModelNotReady(f"model {name!r} is not loaded: {status.error or 'loading'}")
+            version = status.served_version
+        spec = status.loaded.get(version)
+        if spec is None:
+            status = await self.status(name, fresh=True)
+            spec = status.loaded.get(version)
+        if spec is None:
+            if version in status.available_versions:
+                raise ModelNotFound(f"model {name!r} version {version!r} is in the repository "
+                                    f"but not loaded (serving {status.served_version!r})")
+            raise ModelNotFound(f"model {name!r} has no version {version!r} "
+                                f"(versions: {status.available_versions})")
+        return spec
+
+    def saw_version(self, name: str, version: str) -> None:
+        cached = self._cache.get(name)
+        if cached is not None and cached.status.served_version != version:
+            self._cache.pop(name, None)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) anything over ``limit`` without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError as exc:
+            raise InvalidInput("content-length header is not an integer") from exc
+        if length > limit:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error_response(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> FastAPI:
+    """Build the ingress app over ``backend``; ``config`` returns the live settings."""
+    app = FastAPI(
+        title="Keel",
+        version=_server_version(),
+        description="ONNX model serving on Ray Serve: Open Inference Protocol (KServe V2).",
+    )
+    catalog = ModelCatalog(backend, config)
+    app.state.catalog = catalog
+
+    @app.exception_handler(KeelError)
+    async def _keel_error(_: Request, exc: KeelError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return error_response(exc.status, exc.message, exc.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()[:5]]
+        return error_response(400, "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, f"internal error ({type(exc).__name__})")
+
+    @app.get("/v2", summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": _server_version(),
+                "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="Liveness")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Readiness: every model has a version loaded")
+    async def ready() -> JSONResponse:
+        names = backend.model_names()
+        timeout = config().ready_timeout_s
+        results = await asyncio.gather(
+            *(asyncio.wait_for(catalog.status(n, fresh=True), timeout) for n in names),
+            return_exceptions=True,
+        )
+        models: dict[str, Any] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, ModelStatus):
+                models[name] = {"ready": result.served_version is not None,
+                                "version": result.served_version}
+            else:
+                models[name] = {"ready": False, "error": _describe(result)}
+        is_ready = bool(names) and all(m["ready"] for m in models.values())
+        return JSONResponse({"ready": is_ready, "models": models},
+                            status_code=200 if is_ready else 503)
+
+    @app.get("/v2/models/{name}", summary="Model metadata (served version)")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        return await _metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}", summary="Model metadata (one version)")
+    async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
+        return await _metadata(name, version)
+
+    async def _metadata(name: str, version: str | None) -> dict[str, Any]:
+        spec = await catalog.spec(name, version)
+        status = await catalog.status(name)
+        document = codec.model_metadata(spec, status.available_versions)
+        document["parameters"] = {
+            "served_version": status.served_version,
+            "loaded_versions": sorted(status.loaded),
+            "decision": spec.decision.model_dump() if spec.decision else None,
+            "metrics": spec.metrics,
+            "providers": status.providers,
+        }
+        return document
+
+    @app.get("/v2/models/{name}/ready", summary="Model readiness (served version)")
+    async def model_ready(name: str) -> JSONResponse:
+        return await _model_ready(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model readiness (version)")
+    async def model_version_ready(name: str, version: str) -> JSONResponse:
+        return await _model_ready(name, version)
+
+    async def _model_ready(name: str, version: str | None) -> JSONResponse:
+        try:
+            status = await catalog.status(name, fresh=True)
+        except (DependencyUnavailable, UpstreamTimeout, ModelNotReady) as exc:
+            return JSONResponse({"name": name, "ready": False, "error": exc.message},
+                                status_code=503)
+        if version is not None and version not in status.available_versions \
+                and version not in status.loaded:
+            raise ModelNotFound(f"model {name!r} has no version {version!r} "
+                                f"(versions: {status.available_versions})")
+        is_ready = (status.served_version is not None if version is None
+                    else version in status.loaded)
+        body: dict[str, Any] = {"name": name, "ready": is_ready}
+        if version is not None:
+            body["version"] = version
+        return JSONResponse(body, status_code=200 if is_ready else 503)
+
+    @app.post("/v2/models/{name}/infer", summary="Inference (served version)")
+    async def infer(name: str, request: Request) -> Response:
+        return await _infer(name, None, request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)")
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        return await _infer(name, version, request)
+
+    async def _infer(name: str, version: str | None, request: Request) -> Response:
+        settings = config()
+        if not catalog.known(name):
+            raise ModelNotFound(f"model {name!r} is not served here "
+                                f"(models: {backend.model_names()})")
+        body = await read_body(request, settings.max_body_bytes)
+        json_length = _json_length(request)
+        parsed, binary = codec.parse_request(body, json_length)
+        spec = await catalog.spec(name, version)
+        inputs = codec.decode_inputs(parsed, spec, binary)
+        outputs = codec.requested_outputs(parsed, spec)
+        call = InferCall(inputs=inputs, version=version, outputs=outputs)
+        try:
+            result = await asyncio.wait_for(backend.infer(name, call), settings.request_timeout_s)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"model {name!r} did not answer within "
+                                  f"{settings.request_timeout_s} s") from exc
+        catalog.saw_version(name, result.model_version)
+        answered = spec if result.model_version == spec.version else \
+            await catalog.spec(name, result.model_version)
+        content, header_length = codec.encode_response(parsed, answered, result.model_version,
+                                                       result.outputs)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+    return app
+
+
+def _json_length(request: Request) -> int | None:
+    raw = request.headers.get(codec.BINARY_HEADER)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"{codec.BINARY_HEADER} header is not an integer") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeelError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__

@@ -1,0 +1,323 @@
+"""ONNX Runtime sessions and batched prediction on numpy arrays (no Ray here).
+
+``OnnxRunner`` owns one session for one version of one model. It checks the
+model file against its ``model.yaml`` when it loads, so a mismatch fails at
+start-up with a message naming the tensor, never on the first request.
+``predict_batch`` stacks the rows of several requests into one ONNX Runtime call
+and splits the answer back, so micro-batching costs one session call per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.errors import ConfigError, InvalidInput, KeelError, ModelNotFound, ModelNotReady
+from deployments.repository import ORT_TYPES, ModelRepository, ModelSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class RuntimeOptions(BaseModel):
+    """ONNX Runtime session options. Changing any of them reloads the session."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Threads inside one operator; 0 lets ONNX Runtime choose (all cores).
+    #: 1 suits small models with several replicas on few cores.
+    intra_op_num_threads: int = Field(default=1, ge=0, le=256)
+    inter_op_num_threads: int = Field(default=1, ge=0, le=256)
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    #: Execution providers in order of preference; ``None``: CUDA when present, else CPU.
+    providers: list[str] | None = None
+
+
+class OnnxModelConfig(BaseModel):
+    """The live knobs of an ``OnnxModel`` deployment (its ``user_config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Version to serve; ``None`` serves the latest version in the repository.
+    version: str | None = None
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    #: How long a batch waits to fill. At low load this is pure latency: size it to the SLO.
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0)
+    runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
+
+    @model_validator(mode="after")
+    def _version_name(self) -> OnnxModelConfig:
+        if self.version is not None and not self.version.strip():
+            raise ValueError("version must not be empty")
+        return self
+
+    def check_max_ongoing_requests(self, max_ongoing_requests: int | None) -> None:
+        """Refuse a replica limit below the batch size.
+
+        Ray Serve never hands a replica more than ``max_ongoing_requests`` requests
+        at once, so a smaller limit silently caps every batch (ray issue 43288).
+        """
+        if max_ongoing_requests is not None and max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(
+                f"max_ongoing_requests ({max_ongoing_requests}) is smaller than "
+                f"user_config.max_batch_size ({self.max_batch_size}): every batch would be "
+                f"capped at {max_ongoing_requests}; raise max_ongoing_requests to at least "
+                f"{self.max_batch_size}"
+            )
+
+
+def available_providers(preferred: Sequence[str] | None) -> list[str]:
+    """The execution providers to ask for: the preferred ones this build has, CPU last."""
+    have = ort.get_available_providers()
+    wanted = list(preferred) if preferred else ["CUDAExecutionProvider"]
+    chosen = [p for p in wanted if p in have and p != "CPUExecutionProvider"]
+    if preferred and not chosen and "CPUExecutionProvider" not in preferred:
+        raise ConfigError(f"none of the execution providers {list(preferred)} is available "
+                          f"(this onnxruntime has {have})")
+    return [*chosen, "CPUExecutionProvider"]
+
+
+class OnnxRunner:
+    """One ONNX Runtime session for one model version, with its declared spec."""
+
+    def __init__(self, spec: ModelSpec, model_path: Path, options: RuntimeOptions) -> None:
+        self.spec = spec
+        self.options = options
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_num_threads
+        session_options.inter_op_num_threads = options.inter_op_num_threads
+        session_options.graph_optimization_level = _OPT_LEVELS[options.graph_optimization_level]
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path),
+                sess_options=session_options,
+                providers=available_providers(options.providers),
+            )
+        except KeelError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ConfigError(f"model {spec.name!r} version {spec.version!r}: "
+                              f"ONNX Runtime cannot load {str(model_path)!r}: {exc}") from exc
+        self._check_against_session()
+        self._output_names = [t.name for t in spec.outputs]
+        self._batched = all(t.batched for t in spec.inputs)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def _check_against_session(self) -> None:
+        where = f"model {self.spec.name!r} version {self.spec.version!r}"
+        session_inputs = {i.name: i for i in self.session.get_inputs()}
+        declared = {t.name for t in self.spec.inputs}
+        if set(session_inputs) != declared:
+            raise ConfigError(f"{where}: model.yaml declares inputs {sorted(declared)} but the "
+                              f"ONNX model takes {sorted(session_inputs)}")
+        session_outputs = {o.name: o for o in self.session.get_outputs()}
+        for tensors, actual, kind in (
+            (self.spec.inputs, session_inputs, "input"),
+            (self.spec.outputs, session_outputs, "output"),
+        ):
+            for tensor in tensors:
+                node = actual.get(tensor.name)
+                if node is None:
+                    raise ConfigError(f"{where}: {kind} {tensor.name!r} is not in the ONNX model "
+                                      f"(it has {sorted(actual)})")
+                datatype = ORT_TYPES.get(node.type)
+                if datatype != tensor.datatype:
+                    raise ConfigError(f"{where}: {kind} {tensor.name!r} is {tensor.datatype} in "
+                                      f"model.yaml but {node.type} in the ONNX model")
+                _check_dims(where, kind, tensor, list(node.shape))
+
+    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        """Cheap structural check (names, dtype, rank, fixed dims) before touching ORT."""
+        if set(inputs) != {t.name for t in self.spec.inputs}:
+            raise InvalidInput(f"model {self.name!r} version {self.version!r} takes inputs "
+                               f"{[t.name for t in self.spec.inputs]}, got {sorted(inputs)}")
+        for tensor in self.spec.inputs:
+            array = inputs[tensor.name]
+            if array.dtype != tensor.numpy_dtype:
+                raise InvalidInput(f"input {tensor.name!r}: expected {tensor.datatype}, "
+                                   f"got numpy {array.dtype}")
+            if array.ndim != len(tensor.shape) or any(
+                d != -1 and d != a for d, a in zip(tensor.shape, array.shape, strict=True)
+            ):
+                raise InvalidInput(f"input {tensor.name!r}: shape {list(array.shape)} does not "
+                                   f"match the declared {tensor.shape}")
+
+    def predict(self, inputs: dict[str, np.ndarray],
+                outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one request. ``outputs`` picks a subset of the declared outputs."""
+        self.check_inputs(inputs)
+        names = self._select_outputs(outputs)
+        try:
+            values = self.session.run(names, inputs)
+        except Exception as exc:  # ORT's errors carry no type we could match
+            raise InvalidInput(f"model {self.name!r} rejected the input: {exc}") from exc
+        return dict(zip(names, values, strict=True))
+
+    def predict_batch(
+        self, requests: Sequence[dict[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray] | KeelError]:
+        """Answer several requests with as few session calls as possible.
+
+        Requests whose inputs have the same trailing dimensions are stacked along
+        the first axis into one call; each answer is the slice of its own rows.
+        A request that fails is answered with its error and never fails the others.
+        """
+        results: list[dict[str, np.ndarray] | KeelError] = [
+            InvalidInput("not computed") for _ in requests
+        ]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, inputs in enumerate(requests):
+            try:
+                self.check_inputs(inputs)
+            except KeelError as exc:
+                results[i] = exc
+                continue
+            if not self._batched:
+                groups[("single", i)] = [i]
+                continue
+            key = tuple((name, inputs[name].shape[1:]) for name in sorted(inputs))
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            self._run_group(requests, members, results)
+        return results
+
+    def _run_group(self, requests: Sequence[dict[str, np.ndarray]], members: list[int],
+                   results: list[dict[str, np.ndarray] | KeelError]) -> None:
+        if len(members) == 1:
+            i = members[0]
+            try:
+                results[i] = self._run(requests[i])
+            except KeelError as exc:
+                results[i] = exc
+            return
+        stacked = {
+            t.name: np.concatenate([requests[i][t.name] for i in members], axis=0)
+            for t in self.spec.inputs
+        }
+        try:
+            merged = self._run(stacked)
+        except KeelError:
+            # One bad request must not fail its neighbours: answer each on its own.
+            for i in members:
+                self._run_group(requests, [i], results)
+            return
+        start = 0
+        first = self.spec.inputs[0].name
+        for i in members:
+            rows = requests[i][first].shape[0]
+            results[i] = {name: value[start:start + rows] for name, value in merged.items()}
+            start += rows
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self._output_names, inputs)
+        except Exception as exc:  # ORT's errors carry no type we could match
+            raise InvalidInput(f"model {self.name!r} rejected the input: {exc}") from exc
+        return dict(zip(self._output_names, values, strict=True))
+
+    def _select_outputs(self, outputs: Sequence[str] | None) -> list[str]:
+        if not outputs:
+            return list(self._output_names)
+        for name in outputs:
+            if name not in self._output_names:
+                raise InvalidInput(f"output {name!r} is not an output of model {self.name!r} "
+                                   f"(it has {self._output_names})")
+        return list(outputs)
+
+
+def _check_dims(where: str, kind: str, tensor: TensorSpec, actual: list[Any]) -> None:
+    if len(actual) != len(tensor.shape):
+        raise ConfigError(f"{where}: {kind} {tensor.name!r} has rank {len(tensor.shape)} in "
+                          f"model.yaml but {len(actual)} in the ONNX model")
+    for declared, real in zip(tensor.shape, actual, strict=True):
+        # ORT reports symbolic dims as strings or None: anything goes there.
+        if isinstance(real, int) and real >= 0 and declared not in (-1, real):
+            raise ConfigError(f"{where}: {kind} {tensor.name!r} shape {tensor.shape} in "
+                              f"model.yaml conflicts with {actual} in the ONNX model")
+
+
+def load_runner(repository: ModelRepository, name: str, version: str | None,
+                options: RuntimeOptions) -> OnnxRunner:
+    """Load one version (the latest when ``None``) of a model from the repository."""
+    version = version or repository.latest_version(name)
+    spec = repository.spec(name, version)
+    started = time.perf_counter()
+    runner = OnnxRunner(spec, repository.model_path(name, version), options)
+    log.info("loaded model %s version %s on %s in %.1f ms", name, version, runner.providers,
+             (time.perf_counter() - started) * 1000)
+    return runner
+
+
+class ModelVersions:
+    """The runners of one model: the served version plus the one it replaced.
+
+    Swapping keeps the previous runner loaded so requests pinned to it, and
+    batches already running on it, finish on the version they asked for.
+    """
+
+    def __init__(self, repository: ModelRepository, name: str) -> None:
+        self.repository = repository
+        self.name = name
+        self.current: OnnxRunner | None = None
+        self.previous: OnnxRunner | None = None
+
+    def apply(self, config: OnnxModelConfig) -> bool:
+        """Load what ``config`` asks for; returns True when the served runner changed."""
+        version = config.version or self.repository.latest_version(self.name)
+        current = self.current
+        if current is not None and current.version == version \
+                and current.options == config.runtime:
+            return False
+        if self.previous is not None and self.previous.version == version \
+                and self.previous.options == config.runtime:
+            runner = self.previous
+        else:
+            runner = load_runner(self.repository, self.name, version, config.runtime)
+        # One assignment each: a batch that already took ``current`` keeps it.
+        self.previous = current if current is not None and current.version != version else None
+        self.current = runner
+        return True
+
+    def runner_for(self, version: str | None) -> OnnxRunner:
+        """The runner for a pinned version, or the served one."""
+        current = self.current
+        if current is None:
+            raise ModelNotReady(f"model {self.name!r} is not loaded yet")
+        if version is None or version == current.version:
+            return current
+        previous = self.previous
+        if previous is not None and previous.version == version:
+            return previous
+        known = self.repository.versions(self.name) if self.repository.root.is_dir() else []
+        if version in known:
+            raise ModelNotFound(f"model {self.name!r} version {version!r} is in the repository "
+                                f"but not loaded (serving {current.version!r})")
+        raise ModelNotFound(f"model {self.name!r} has no version {version!r}")
+
+    def loaded(self) -> dict[str, OnnxRunner]:
+        runners = [r for r in (self.previous, self.current) if r is not None]
+        return {r.version: r for r in runners}

@@ -1,0 +1,130 @@
+"""``OnnxModel``: the Ray Serve shell around ``ModelVersions`` (batching, reconfigure)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+
+from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.errors import ConfigError, KeelError
+from deployments.onnx.core import ModelVersions, OnnxModelConfig
+from deployments.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+def _replica_max_ongoing_requests() -> int | None:
+    """This replica's ``max_ongoing_requests``; ``None`` outside a replica."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # not running inside Serve
+        return None
+    config = getattr(context, "_deployment_config", None)
+    value = getattr(config, "max_ongoing_requests", None)
+    return value if isinstance(value, int) else None
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class OnnxModel:
+    """One model of the repository, micro-batched with ``@serve.batch``.
+
+    The same class serves every model; the graph binds it once per model with
+    ``.options(name=<model>)``. ``user_config`` (``OnnxModelConfig``) picks the
+    version, the batch size and wait, and the ONNX Runtime options, live.
+    """
+
+    def __init__(self, model_name: str, repository: str) -> None:
+        self._name = model_name
+        self._versions = ModelVersions(ModelRepository(repository), model_name)
+        self._config = OnnxModelConfig()
+        self._batch_sizes: Counter[int] = Counter()
+        self._reloads = 0
+        self._versions.apply(self._config)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply new live settings; a new version loads before it replaces the old one."""
+        try:
+            config = OnnxModelConfig.model_validate(user_config or {})
+        except ValidationError as exc:
+            where = "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"]
+                              for e in exc.errors())
+            raise ConfigError(f"deployment {self._name!r} user_config: {where}") from exc
+        config.check_max_ongoing_requests(_replica_max_ongoing_requests())
+        if self._versions.apply(config):
+            self._reloads += 1
+        # @serve.batch adds these setters; its type stub does not say so.
+        self._infer_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+        self._infer_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            config.batch_wait_timeout_s)
+        self._config = config
+        current = self._versions.current
+        log.info("model %s: serving version %s, max_batch_size=%d, batch_wait_timeout_s=%s",
+                 self._name, current.version if current else None, config.max_batch_size,
+                 config.batch_wait_timeout_s)
+
+    async def infer(self, call: InferCall) -> InferResult:
+        """Answer one request; it shares an ONNX Runtime call with concurrent ones."""
+        result = await self._infer_batch(call)
+        if isinstance(result, KeelError):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _infer_batch(self, calls: list[InferCall]) -> list[InferResult | KeelError]:
+        started = time.perf_counter()
+        self._batch_sizes[len(calls)] += 1
+        results: list[InferResult | KeelError] = [ConfigError("not computed")] * len(calls)
+        by_runner: dict[int, list[int]] = {}
+        runners = {}
+        for i, call in enumerate(calls):
+            try:
+                runner = self._versions.runner_for(call.version)
+            except KeelError as exc:
+                results[i] = exc
+                continue
+            runners[id(runner)] = runner
+            by_runner.setdefault(id(runner), []).append(i)
+        for key, members in by_runner.items():
+            runner = runners[key]
+            answers = runner.predict_batch([calls[i].inputs for i in members])
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            for i, answer in zip(members, answers, strict=True):
+                if isinstance(answer, KeelError):
+                    results[i] = answer
+                    continue
+                wanted = calls[i].outputs
+                outputs = {k: v for k, v in answer.items() if not wanted or k in wanted}
+                results[i] = InferResult(model_name=self._name, model_version=runner.version,
+                                         outputs=outputs, batch_size=len(members),
+                                         model_ms=elapsed_ms)
+        return results
+
+    async def status(self) -> ModelStatus:
+        """What is loaded and served; the ingress validates requests against it."""
+        loaded = self._versions.loaded()
+        current = self._versions.current
+        try:
+            available = self._versions.repository.versions(self._name)
+        except KeelError:
+            available = sorted(loaded)
+        return ModelStatus(
+            name=self._name,
+            served_version=current.version if current else None,
+            loaded={v: r.spec for v, r in loaded.items()},
+            available_versions=available,
+            providers=current.providers if current else [],
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        """Batch sizes seen so far and reload count (for tests and the benchmark)."""
+        return {"batch_sizes": dict(self._batch_sizes), "reloads": self._reloads,
+                "config": self._config.model_dump()}
+
+    def check_health(self) -> None:
+        if self._versions.current is None:
+            raise ConfigError(f"model {self._name!r} has no version loaded")

@@ -1,0 +1,1 @@
+"""Keel's application graph and command line."""

@@ -1,0 +1,73 @@
+"""The application graph: the only place ``.bind()`` is called.
+
+``serve_config.yaml`` names ``graph.app:build_app`` as its import path and
+passes ``args`` (validated as ``AppArgs``); deployment options (replicas,
+autoscaling, ``max_ongoing_requests``, ``user_config``) live in that file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application, Deployment
+
+from deployments.errors import ConfigError
+from deployments.ingress.deployment import Ingress
+from deployments.onnx.deployment import OnnxModel
+from deployments.repository import ModelRepository
+
+#: The repository root when Keel runs from a checkout (``pip install -e .``).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class AppArgs(BaseModel):
+    """Structure and start-up values of the application (serve_config.yaml ``args``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Model repository; relative paths are tried against the working directory,
+    #: then the project root. ``KEEL_MODEL_REPOSITORY`` overrides it.
+    model_repository: str = "models"
+    #: Models to serve; ``None`` serves every model in the repository.
+    models: list[str] | None = Field(default=None, min_length=1)
+
+
+def resolve_repository(path: str) -> Path:
+    """Find the model repository as an absolute path (replicas may run elsewhere)."""
+    chosen = Path(os.environ.get("KEEL_MODEL_REPOSITORY") or path).expanduser()
+    candidates = [chosen] if chosen.is_absolute() else [Path.cwd() / chosen,
+                                                        PROJECT_ROOT / chosen]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise ConfigError(f"model repository {str(chosen)!r} not found (looked in "
+                      f"{[str(c) for c in candidates]}); run `keel prepare` to build the demo")
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    """Bind the ingress and one ``OnnxModel`` deployment per model."""
+    parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    root = resolve_repository(parsed.model_repository)
+    repository = ModelRepository(root)
+    available = repository.model_names()
+    names = parsed.models or available
+    if not names:
+        raise ConfigError(f"model repository {str(root)!r} holds no model; "
+                          f"run `keel prepare` to build the demo models")
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ConfigError(f"args.models: {missing} not in the repository {str(root)!r} "
+                          f"(it has {available})")
+    for name in names:
+        repository.spec(name)  # a broken model.yaml fails the deploy, naming the file
+    # @serve.deployment returns a Deployment; Ray's stubs type it as the class.
+    model_deployment, ingress = cast(Deployment, OnnxModel), cast(Deployment, Ingress)
+    models = {
+        # user_config={} makes Serve call reconfigure(), which checks the batch limits.
+        name: model_deployment.options(name=name, user_config={}).bind(name, str(root))
+        for name in names
+    }
+    return ingress.options(user_config={}).bind(models)

@@ -1,0 +1,128 @@
+"""``keel``: the command line (prepare the demo, check a serve config)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from deployments.errors import KeelError
+from deployments.ingress.app import IngressConfig
+from deployments.onnx.core import OnnxModelConfig
+
+#: Ray Serve's default when a deployment does not set max_ongoing_requests.
+RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5
+
+
+def check_serve_config(path: Path) -> list[str]:
+    """Problems in a serve config, each naming the field; empty when it is sound.
+
+    Checks Ray's own schema, Keel's ``args`` and ``user_config`` models, and that
+    no model deployment's ``max_ongoing_requests`` caps its batches (ray issue 43288).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    from graph.app import AppArgs
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        return [f"{path}: {exc}"]
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        return [f"{path}: " + ".".join(map(str, e["loc"])) + ": " + e["msg"]
+                for e in exc.errors()]
+    problems: list[str] = []
+    for a, app in enumerate(schema.applications):
+        where = f"applications[{a}] ({app.name})"
+        if app.import_path != "graph.app:build_app":
+            continue
+        try:
+            AppArgs.model_validate(app.args or {})
+        except ValidationError as exc:
+            problems += [f"{where}.args." + ".".join(map(str, e["loc"])) + ": " + e["msg"]
+                         for e in exc.errors()]
+        for d, dep in enumerate(app.deployments):
+            dep_where = f"{where}.deployments[{d}] ({dep.name})"
+            fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
+            user_config = fields.get("user_config") or {}
+            model = IngressConfig if dep.name == "Ingress" else OnnxModelConfig
+            try:
+                config = model.model_validate(user_config)
+            except ValidationError as exc:
+                problems += [f"{dep_where}.user_config." + ".".join(map(str, e["loc"])) + ": "
+                             + e["msg"] for e in exc.errors()]
+                continue
+            if isinstance(config, OnnxModelConfig):
+                limit = fields.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+                try:
+                    config.check_max_ongoing_requests(limit)
+                except KeelError as exc:
+                    problems.append(f"{dep_where}: {exc.message}")
+    return problems
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from graph.demo.build import build_demo_repository
+
+    started = time.perf_counter()
+    built = build_demo_repository(Path(args.repository), force=args.force)
+    for model in built:
+        state = "up to date" if model.skipped else "built"
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(model.metrics.items()))
+        print(f"{model.name}/{model.version}: {state} ({metrics})")
+    print(f"model repository {args.repository} ready in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    problems = check_serve_config(Path(args.config))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"{args.config}: ok")
+    return 1 if problems else 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from deployments.repository import ModelRepository
+
+    repository = ModelRepository(args.repository)
+    listing = {name: repository.versions(name) for name in repository.model_names()}
+    print(json.dumps(listing, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prepare = sub.add_parser("prepare", help="build the demo data set and model repository")
+    prepare.add_argument("--repository", default="models")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    prepare.set_defaults(run=_prepare)
+    check = sub.add_parser("check-config", help="validate a serve config (Ray + Keel rules)")
+    check.add_argument("config", nargs="?", default="serve_config.yaml")
+    check.set_defaults(run=_check)
+    models = sub.add_parser("models", help="list the models and versions in a repository")
+    models.add_argument("--repository", default="models")
+    models.set_defaults(run=_models)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.run(args)
+    except KeelError as exc:
+        print(f"keel: {exc.message}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
