@@ -60,7 +60,7 @@ ORT_TYPES: dict[str, str] = {
     "tensor(string)": "BYTES",
 }
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 Dim = Annotated[int, Field(ge=-1)]
 
@@ -130,6 +130,11 @@ class ModelSpec(BaseModel):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     decision: DecisionRule | None = None
+    #: Whether a row's answer is independent of the other rows in its batch. False for
+    #: dynamically quantised models (activation scales come from the whole batch): Keel
+    #: then runs such a model one row at a time, so each row gets the same answer however
+    #: requests were micro-batched (and a per-row cache stays exact).
+    batch_invariant: bool = True
     #: Validation metrics measured when the model was built (free-form numbers).
     metrics: dict[str, float] = Field(default_factory=dict)
     #: Free-form provenance (data set seed, trainer, parent model of a quantised one...).
@@ -181,7 +186,7 @@ class ModelRepository:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and _NAME.match(p.name) and self._complete_versions(p)
+            if p.is_dir() and _NAME.fullmatch(p.name) and self._complete_versions(p)
         )
 
     def versions(self, name: str) -> list[str]:
@@ -211,7 +216,7 @@ class ModelRepository:
         return parse_spec(path.read_text(), name=name, version=version, source=str(path))
 
     def _model_dir(self, name: str) -> Path:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ModelNotFound(f"model {name!r} is not a valid model name")
         path = self.root / name
         if not path.is_dir():
@@ -219,7 +224,7 @@ class ModelRepository:
         return path
 
     def _version_dir(self, name: str, version: str) -> Path:
-        if not _NAME.match(version):
+        if not _NAME.fullmatch(version):
             raise ModelNotFound(f"model {name!r} has no version {version!r}")
         path = self._model_dir(name) / version
         if not path.is_dir():
@@ -231,7 +236,7 @@ class ModelRepository:
             p.name
             for p in model_dir.iterdir()
             if p.is_dir()
-            and _NAME.match(p.name)
+            and _NAME.fullmatch(p.name)
             and (p / self.MODEL_FILE).is_file()
             and (p / self.SPEC_FILE).is_file()
         ]
@@ -268,6 +273,15 @@ def _describe(exc: ValidationError) -> str:
 
 def dump_spec(spec: ModelSpec) -> str:
     """Serialise a spec to ``model.yaml`` text (name and version live in the path)."""
-    data = spec.model_dump(mode="json", exclude={"name", "version"}, exclude_defaults=True)
-    # Keep the field order readable: inputs before outputs before the rest.
-    return yaml.safe_dump(data, sort_keys=False)
+    data = spec.model_dump(mode="json", exclude={"name", "version"}, exclude_none=True)
+    # Field order as declared; shapes in flow style: [-1, 12].
+    return yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, width=100)
+
+
+class _SpecDumper(yaml.SafeDumper):
+    def represent_list(self, data: Any) -> yaml.Node:  # type: ignore[override]
+        flow = all(isinstance(v, int) and not isinstance(v, bool) for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_SpecDumper.add_representer(list, _SpecDumper.represent_list)

@@ -35,7 +35,7 @@ def parse_request(body: bytes, json_length: int | None = None) -> tuple[Inferenc
         head, tail = body, b""
     try:
         payload = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidInput("request body must be a JSON object")
@@ -140,8 +140,9 @@ def _decode_json(item: RequestInput, tensor: TensorSpec) -> np.ndarray:
         raise InvalidInput(f"input {item.name!r}: data has {raw.size} elements but shape "
                            f"{list(shape)} needs {expected}")
     target = tensor.numpy_dtype
-    if target.kind == "b" and raw.dtype.kind != "b":
-        raise InvalidInput(f"input {item.name!r}: BOOL data must be true/false")
+    if (target.kind == "b") != (raw.dtype.kind == "b"):
+        raise InvalidInput(f"input {item.name!r}: {tensor.datatype} data must be "
+                           f"{'true/false' if target.kind == 'b' else 'numbers, not booleans'}")
     if target.kind in _INT_KINDS:
         if raw.dtype.kind == "f":
             raise InvalidInput(f"input {item.name!r}: {tensor.datatype} data must be integers")
@@ -149,8 +150,16 @@ def _decode_json(item: RequestInput, tensor: TensorSpec) -> np.ndarray:
         if raw.size and (raw.min() < info.min or raw.max() > info.max):
             raise InvalidInput(f"input {item.name!r}: a value is outside the range of "
                                f"{tensor.datatype} [{info.min}, {info.max}]")
-    array = raw.astype(target, copy=False).reshape(shape)
-    _check_finite(item.name, tensor, array, overflow_from=raw)
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = raw.astype(target, copy=False).reshape(shape)
+    if target.kind == "f" and raw.dtype.kind == "f":
+        # A finite value that does not fit the datatype is an error even where NaN is allowed.
+        overflow = np.isfinite(raw.reshape(shape)) & ~np.isfinite(array)
+        if overflow.any():
+            where = np.argwhere(overflow)[0].tolist()
+            raise InvalidInput(f"input {item.name!r}: element {where} is outside the range of "
+                               f"{tensor.datatype}")
+    _check_finite(item.name, tensor, array)
     return array
 
 
@@ -203,15 +212,12 @@ def _decode_binary_bytes(item: RequestInput, chunk: bytes, shape: tuple[int, ...
     return np.array(values, dtype=object).reshape(shape)
 
 
-def _check_finite(name: str, tensor: TensorSpec, array: np.ndarray,
-                  overflow_from: np.ndarray | None = None) -> None:
+def _check_finite(name: str, tensor: TensorSpec, array: np.ndarray) -> None:
     if array.dtype.kind != "f" or tensor.allow_nan:
         return
     if not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))[0].tolist()
-        source = overflow_from if overflow_from is not None else array
-        value = source.reshape(array.shape)[tuple(bad)]
-        what = "NaN" if np.isnan(value) else "infinite or out of range"
+        what = "NaN" if np.isnan(array[tuple(bad)]) else "infinite"
         raise InvalidInput(f"input {name!r}: element {bad} is {what}; the model does not "
                            f"accept NaN or infinity")
 

@@ -171,11 +171,8 @@ class OnnxRunner:
         """Run one request. ``outputs`` picks a subset of the declared outputs."""
         self.check_inputs(inputs)
         names = self._select_outputs(outputs)
-        try:
-            values = self.session.run(names, inputs)
-        except Exception as exc:  # ORT's errors carry no type we could match
-            raise InvalidInput(f"model {self.name!r} rejected the input: {exc}") from exc
-        return dict(zip(names, values, strict=True))
+        answer = self._run(inputs)
+        return {name: answer[name] for name in names}
 
     def predict_batch(
         self, requests: Sequence[dict[str, np.ndarray]]
@@ -233,6 +230,16 @@ class OnnxRunner:
             start += rows
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.spec.batch_invariant and self._batched:
+            rows = next(iter(inputs.values())).shape[0]
+            if rows > 1:
+                parts = [self._run_session({k: v[i:i + 1] for k, v in inputs.items()})
+                         for i in range(rows)]
+                return {name: np.concatenate([p[name] for p in parts], axis=0)
+                        for name in self._output_names}
+        return self._run_session(inputs)
+
+    def _run_session(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             values = self.session.run(self._output_names, inputs)
         except Exception as exc:  # ORT's errors carry no type we could match
@@ -297,8 +304,12 @@ class ModelVersions:
             runner = self.previous
         else:
             runner = load_runner(self.repository, self.name, version, config.runtime)
-        # One assignment each: a batch that already took ``current`` keeps it.
-        self.previous = current if current is not None and current.version != version else None
+        # One assignment each: a batch that already took ``current`` keeps it. A reload of
+        # the same version (new runtime options) keeps the older version pinned requests use.
+        if current is not None and current.version != version:
+            self.previous = current
+        elif self.previous is not None and self.previous.version == version:
+            self.previous = None
         self.current = runner
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -123,6 +124,7 @@ class OnnxModel:
     async def stats(self) -> dict[str, Any]:
         """Batch sizes seen so far and reload count (for tests and the benchmark)."""
         return {"batch_sizes": dict(self._batch_sizes), "reloads": self._reloads,
+                "pid": os.getpid(),
                 "config": self._config.model_dump()}
 
     def check_health(self) -> None:

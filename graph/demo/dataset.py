@@ -11,8 +11,8 @@ Two entity-keyed feature tables, as a Feast feature repository serves them:
 and a ``training`` table of sampled (symbol, account, day) triples with both
 feature sets joined and a binary ``label``: did the account have a risk event
 (margin call / loss-limit breach) after trading that symbol. The label is a
-Bernoulli draw from a logistic of feature *interactions* (leverage × volatility,
-concentration × |5-day move|, a squared margin term, leverage against the
+Bernoulli draw from a logistic of feature *interactions* (leverage * volatility,
+concentration * |5-day move|, a squared margin term, leverage against the
 momentum sign, volume spikes, a drawdown term), so a small MLP beats a linear
 model clearly without the problem becoming separable.
 
@@ -22,15 +22,15 @@ Units and ranges:
 ``ret_1d``          simple return over 1 trading day (fraction, ~±2 %)
 ``ret_5d``          simple return over the last 5 days
 ``ret_20d``         simple return over the last 20 days
-``vol_20d``         annualised std of the last 20 daily log returns (> 0, ~0.1–1)
+``vol_20d``         annualised std of the last 20 daily log returns (> 0, about 0.1 to 1)
 ``momentum_60d``    simple return over the last 60 days
 ``volume_z``        abnormal volume z-score: unit variance, Student-t tails
 ``gross_exposure``  gross notional in USD millions (> 0)
 ``leverage``        gross notional / equity, in [0.5, 5]
 ``concentration``   Herfindahl index of position weights, in [1/num_positions, 1]
-``drawdown_30d``    equity / its 30-day peak − 1: **non-positive**, in [−0.5, 0]
+``drawdown_30d``    equity / its 30-day peak - 1: **non-positive**, in [-0.5, 0]
 ``margin_utilisation`` margin used / margin available, in (0, 1)
-``num_positions``   number of open positions, an integer ≥ 1 (stored as float32)
+``num_positions``   number of open positions, an integer >= 1 (stored as float32)
 ================== =============================================================
 
 Everything is drawn from one ``numpy.random.default_rng(seed)`` in a fixed
@@ -162,7 +162,7 @@ def _simulate_market(
     last = np.arange(_WARMUP, n_hist)  # history index of each published day
 
     def window_return(days: int) -> np.ndarray[Any, Any]:
-        return np.expm1(cum[:, last + 1] - cum[:, last + 1 - days])
+        return np.asarray(np.expm1(cum[:, last + 1] - cum[:, last + 1 - days]))
 
     windows = sliding_window_view(log_ret, 20, axis=1)  # [n_sym, n_hist - 19, 20]
     vol_20d = windows[:, last - 19, :].std(axis=2, ddof=1) * np.sqrt(_TRADING_DAYS)
@@ -263,7 +263,9 @@ def _sample_training(
     return frame
 
 
-def _draw_labels(rng: np.random.Generator, f: dict[str, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+def _draw_labels(
+    rng: np.random.Generator, f: dict[str, np.ndarray[Any, Any]]
+) -> np.ndarray[Any, Any]:
     """Bernoulli labels from a logistic of feature interactions, at about BASE_RATE."""
     lev = f["leverage"]
     score = (
@@ -277,7 +279,7 @@ def _draw_labels(rng: np.random.Generator, f: dict[str, np.ndarray[Any, Any]]) -
     )
     z = _SIGNAL_SCALE * (score - score.mean()) / score.std()
     p = _sigmoid(z + _intercept_for_rate(z, BASE_RATE))
-    return (rng.random(z.shape) < p).astype(np.int64)
+    return np.asarray(rng.random(z.shape) < p, dtype=np.int64)
 
 
 def _intercept_for_rate(z: np.ndarray[Any, Any], rate: float) -> float:
@@ -323,4 +325,4 @@ def _ar1(rng: np.random.Generator, phi: float, scale: float,
 
 
 def _sigmoid(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return 1.0 / (1.0 + np.exp(-x))
+    return np.asarray(1.0 / (1.0 + np.exp(-x)))

@@ -1,0 +1,40 @@
+# Keel's two set-up commands (see README):  make demo  |  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install prepare lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+prepare: $(STAMP)
+	$(BIN)/keel prepare
+
+## Run the demo cluster: install, build the demo models, serve them on :8000.
+demo: prepare
+	$(BIN)/keel check-config serve_config.yaml
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/serve run serve_config.yaml
+
+## Run the whole test suite (lint, types, unit, Ray Serve, end-to-end).
+test: $(STAMP)
+	$(BIN)/ruff check deployments graph tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check deployments graph tests bench
+	$(BIN)/mypy
+
+bench: prepare
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) models/risk_mlp models/risk_gbdt models/risk_mlp_int8 models/.demo-build.json

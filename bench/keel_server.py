@@ -1,0 +1,107 @@
+"""Keel under the benchmark: ``serve run serve_config.yaml`` on a chosen port.
+
+It runs Ray Serve's own ``serve run`` command (non-blocking) on a copy of the
+config whose ``http_options`` (and ``grpc_options``) port is changed, inside a
+private local Ray instance (see ``raydriver``), then waits for control commands
+on stdin. ``stats`` reports the batch sizes each model deployment saw
+(``OnnxModel.stats()``, summed over its replicas) and the replica counts.
+
+Ray Serve's environment switches (``RAY_SERVE_THROUGHPUT_OPTIMIZED``,
+``RAY_SERVE_ENABLE_HA_PROXY``, the direct-ingress port range, ...) are read
+from the environment this process starts with; ``run_bench.py`` sets them.
+
+    .venv/bin/python bench/keel_server.py --port 8200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+from raydriver import serve_until_stopped, start_local_ray
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path) -> Path:
+    """A copy of ``source`` that listens on ``host:port`` (gRPC on ``grpc_port``)."""
+    config = yaml.safe_load(source.read_text())
+    config.setdefault("http_options", {}).update(host=host, port=port)
+    config.setdefault("grpc_options", {}).update(port=grpc_port)
+    target = into / "serve_config.bench.yaml"
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def model_stats(app_name: str, config_path: Path, attempts_per_replica: int = 10) -> dict[str, Any]:
+    """Batch sizes per model deployment, summed over replicas, and replica counts.
+
+    A handle call reaches one replica, chosen by the router; the benchmark calls
+    ``stats`` repeatedly after the load has stopped, when each replica's counters
+    are fixed, and keeps the distinct answers until it has one per running replica.
+    """
+    from ray import serve
+
+    config = yaml.safe_load(config_path.read_text())
+    app = next(a for a in config["applications"] if a["name"] == app_name)
+    status = serve.status().applications[app_name]
+    report: dict[str, Any] = {"replicas": {}, "models": {}}
+    for name, deployment in status.deployments.items():
+        states = {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
+        report["replicas"][name] = states
+    models = [d["name"] for d in app.get("deployments", []) if d["name"] != "Ingress"]
+    for name in models:
+        running = report["replicas"].get(name, {}).get("RUNNING", 1)
+        handle = serve.get_deployment_handle(name, app_name=app_name)
+        answers: dict[str, dict[str, Any]] = {}
+        for _ in range(max(1, running) * attempts_per_replica):
+            answer = handle.stats.remote().result(timeout_s=30)
+            answers[json.dumps(answer["batch_sizes"], sort_keys=True)] = answer
+            if len(answers) >= running:
+                break
+        total: Counter[int] = Counter()
+        for answer in answers.values():
+            total.update({int(k): v for k, v in answer["batch_sizes"].items()})
+        report["models"][name] = {
+            "batch_sizes": {str(k): total[k] for k in sorted(total)},
+            "replicas_running": running,
+            "replicas_found": len(answers),
+            "per_replica": [a["batch_sizes"] for a in answers.values()],
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Keel (serve run serve_config.yaml) for bench")
+    parser.add_argument("--config", default=str(REPO_ROOT / "serve_config.yaml"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--grpc-port", type=int, default=9200)
+    parser.add_argument("--temp-dir", default=None, help="Ray temp dir (default: a new one)")
+    parser.add_argument("--dashboard-port", type=int, default=None,
+                        help="start Ray's dashboard on this port (as `serve run` does)")
+    parser.add_argument("--app-name", default="keel")
+    args = parser.parse_args(argv)
+
+    temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
+    config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
+                               temp_dir)
+    start_local_ray(str(temp_dir / "ray"), args.dashboard_port)
+
+    # Ray is initialised, so `serve run` deploys onto this private instance.
+    from ray.serve.scripts import run as serve_run
+
+    serve_run.main(args=[str(config_path), "--non-blocking", "--app-dir", str(REPO_ROOT)],
+                   prog_name="serve run", standalone_mode=False)
+    serve_until_stopped(lambda: model_stats(args.app_name, config_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

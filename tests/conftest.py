@@ -1,0 +1,158 @@
+"""Shared fixtures. Unit tests request none of the Ray ones and start nothing.
+
+Integration tests share ONE Ray instance and ONE Keel application per session,
+deployed from serve_config.yaml through the same controller call that
+``serve run serve_config.yaml`` makes, with test-sized overrides (replicas at
+``num_cpus: 0``, one replica each, a model repository built into a temp dir).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.modelkit import write_linear_model
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "keel"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models (small training set) plus a linear test model in versions 1 and 2."""
+    from graph.demo.build import build_demo_repository
+    from graph.demo.dataset import DatasetConfig
+
+    root = tmp_path_factory.mktemp("models")
+    build_demo_repository(root, config=DatasetConfig(n_train_rows=4000))
+    write_linear_model(root, "linear", "1", n_features=4, seed=1)
+    write_linear_model(root, "linear", "2", n_features=4, seed=2)
+    return root
+
+
+def serve_test_config(model_repo: Path) -> dict[str, Any]:
+    """serve_config.yaml with test-sized overrides; every model deployment kept."""
+    config: dict[str, Any] = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["model_repository"] = str(model_repo)
+    for dep in app["deployments"]:
+        dep["ray_actor_options"] = {"num_cpus": 0}
+        dep.pop("autoscaling_config", None)
+        dep["num_replicas"] = 1
+    app["deployments"].append({
+        "name": "linear",
+        "num_replicas": 1,
+        "max_ongoing_requests": 64,
+        "ray_actor_options": {"num_cpus": 0},
+        "user_config": {"version": "1", "max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    })
+    return config
+
+
+@dataclass
+class KeelApp:
+    """The running test application and a way to redeploy it with a changed config."""
+
+    base_url: str
+    config: dict[str, Any]
+    client: Any = field(repr=False)
+
+    def deployment(self, name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        deployments = (config or self.config)["applications"][0]["deployments"]
+        for dep in deployments:
+            if dep["name"] == name:
+                return dep  # type: ignore[no-any-return]
+        raise KeyError(name)
+
+    def deploy(self, config: dict[str, Any], *, wait: bool = True,
+               timeout_s: float = 120) -> None:
+        """Apply a config the way `serve deploy` / `serve run` do, and wait for RUNNING."""
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.model_validate(config)
+        self.client.deploy_apps(schema)
+        if wait:
+            wait_running([a["name"] for a in config["applications"]], timeout_s)
+        self.config = config
+
+    def modified(self) -> dict[str, Any]:
+        return copy.deepcopy(self.config)
+
+
+def wait_running(app_names: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status()
+        apps = {name: status.applications.get(name) for name in app_names}
+        # Updated deployments report HEALTHY only once every replica took the change.
+        if all(a is not None and a.status == "RUNNING" for a in apps.values()) and all(
+            d.status == "HEALTHY" for a in apps.values() if a is not None
+            for d in a.deployments.values()
+        ):
+            return
+        failed = [n for n, a in apps.items() if a is not None and a.status == "DEPLOY_FAILED"]
+        if failed:
+            app = status.applications[failed[0]]
+            details = [f"{name}: {d.message}" for name, d in app.deployments.items()
+                       if d.status != "HEALTHY"]
+            raise RuntimeError(f"deploy failed: {app.message} {details}")
+        time.sleep(0.5)
+    raise TimeoutError(f"apps {app_names} not RUNNING after {timeout_s} s: {status}")
+
+
+@pytest.fixture(scope="session")
+def serve_client() -> Iterator[Any]:
+    """One Ray instance and one Serve instance for the whole test session."""
+    import ray
+    from ray import serve
+    from ray.serve._private.api import serve_start
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, namespace="serve",
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
+             log_to_driver=False)
+    client = serve_start(http_options={"host": "127.0.0.1", "port": port})
+    client.test_port = port
+    try:
+        yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def keel_app(serve_client: Any, model_repo: Path) -> KeelApp:
+    config = serve_test_config(model_repo)
+    app = KeelApp(base_url=f"http://127.0.0.1:{serve_client.test_port}", config=config,
+                  client=serve_client)
+    app.deploy(config, timeout_s=180)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if httpx.get(f"{app.base_url}/v2/health/ready", timeout=5).status_code == 200:
+            break
+        time.sleep(0.5)
+    return app
+
+
+@pytest.fixture
+def http(keel_app: KeelApp) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=keel_app.base_url, timeout=30) as client:
+        yield client

@@ -1,0 +1,77 @@
+"""An in-process ``ModelBackend``: real ``ModelVersions`` objects, no Ray, nothing mocked.
+
+It answers the ingress the way ``deployments/onnx/deployment.py``'s ``OnnxModel``
+does, minus ``@serve.batch``: one ``predict_batch`` call per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.errors import KeelError, ModelNotFound
+from deployments.ingress.app import IngressConfig
+from deployments.onnx.core import ModelVersions, OnnxModelConfig
+from deployments.repository import ModelRepository
+
+
+class InProcessModels:
+    """One ``ModelVersions`` per model name of a repository, applied with its config."""
+
+    def __init__(self, repository: ModelRepository,
+                 configs: dict[str, OnnxModelConfig] | None = None) -> None:
+        self.repository = repository
+        self.versions: dict[str, ModelVersions] = {}
+        configs = configs or {}
+        for name in repository.model_names():
+            versions = ModelVersions(repository, name)
+            versions.apply(configs.get(name, OnnxModelConfig()))
+            self.versions[name] = versions
+
+    def apply(self, name: str, config: OnnxModelConfig) -> bool:
+        """What ``OnnxModel.reconfigure`` does to the runners: load and swap."""
+        return self._versions(name).apply(config)
+
+    def _versions(self, name: str) -> ModelVersions:
+        versions = self.versions.get(name)
+        if versions is None:
+            raise ModelNotFound(f"model {name!r} is not served here")
+        return versions
+
+    def model_names(self) -> list[str]:
+        return sorted(self.versions)
+
+    async def status(self, name: str) -> ModelStatus:
+        versions = self._versions(name)
+        loaded = versions.loaded()
+        current = versions.current
+        try:
+            available = versions.repository.versions(name)
+        except KeelError:
+            available = sorted(loaded)
+        return ModelStatus(
+            name=name,
+            served_version=current.version if current else None,
+            loaded={v: r.spec for v, r in loaded.items()},
+            available_versions=available,
+            providers=current.providers if current else [],
+        )
+
+    async def infer(self, name: str, call: InferCall) -> InferResult:
+        runner = self._versions(name).runner_for(call.version)
+        [answer] = runner.predict_batch([call.inputs])
+        if isinstance(answer, KeelError):
+            raise answer
+        wanted = call.outputs
+        outputs = {k: v for k, v in answer.items() if not wanted or k in wanted}
+        return InferResult(model_name=name, model_version=runner.version, outputs=outputs)
+
+
+@dataclass
+class MutableIngressConfig:
+    """The ingress's live settings, changeable by a test while the app runs."""
+
+    value: IngressConfig = field(default_factory=IngressConfig)
+
+    def __call__(self) -> IngressConfig:
+        return self.value

@@ -1,0 +1,263 @@
+"""The demo data set and the builder of the demo model repository (no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("skl2onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from deployments.repository import ORT_TYPES, ModelRepository  # noqa: E402
+from graph.demo.build import (  # noqa: E402
+    MANIFEST_FILE,
+    MODEL_NAMES,
+    BuiltModel,
+    build_demo_repository,
+)
+from graph.demo.dataset import (  # noqa: E402
+    FEATURE_NAMES,
+    FEATURE_REFS,
+    MARKET_FEATURES,
+    PORTFOLIO_FEATURES,
+    Dataset,
+    DatasetConfig,
+    generate,
+    training_matrix,
+)
+
+# Small enough to train in a couple of seconds, large enough for stable metrics.
+SMALL = DatasetConfig(n_symbols=20, n_accounts=50, n_days=20, n_train_rows=4000)
+# Largest |P_int8 - P_fp32| allowed on 256 rows. Measured 0.009 for SMALL and
+# 0.058 over the full default holdout (4,000 rows) on an AVX2 CPU without VNNI.
+INT8_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def small_dataset() -> Dataset:
+    return generate(SMALL)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[BuiltModel]]:
+    root = tmp_path_factory.mktemp("models")
+    return root, build_demo_repository(root, config=SMALL)
+
+
+# --- data set ---------------------------------------------------------------------------
+
+
+def test_feature_refs_order() -> None:
+    assert [ref.split(":")[1] for ref in FEATURE_REFS] == MARKET_FEATURES + PORTFOLIO_FEATURES
+    assert FEATURE_REFS[0] == "market_features:ret_1d"
+    assert FEATURE_REFS[-1] == "portfolio_features:num_positions"
+    assert len(FEATURE_REFS) == 12
+
+
+def test_generate_is_deterministic(small_dataset: Dataset) -> None:
+    again = generate(SMALL)
+    for name in ("market", "portfolio", "training"):
+        pd.testing.assert_frame_equal(getattr(small_dataset, name), getattr(again, name))
+        assert (pd.util.hash_pandas_object(getattr(small_dataset, name)).to_numpy().tobytes()
+                == pd.util.hash_pandas_object(getattr(again, name)).to_numpy().tobytes())
+    other = generate(replace(SMALL, seed=SMALL.seed + 1))
+    assert not other.market.equals(small_dataset.market)
+    assert not other.portfolio.equals(small_dataset.portfolio)
+    assert not other.training.equals(small_dataset.training)
+
+
+def test_columns_and_types(small_dataset: Dataset) -> None:
+    market, portfolio = small_dataset.market, small_dataset.portfolio
+    training = small_dataset.training
+    assert list(market.columns) == ["symbol", "event_timestamp", "created", *MARKET_FEATURES]
+    assert list(portfolio.columns) == [
+        "account_id", "event_timestamp", "created", *PORTFOLIO_FEATURES
+    ]
+    assert list(training.columns) == [
+        "symbol", "account_id", "event_timestamp", *FEATURE_NAMES, "label"
+    ]
+    assert len(market) == SMALL.n_symbols * SMALL.n_days
+    assert len(portfolio) == SMALL.n_accounts * SMALL.n_days
+    assert len(training) == SMALL.n_train_rows
+    for frame, features in ((market, MARKET_FEATURES), (portfolio, PORTFOLIO_FEATURES),
+                            (training, FEATURE_NAMES)):
+        assert not frame.isna().any().any()
+        assert all(frame[f].dtype == np.float32 for f in features)
+        assert str(frame["event_timestamp"].dt.tz) == "UTC"
+    assert market["symbol"].iloc[0] == "SYM000"
+    assert portfolio["account_id"].iloc[0] == "ACC0000"
+    assert market["event_timestamp"].max() == pd.Timestamp(SMALL.end_date, tz="UTC")
+    assert (market["created"] == market["event_timestamp"]).all()
+    # Feast sources: sorted by entity, then time, one row per (entity, day).
+    for frame, key in ((market, "symbol"), (portfolio, "account_id")):
+        assert frame.equals(frame.sort_values([key, "event_timestamp"], kind="stable"))
+        assert not frame.duplicated([key, "event_timestamp"]).any()
+    assert not training.duplicated(["symbol", "account_id", "event_timestamp"]).any()
+    assert set(training["label"].unique()) <= {0, 1}
+
+
+def test_feature_ranges(small_dataset: Dataset) -> None:
+    m, p = small_dataset.market, small_dataset.portfolio
+    assert (m["vol_20d"] > 0).all()
+    assert m["ret_1d"].abs().median() < 0.05
+    assert abs(m["volume_z"].mean()) < 0.2 and 0.7 < m["volume_z"].std() < 1.3
+    assert p["leverage"].between(0.5, 5.0).all()
+    assert p["concentration"].between(0.0, 1.0).all()
+    assert (p["concentration"] >= 1.0 / p["num_positions"] - 1e-6).all()
+    assert p["drawdown_30d"].between(-0.5, 0.0).all()
+    assert p["margin_utilisation"].between(0.0, 1.0).all()
+    assert (p["num_positions"] >= 1).all()
+    assert (p["num_positions"] == p["num_positions"].round()).all()
+    assert (p["gross_exposure"] > 0).all()
+
+
+def test_training_rows_join_the_feature_tables(small_dataset: Dataset) -> None:
+    # The model is trained on exactly what a Feast lookup of the same keys returns.
+    training = small_dataset.training.head(200)
+    joined = training[["symbol", "account_id", "event_timestamp"]].merge(
+        small_dataset.market, on=["symbol", "event_timestamp"], how="left"
+    ).merge(small_dataset.portfolio, on=["account_id", "event_timestamp"], how="left")
+    np.testing.assert_array_equal(joined[FEATURE_NAMES].to_numpy(),
+                                  training[FEATURE_NAMES].to_numpy())
+
+
+def test_label_base_rate_and_matrix(small_dataset: Dataset) -> None:
+    features, labels = training_matrix(small_dataset)
+    assert features.dtype == np.float32 and features.shape == (SMALL.n_train_rows, 12)
+    assert labels.dtype == np.int64 and labels.shape == (SMALL.n_train_rows,)
+    assert 0.2 <= labels.mean() <= 0.4
+    assert np.isfinite(features).all()
+
+
+def test_config_rejects_more_rows_than_triples() -> None:
+    with pytest.raises(ValueError, match="n_train_rows"):
+        DatasetConfig(n_symbols=2, n_accounts=2, n_days=2, n_train_rows=9)
+
+
+# --- repository -------------------------------------------------------------------------
+
+
+def test_build_writes_every_model(repo: tuple[Path, list[BuiltModel]]) -> None:
+    root, built = repo
+    assert [b.name for b in built] == list(MODEL_NAMES)
+    assert all(not b.skipped and b.version == "1" for b in built)
+    assert ModelRepository(root).model_names() == sorted(MODEL_NAMES)
+    assert (root / MANIFEST_FILE).is_file()
+    assert not list(root.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_onnx_matches_its_spec(repo: tuple[Path, list[BuiltModel]], name: str) -> None:
+    root, _ = repo
+    repository = ModelRepository(root)
+    spec = repository.spec(name)
+    session = ort.InferenceSession(str(repository.model_path(name, "1")),
+                                   providers=["CPUExecutionProvider"])
+    for declared, actual in ((spec.inputs, session.get_inputs()),
+                             (spec.outputs, session.get_outputs())):
+        assert [t.name for t in declared] == [a.name for a in actual]
+        assert [t.datatype for t in declared] == [ORT_TYPES[a.type] for a in actual]
+        assert [t.shape for t in declared] == [
+            [d if isinstance(d, int) else -1 for d in a.shape] for a in actual
+        ]
+    assert spec.inputs[0].columns == FEATURE_REFS
+    assert spec.decision is not None
+    assert (spec.decision.output, spec.decision.index) == ("probabilities", 1)
+    assert spec.labels["built_by"] == "keel prepare"
+    assert spec.labels["dataset_seed"] == str(SMALL.seed)
+    assert spec.description
+
+    x = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    label, probs = session.run(["label", "probabilities"], {"features": x})
+    assert label.shape == (5,) and probs.shape == (5, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_metrics_recorded(repo: tuple[Path, list[BuiltModel]], name: str) -> None:
+    root, built = repo
+    metrics = ModelRepository(root).spec(name).metrics
+    assert metrics == next(b.metrics for b in built if b.name == name)
+    assert metrics["auc"] > 0.6
+    assert 0.5 < metrics["accuracy"] <= 1.0
+
+
+def test_int8_model_is_quantised_and_close_to_fp32(
+    repo: tuple[Path, list[BuiltModel]], small_dataset: Dataset
+) -> None:
+    root, _ = repo
+    repository = ModelRepository(root)
+    spec = repository.spec("risk_mlp_int8")
+    assert spec.labels["quantized_from"] == "risk_mlp/1"
+    assert int(spec.labels["quantized_ops"]) >= 1
+    for key in ("fp32_auc", "fp32_accuracy", "max_abs_diff_vs_fp32", "agreement_vs_fp32",
+                "max_abs_diff_row_vs_batch"):
+        assert key in spec.metrics
+    assert spec.metrics["fp32_auc"] == repository.spec("risk_mlp").metrics["auc"]
+    assert spec.metrics["agreement_vs_fp32"] > 0.95
+
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(repository.model_path("risk_mlp_int8", "1")))
+           .graph.node]
+    assert ops.count("MatMulInteger") == int(spec.labels["quantized_ops"])
+
+    features, _ = training_matrix(small_dataset)
+    x = features[:256]
+    fp32 = ort.InferenceSession(str(repository.model_path("risk_mlp", "1")),
+                                providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(repository.model_path("risk_mlp_int8", "1")),
+                                providers=["CPUExecutionProvider"])
+    p32 = fp32.run(["probabilities"], {"features": x})[0]
+    p8 = int8.run(["probabilities"], {"features": x})[0]
+    assert np.abs(p8 - p32).max() < INT8_TOLERANCE
+
+
+def test_second_build_is_skipped(repo: tuple[Path, list[BuiltModel]]) -> None:
+    root, first = repo
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    again = build_demo_repository(root, config=SMALL)
+    assert all(b.skipped for b in again)
+    assert [(b.name, b.version, b.path, b.metrics) for b in again] == [
+        (b.name, b.version, b.path, b.metrics) for b in first
+    ]
+    after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_missing_file_or_new_config_rebuilds(tmp_path: Path) -> None:
+    config = replace(SMALL, n_train_rows=1500)
+    build_demo_repository(tmp_path, config=config)
+    (tmp_path / "risk_gbdt" / "1" / "model.onnx").unlink()
+    rebuilt = build_demo_repository(tmp_path, config=config)
+    assert not any(b.skipped for b in rebuilt)
+    assert (tmp_path / "risk_gbdt" / "1" / "model.onnx").is_file()
+
+    other_version = build_demo_repository(tmp_path, config=config, version="2")
+    assert not any(b.skipped for b in other_version)
+    assert ModelRepository(tmp_path).versions("risk_mlp") == ["1", "2"]
+
+
+def test_force_rebuilds(tmp_path: Path) -> None:
+    config = replace(SMALL, n_train_rows=1500)
+    first = build_demo_repository(tmp_path, config=config)
+    model = tmp_path / "risk_mlp" / "1" / "model.onnx"
+    mtime = model.stat().st_mtime_ns
+    before = {b.name: b.path.read_bytes() for b in first}
+    forced = build_demo_repository(tmp_path, config=config, force=True)
+    assert not any(b.skipped for b in forced)
+    assert model.stat().st_mtime_ns > mtime
+    # Same inputs, same models: the build is deterministic down to the bytes.
+    assert [b.metrics for b in forced] == [b.metrics for b in first]
+    assert {b.name: b.path.read_bytes() for b in forced} == before
+    assert all(b.skipped for b in build_demo_repository(tmp_path, config=config))
+
+
+def test_rejects_bad_version(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="version"):
+        build_demo_repository(tmp_path, config=SMALL, version="../x")

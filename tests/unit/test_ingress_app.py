@@ -1,0 +1,499 @@
+"""The ingress FastAPI app through TestClient, over real ONNX models in process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.ingress.app import IngressConfig
+from deployments.onnx.core import OnnxModelConfig
+from tests.modelkit import reference_probabilities
+from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+
+ATOL = 1e-5
+
+
+def _rows(n: int, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+def _payload(x: np.ndarray, **extra: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "features", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}], **extra}
+
+
+def _infer(client: TestClient, x: np.ndarray, path: str = "/v2/models/linear/infer",
+           **extra: Any) -> httpx.Response:
+    return client.post(path, json=_payload(x, **extra))
+
+
+def _output(document: dict[str, Any], name: str) -> dict[str, Any]:
+    [output] = [o for o in document["outputs"] if o["name"] == name]
+    return output
+
+
+def _assert_answer(response: httpx.Response, x: np.ndarray, *, seed: int, version: str,
+                   model: str = "linear") -> None:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    document = response.json()
+    assert document["model_name"] == model
+    assert document["model_version"] == version
+    probabilities = _output(document, "probabilities")
+    assert probabilities["datatype"] == "FP32"
+    assert probabilities["shape"] == [x.shape[0], 2]
+    expected = reference_probabilities(x, seed)
+    np.testing.assert_allclose(np.array(probabilities["data"]).reshape(-1, 2), expected,
+                               atol=ATOL)
+    label = _output(document, "label")
+    assert label["datatype"] == "INT64"
+    assert label["shape"] == [x.shape[0]]
+    assert label["data"] == expected.argmax(axis=1).tolist()
+
+
+def _assert_error(response: httpx.Response, status: int, *parts: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    document = response.json()
+    assert list(document) == ["error"], document
+    message = document["error"]
+    assert isinstance(message, str)
+    for part in parts:
+        assert part in message, message
+    return message
+
+
+def _assert_still_good(client: TestClient) -> None:
+    """No bad request affects the next good one."""
+    x = _rows(3, seed=99)
+    _assert_answer(_infer(client, x), x, seed=1, version="2")
+
+
+# --- metadata and health ------------------------------------------------------------------
+
+
+def test_server_metadata(client: TestClient) -> None:
+    response = client.get("/v2")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["name"] == "keel"
+    assert isinstance(document["version"], str) and document["version"]
+    assert document["extensions"] == ["binary_tensor_data"]
+
+
+def test_live(client: TestClient) -> None:
+    response = client.get("/v2/health/live")
+    assert response.status_code == 200
+    assert response.json() == {"live": True}
+
+
+def test_ready(client: TestClient) -> None:
+    response = client.get("/v2/health/ready")
+    assert response.status_code == 200
+    assert response.json() == {
+        "ready": True,
+        "models": {
+            "fixed": {"ready": True, "version": "1"},
+            "linear": {"ready": True, "version": "2"},
+            "nanok": {"ready": True, "version": "1"},
+        },
+    }
+
+
+def test_model_metadata(client: TestClient) -> None:
+    response = client.get("/v2/models/linear")
+    assert response.status_code == 200
+    document = response.json()
+    parameters = document.pop("parameters")
+    assert document == {
+        "name": "linear",
+        "versions": ["1", "2"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1]}],
+    }
+    assert parameters["served_version"] == "2"
+    assert parameters["loaded_versions"] == ["2"]
+    assert parameters["decision"] == {"output": "probabilities", "index": 1, "threshold": 0.5}
+    assert parameters["metrics"] == {"auc": 0.5}
+    assert parameters["providers"][-1] == "CPUExecutionProvider"
+
+
+def test_model_version_metadata(client: TestClient) -> None:
+    response = client.get("/v2/models/linear/versions/2")
+    assert response.status_code == 200
+    assert response.json()["name"] == "linear"
+    assert response.json()["parameters"]["served_version"] == "2"
+
+
+def test_fixed_model_metadata_shows_the_fixed_batch(client: TestClient) -> None:
+    document = client.get("/v2/models/fixed").json()
+    assert document["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [1, 4]}]
+
+
+def test_metadata_of_an_unloaded_version_then_pinned(client: TestClient,
+                                                     backend: InProcessModels) -> None:
+    _assert_error(client.get("/v2/models/linear/versions/1"), 404, "'1'", "not loaded")
+    backend.apply("linear", OnnxModelConfig(version="1"))
+    response = client.get("/v2/models/linear/versions/1")
+    assert response.status_code == 200, response.text
+    parameters = response.json()["parameters"]
+    assert parameters["served_version"] == "1"
+    assert parameters["loaded_versions"] == ["1", "2"]
+
+
+def test_metadata_of_unknown_model_and_version(client: TestClient) -> None:
+    _assert_error(client.get("/v2/models/nope"), 404, "'nope'")
+    _assert_error(client.get("/v2/models/linear/versions/9"), 404, "'9'")
+
+
+def test_model_ready(client: TestClient) -> None:
+    response = client.get("/v2/models/linear/ready")
+    assert response.status_code == 200
+    assert response.json() == {"name": "linear", "ready": True}
+    response = client.get("/v2/models/linear/versions/2/ready")
+    assert response.status_code == 200
+    assert response.json() == {"name": "linear", "ready": True, "version": "2"}
+
+
+def test_model_version_ready_follows_what_is_loaded(client: TestClient,
+                                                    backend: InProcessModels) -> None:
+    response = client.get("/v2/models/linear/versions/1/ready")
+    assert response.status_code == 503
+    assert response.json() == {"name": "linear", "ready": False, "version": "1"}
+    backend.apply("linear", OnnxModelConfig(version="1"))
+    backend.apply("linear", OnnxModelConfig(version="2"))
+    response = client.get("/v2/models/linear/versions/1/ready")
+    assert response.status_code == 200
+    assert response.json() == {"name": "linear", "ready": True, "version": "1"}
+
+
+def test_model_ready_unknown(client: TestClient) -> None:
+    _assert_error(client.get("/v2/models/nope/ready"), 404, "'nope'")
+    _assert_error(client.get("/v2/models/linear/versions/9/ready"), 404, "'9'")
+
+
+# --- inference ------------------------------------------------------------------------------
+
+
+def test_infer_served_version(client: TestClient) -> None:
+    x = _rows(5)
+    _assert_answer(_infer(client, x), x, seed=1, version="2")
+
+
+def test_infer_pinned_version(client: TestClient) -> None:
+    x = _rows(2)
+    _assert_answer(_infer(client, x, "/v2/models/linear/versions/2/infer"), x, seed=1,
+                   version="2")
+
+
+def test_infer_other_models(client: TestClient) -> None:
+    x = _rows(3)
+    _assert_answer(_infer(client, x, "/v2/models/nanok/infer"), x, seed=2, version="1",
+                   model="nanok")
+    one = _rows(1)
+    _assert_answer(_infer(client, one, "/v2/models/fixed/infer"), one, seed=3, version="1",
+                   model="fixed")
+
+
+def test_infer_echoes_id_and_selects_outputs(client: TestClient) -> None:
+    x = _rows(2)
+    response = _infer(client, x, id="req-9", outputs=[{"name": "label"}])
+    assert response.status_code == 200, response.text
+    document = response.json()
+    assert document["id"] == "req-9"
+    assert document["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [2],
+                                    "data": reference_probabilities(x, 1).argmax(1).tolist()}]
+
+
+def test_infer_pinned_to_previous_version_after_a_swap(client: TestClient,
+                                                       backend: InProcessModels) -> None:
+    x = _rows(4)
+    _assert_error(_infer(client, x, "/v2/models/linear/versions/1/infer"), 404, "'1'",
+                  "not loaded")
+    backend.apply("linear", OnnxModelConfig(version="1"))
+    _assert_answer(_infer(client, x, "/v2/models/linear/versions/1/infer"), x, seed=0,
+                   version="1")
+    backend.apply("linear", OnnxModelConfig(version="2"))
+    _assert_answer(_infer(client, x), x, seed=1, version="2")
+    _assert_answer(_infer(client, x, "/v2/models/linear/versions/1/infer"), x, seed=0,
+                   version="1")
+
+
+def test_served_version_change_is_reported_at_once(client: TestClient,
+                                                   backend: InProcessModels,
+                                                   ingress_config: MutableIngressConfig) -> None:
+    # The ingress trusts its status copy for a long time; the answer still names the
+    # version that computed it, and the copy is dropped when a result shows a new version.
+    ingress_config.value = IngressConfig(status_ttl_s=300)
+    x = _rows(3)
+    _assert_answer(_infer(client, x), x, seed=1, version="2")
+    backend.apply("linear", OnnxModelConfig(version="1"))
+    _assert_answer(_infer(client, x), x, seed=0, version="1")
+    assert client.get("/v2/models/linear").json()["parameters"]["served_version"] == "1"
+
+
+def test_nan_output_is_null_in_valid_json(client: TestClient) -> None:
+    body = b'{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32",' \
+           b'"data":[NaN,1,2,3]}]}'
+    response = client.post("/v2/models/nanok/infer", content=body,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not valid JSON")
+
+    document = json.loads(response.content, parse_constant=refuse)
+    assert _output(document, "probabilities")["data"] == [None, None]
+
+
+# --- binary tensor data extension ---------------------------------------------------------
+
+
+def _binary_request(x: np.ndarray, *, binary_output: bool = False) -> tuple[bytes, int]:
+    header: dict[str, Any] = {"inputs": [{
+        "name": "features", "shape": list(x.shape), "datatype": "FP32",
+        "parameters": {"binary_data_size": x.nbytes}}]}
+    if binary_output:
+        header["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    head = json.dumps(header).encode()
+    return head + x.astype("<f4").tobytes(), len(head)
+
+
+def test_binary_request(client: TestClient) -> None:
+    x = _rows(3)
+    body, json_length = _binary_request(x)
+    response = client.post("/v2/models/linear/infer", content=body,
+                           headers={"Inference-Header-Content-Length": str(json_length),
+                                    "content-type": "application/octet-stream"})
+    _assert_answer(response, x, seed=1, version="2")
+
+
+def test_binary_request_and_binary_output(client: TestClient) -> None:
+    x = _rows(2)
+    body, json_length = _binary_request(x, binary_output=True)
+    response = client.post("/v2/models/linear/infer", content=body,
+                           headers={"Inference-Header-Content-Length": str(json_length)})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    length = int(response.headers["inference-header-content-length"])
+    head = json.loads(response.content[:length])
+    assert head["model_version"] == "2"
+    assert head["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [2, 2],
+                                "parameters": {"binary_data_size": 16}}]
+    values = np.frombuffer(response.content[length:], "<f4").reshape(2, 2)
+    np.testing.assert_allclose(values, reference_probabilities(x, 1), atol=ATOL)
+
+
+def test_tritonclient_request_and_response(client: TestClient) -> None:
+    import tritonclient.http as triton
+
+    x = _rows(4)
+    tensor = triton.InferInput("features", [4, 4], "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    outputs = [triton.InferRequestedOutput("probabilities", binary_data=True),
+               triton.InferRequestedOutput("label", binary_data=False)]
+    body, json_length = triton.InferenceServerClient.generate_request_body(
+        [tensor], outputs, request_id="tc-1")
+    response = client.post("/v2/models/linear/infer", content=body,
+                           headers={"Inference-Header-Content-Length": str(json_length)})
+    assert response.status_code == 200, response.text
+    result = triton.InferenceServerClient.parse_response_body(
+        response.content, header_length=int(response.headers["inference-header-content-length"]))
+    expected = reference_probabilities(x, 1)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=ATOL)
+    np.testing.assert_array_equal(result.as_numpy("label"), expected.argmax(axis=1))
+    assert result.get_response()["id"] == "tc-1"
+
+
+def test_binary_header_errors(client: TestClient) -> None:
+    x = _rows(1)
+    body, json_length = _binary_request(x)
+    _assert_error(client.post("/v2/models/linear/infer", content=body,
+                              headers={"Inference-Header-Content-Length": "abc"}),
+                  400, "inference-header-content-length")
+    _assert_error(client.post("/v2/models/linear/infer", content=body,
+                              headers={"Inference-Header-Content-Length": str(len(body) + 1)}),
+                  400, "outside the body")
+    # Without the header the body is not JSON.
+    _assert_error(client.post("/v2/models/linear/infer", content=body), 400, "not valid JSON")
+    _assert_error(client.post("/v2/models/linear/infer", content=body[:-4],
+                              headers={"Inference-Header-Content-Length": str(json_length)}),
+                  400, "'features'", "runs past")
+    _assert_still_good(client)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_model(client: TestClient) -> None:
+    _assert_error(_infer(client, _rows(1), "/v2/models/nope/infer"), 404, "'nope'")
+    _assert_still_good(client)
+
+
+def test_unknown_version(client: TestClient) -> None:
+    _assert_error(_infer(client, _rows(1), "/v2/models/linear/versions/9/infer"), 404, "'9'")
+    _assert_still_good(client)
+
+
+@pytest.mark.parametrize(
+    ("body", "parts"),
+    [
+        (b"{not json", ["not valid JSON"]),
+        (b"", ["not valid JSON"]),
+        (b"[]", ["JSON object"]),
+        (b'{"inputs": []}', ["inputs"]),
+        (b'{"id": 1}', ["inputs"]),
+    ],
+    ids=["malformed", "empty", "array", "empty-inputs", "no-inputs"],
+)
+def test_malformed_body(client: TestClient, body: bytes, parts: list[str]) -> None:
+    response = client.post("/v2/models/linear/infer", content=body,
+                           headers={"content-type": "application/json"})
+    _assert_error(response, 400, *parts)
+    _assert_still_good(client)
+
+
+@pytest.mark.parametrize(
+    ("item", "parts"),
+    [
+        ({"shape": [2, 3], "datatype": "FP32", "data": [0] * 6}, ["'features'", "[2, 3]"]),
+        ({"shape": [8], "datatype": "FP32", "data": [0] * 8}, ["'features'", "[8]"]),
+        ({"shape": [1, 4], "datatype": "FP64", "data": [0] * 4}, ["'features'", "FP64"]),
+        ({"shape": [2, 4], "datatype": "FP32", "data": [0] * 4}, ["'features'", "4 elements"]),
+        ({"shape": [1, 4], "datatype": "FP32", "data": ["a"] * 4}, ["'features'", "numbers"]),
+        ({"shape": [1, 4], "datatype": "FP32", "data": [0, 1e40, 0, 0]},
+         ["'features'", "outside the range"]),
+        ({"shape": [0, 4], "datatype": "FP32", "data": []}, ["'features'", "0"]),
+    ],
+    ids=["columns", "rank", "datatype", "length", "strings", "overflow", "zero-batch"],
+)
+def test_bad_input(client: TestClient, item: dict[str, Any], parts: list[str]) -> None:
+    response = client.post("/v2/models/linear/infer",
+                           json={"inputs": [{"name": "features", **item}]})
+    _assert_error(response, 400, *parts)
+    _assert_still_good(client)
+
+
+def test_unknown_and_missing_inputs(client: TestClient) -> None:
+    body = {"inputs": [{"name": "feature", "shape": [1, 4], "datatype": "FP32",
+                        "data": [0] * 4}]}
+    _assert_error(client.post("/v2/models/linear/infer", json=body), 400, "'feature'")
+    _assert_error(client.post("/v2/models/linear/infer",
+                              json={"inputs": [*_payload(_rows(1))["inputs"]] * 2}),
+                  400, "'features'", "twice")
+    _assert_still_good(client)
+
+
+def test_unknown_output(client: TestClient) -> None:
+    _assert_error(_infer(client, _rows(1), outputs=[{"name": "logits"}]), 400, "'logits'")
+    _assert_still_good(client)
+
+
+def test_fixed_batch_refuses_two_rows(client: TestClient) -> None:
+    _assert_error(_infer(client, _rows(2), "/v2/models/fixed/infer"), 400, "'features'",
+                  "[2, 4]")
+    one = _rows(1)
+    _assert_answer(_infer(client, one, "/v2/models/fixed/infer"), one, seed=3, version="1",
+                   model="fixed")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_is_refused(client: TestClient, literal: str) -> None:
+    body = '{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[0,%s,0,0]}]}'
+    response = client.post("/v2/models/linear/infer", content=(body % literal).encode(),
+                           headers={"content-type": "application/json"})
+    _assert_error(response, 400, "'features'", "NaN")
+    _assert_still_good(client)
+
+
+def test_body_over_the_limit_with_content_length(client: TestClient,
+                                                 ingress_config: MutableIngressConfig) -> None:
+    ingress_config.value = IngressConfig(max_body_bytes=1024)
+    big = _rows(64)
+    body = json.dumps(_payload(big)).encode()
+    assert len(body) > 1024
+    response = client.post("/v2/models/linear/infer", content=body,
+                           headers={"content-type": "application/json"})
+    _assert_error(response, 413, str(len(body)), "1024")
+    _assert_still_good(client)
+    # A body just within the limit is still served.
+    small = _rows(2)
+    assert len(json.dumps(_payload(small))) <= 1024
+    _assert_answer(_infer(client, small), small, seed=1, version="2")
+
+
+def test_body_over_the_limit_streamed(client: TestClient,
+                                      ingress_config: MutableIngressConfig) -> None:
+    ingress_config.value = IngressConfig(max_body_bytes=1024)
+    body = json.dumps(_payload(_rows(64))).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 256):
+            yield body[start:start + 256]
+
+    response = client.post("/v2/models/linear/infer", content=chunks(),
+                           headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    _assert_error(response, 413, "over the limit of 1024")
+    _assert_still_good(client)
+
+
+def test_streamed_body_within_the_limit(client: TestClient) -> None:
+    x = _rows(6)
+    body = json.dumps(_payload(x)).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 100):
+            yield body[start:start + 100]
+
+    response = client.post("/v2/models/linear/infer", content=chunks(),
+                           headers={"content-type": "application/json"})
+    _assert_answer(response, x, seed=1, version="2")
+
+
+def test_deeply_nested_body_is_a_client_error(client: TestClient) -> None:
+    # Nesting beyond the JSON decoder's recursion limit is malformed input: 400, not 500.
+    body = b"[" * 10_000 + b"]" * 10_000
+    response = client.post("/v2/models/linear/infer", content=body,
+                           headers={"content-type": "application/json"})
+    _assert_error(response, 400, "JSON")
+    _assert_still_good(client)
+
+
+def test_unknown_route_is_json_404(client: TestClient) -> None:
+    _assert_error(client.get("/v2/nothing/here"), 404, "Not Found")
+    _assert_error(client.get("/"), 404)
+    _assert_still_good(client)
+
+
+def test_wrong_method_is_json_405(client: TestClient) -> None:
+    _assert_error(client.get("/v2/models/linear/infer"), 405)
+    _assert_error(client.post("/v2/health/live"), 405)
+
+
+def test_openapi_lists_the_routes(client: TestClient) -> None:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    expected = {
+        "/v2": "get",
+        "/v2/health/live": "get",
+        "/v2/health/ready": "get",
+        "/v2/models/{name}": "get",
+        "/v2/models/{name}/versions/{version}": "get",
+        "/v2/models/{name}/ready": "get",
+        "/v2/models/{name}/versions/{version}/ready": "get",
+        "/v2/models/{name}/infer": "post",
+        "/v2/models/{name}/versions/{version}/infer": "post",
+    }
+    for path, method in expected.items():
+        assert path in paths, sorted(paths)
+        assert method in paths[path], paths[path]
