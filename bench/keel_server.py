@@ -16,6 +16,7 @@ from the environment this process starts with; ``run_bench.py`` sets them.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -39,7 +40,17 @@ def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path)
     return target
 
 
-def model_stats(app_name: str, config_path: Path, attempts_per_replica: int = 10) -> dict[str, Any]:
+def model_stats(app_name: str, config_path: Path) -> dict[str, Any]:
+    """``collect_model_stats`` in an event loop of its own.
+
+    With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` handles route in the caller's event
+    loop (``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``), so they need one.
+    """
+    return asyncio.run(collect_model_stats(app_name, config_path))
+
+
+async def collect_model_stats(app_name: str, config_path: Path,
+                              attempts_per_replica: int = 10) -> dict[str, Any]:
     """Batch sizes per model deployment, summed over replicas, and replica counts.
 
     A handle call reaches one replica, chosen by the router; the benchmark calls
@@ -61,7 +72,7 @@ def model_stats(app_name: str, config_path: Path, attempts_per_replica: int = 10
         handle = serve.get_deployment_handle(name, app_name=app_name)
         answers: dict[str, dict[str, Any]] = {}
         for _ in range(max(1, running) * attempts_per_replica):
-            answer = handle.stats.remote().result(timeout_s=30)
+            answer = await asyncio.wait_for(handle.stats.remote(), 30)
             answers[json.dumps(answer["batch_sizes"], sort_keys=True)] = answer
             if len(answers) >= running:
                 break

@@ -242,6 +242,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> Fa
             "served_version": status.served_version,
             "loaded_versions": sorted(status.loaded),
             "decision": spec.decision.model_dump() if spec.decision else None,
+            "batch_invariant": spec.batch_invariant,
             "metrics": spec.metrics,
             "providers": status.providers,
         }

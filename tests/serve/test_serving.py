@@ -59,6 +59,7 @@ def test_demo_model_metadata_and_answers(http: httpx.Client, model_repo: Path, n
     assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 12]}]
     assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities"}
     assert meta["parameters"]["served_version"] == "1"
+    assert meta["parameters"]["batch_invariant"] is (name != "risk_mlp_int8")
     assert http.get(f"/v2/models/{name}/versions/1").json()["name"] == name
     assert http.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
     assert http.get(f"/v2/models/{name}/versions/1/ready").status_code == 200
@@ -71,7 +72,13 @@ def test_demo_model_metadata_and_answers(http: httpx.Client, model_repo: Path, n
     # Exactly what the model file computes for these rows.
     session = ort.InferenceSession(str(model_repo / name / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    label, probs = session.run(["label", "probabilities"], {"features": x})
+    if meta["parameters"].get("batch_invariant", True):
+        label, probs = session.run(["label", "probabilities"], {"features": x})
+    else:  # served one row at a time: compare with rows run alone
+        answers = [session.run(["label", "probabilities"], {"features": x[i:i + 1]})
+                   for i in range(len(x))]
+        label = np.concatenate([a[0] for a in answers])
+        probs = np.concatenate([a[1] for a in answers])
     np.testing.assert_allclose(probabilities(body), probs, rtol=1e-6, atol=1e-7)
     out_label = next(o for o in body["outputs"] if o["name"] == "label")
     assert out_label["datatype"] == "INT64" and out_label["data"] == label.tolist()
