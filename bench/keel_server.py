@@ -20,6 +20,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,23 +31,41 @@ from raydriver import serve_until_stopped, start_local_ray
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path) -> Path:
-    """A copy of ``source`` that listens on ``host:port`` (gRPC on ``grpc_port``)."""
+def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
+                 max_batch_size: int | None = None) -> Path:
+    """A copy of ``source`` that listens on ``host:port`` (gRPC on ``grpc_port``).
+
+    ``max_batch_size`` overrides every model deployment's (1 turns batching off).
+    """
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=host, port=port)
     config.setdefault("grpc_options", {}).update(port=grpc_port)
+    if max_batch_size is not None:
+        for app in config["applications"]:
+            for dep in app.get("deployments", []):
+                if dep["name"] != "Ingress":
+                    dep.setdefault("user_config", {})["max_batch_size"] = max_batch_size
     target = into / "serve_config.bench.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
 
 
+_loop: asyncio.AbstractEventLoop | None = None
+
+
 def model_stats(app_name: str, config_path: Path) -> dict[str, Any]:
-    """``collect_model_stats`` in an event loop of its own.
+    """``collect_model_stats`` on one long-lived event loop (a background thread).
 
     With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` handles route in the caller's event
-    loop (``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``), so they need one.
+    loop (``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``), and the shared router stays
+    bound to the first loop it saw, so every call must use the same running loop.
     """
-    return asyncio.run(collect_model_stats(app_name, config_path))
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        threading.Thread(target=_loop.run_forever, name="bench-stats", daemon=True).start()
+    future = asyncio.run_coroutine_threadsafe(collect_model_stats(app_name, config_path), _loop)
+    return future.result(timeout=120)
 
 
 async def collect_model_stats(app_name: str, config_path: Path,
@@ -98,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="start Ray's dashboard on this port (as `serve run` does)")
     parser.add_argument("--app-name", default="keel")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="override every model's user_config.max_batch_size")
     args = parser.parse_args(argv)
 
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
-                               temp_dir)
+                               temp_dir, args.max_batch_size)
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port)
 
     # Ray is initialised, so `serve run` deploys onto this private instance.

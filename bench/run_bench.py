@@ -63,6 +63,8 @@ class Target:
     #: Send the load to the ingress replica's own port (direct ingress) instead of
     #: the HTTP port in ``http_options`` (the proxy, or HAProxy).
     direct_port: bool = False
+    #: Keel only: override every model's max_batch_size (1 = no batching).
+    max_batch_size: int | None = None
 
 
 TP = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -78,6 +80,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("keel_haproxy", "keel",
            "serve_config.yaml, RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1, "
            "load to the HTTP port (HAProxy)", env={**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+    Target("keel_haproxy_nobatch", "keel",
+           "keel_haproxy with max_batch_size 1 for every model: the batching gain's baseline",
+           env={**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}, max_batch_size=1),
     Target("baseline_fastapi", "baseline",
            "one uvicorn process, FastAPI, one ONNX Runtime session, no batching"),
     Target("naive_serve", "naive",
@@ -85,8 +90,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
 ]}
 DEFAULT_TARGETS = ["keel", "keel_tp", "keel_tp_direct", "keel_haproxy", "baseline_fastapi",
                    "naive_serve"]
-KEEL_TARGETS = [n for n, t in TARGETS.items() if t.kind == "keel"]
-REFERENCES = ["baseline_fastapi", "naive_serve"]
+REFERENCES = ["baseline_fastapi", "naive_serve", "keel_haproxy_nobatch"]
 METRICS = ["rps", "p50_ms", "p95_ms", "p99_ms", "error_rate"]
 
 
@@ -209,8 +213,10 @@ class Server:
         if a.dashboard:
             ray_common += ["--dashboard-port", str(free_port())]
         if self.target.kind == "keel":
+            extra = ([] if self.target.max_batch_size is None
+                     else ["--max-batch-size", str(self.target.max_batch_size)])
             return [PYTHON, str(BENCH_DIR / "keel_server.py"), "--config", str(a.config),
-                    "--grpc-port", str(free_port()), *common, *ray_common]
+                    "--grpc-port", str(free_port()), *common, *ray_common, *extra]
         if self.target.kind == "naive":
             return [PYTHON, str(BENCH_DIR / "naive_serve.py"), "--model", a.model,
                     "--repository", str(a.repository), *common, *ray_common]
@@ -345,6 +351,8 @@ class Server:
         if self.proc is None:
             return report
         self._remember_processes()
+        # Which processes served (e.g. whether an haproxy process was really there).
+        report["processes_seen"] = dict(Counter(_name(p) for p in self._known.values()))
         if self.proc.poll() is None:
             if self.uses_ray and self.proc.stdin is not None:
                 # The graceful path: serve.shutdown() and ray.shutdown() in the driver.
@@ -473,6 +481,7 @@ def run_target(target: Target, repeat: int, args: argparse.Namespace, bodies: li
             after = server.stats()
             point["batch_sizes"] = batch_delta(before, after, args.model)
             point["mean_batch"] = mean_batch(point["batch_sizes"])
+            point["replicas"] = (after or {}).get("replicas")
             before = after
             run["points"].append(point)
             p95 = f"{point['p95_ms']:.1f}" if point["p95_ms"] is not None else "-"
@@ -495,7 +504,8 @@ def run_target(target: Target, repeat: int, args: argparse.Namespace, bodies: li
             server.collect_ray_logs(logs_dir / f"{target.name}-r{repeat}-ray")
         run["stop"] = server.stop()
         server.cleanup()
-        log(f"{target.name} r{repeat}: stopped ({run['stop']})")
+        log(f"{target.name} r{repeat}: stopped in {run['stop'].get('stop_s')} s "
+            f"({', '.join(run['stop'].get('steps', []))})")
     return run
 
 
@@ -520,7 +530,7 @@ def summarise(runs: list[dict[str, Any]], targets: list[str],
             medians[name][str(concurrency)] = row
     ratios: dict[str, dict[str, dict[str, Any]]] = {}
     for keel in (t for t in targets if TARGETS[t].kind == "keel"):
-        for reference in (t for t in REFERENCES if t in targets):
+        for reference in (t for t in REFERENCES if t in targets and t != keel):
             key = f"{keel}/{reference}"
             ratios[key] = {}
             for concurrency, row in medians.get(keel, {}).items():
@@ -567,6 +577,7 @@ def plot(summary: dict[str, Any], targets: list[str], path: Path, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, (ax_rps, ax_p95) = plt.subplots(1, 2, figsize=(12, 4.8))
     for name in targets:
@@ -580,12 +591,19 @@ def plot(summary: dict[str, Any], targets: list[str], path: Path, title: str) ->
         ax_rps.plot(xs, rps, style, marker="o", label=name)
         ax_p95.plot(xs, [v if v is not None else float("nan") for v in p95], style,
                     marker="o", label=name)
-    for ax, ylabel in ((ax_rps, "requests/s (median)"), (ax_p95, "p95 latency, ms (median)")):
+    concurrencies = sorted({int(c) for rows in summary["medians"].values() for c in rows})
+    # Log scales on both axes: the single-process baseline is an order of magnitude
+    # above the Ray targets, which would otherwise lie flat on the floor.
+    for ax, ylabel in ((ax_rps, "requests/s (median, log)"),
+                       (ax_p95, "p95 latency, ms (median, log)")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        if concurrencies:
+            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    ax_p95.set_yscale("log")
     if ax_rps.lines:
         ax_rps.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -622,7 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
     parser.add_argument("--repeats", type=int, default=3, help="whole sweeps; medians over them")
     parser.add_argument("--model", default="risk_mlp", help="model to send the load to")
-    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models",
+                        help="model repository of the reference targets (Keel reads the "
+                             "one in its config)")
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml",
                         help="Keel's serve config (its HTTP port is replaced)")
     parser.add_argument("--pool", type=int, default=512, help="distinct request rows")
@@ -632,10 +652,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="s to wait for a target to be ready")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
                         help="start Ray's dashboard with the Ray targets, as `serve run` does")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
+                        help="where the JSON, the PNG and the server logs go")
     args = parser.parse_args(argv)
     if args.repeats < 1 or any(c < 1 for c in args.concurrency):
         parser.error("--repeats and --concurrency must be >= 1")
+    # The servers run from the repository root.
+    args.repository, args.config, args.out = (p.resolve() for p in
+                                              (args.repository, args.config, args.out))
     return args
 
 

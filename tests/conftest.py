@@ -9,6 +9,7 @@ deployed from serve_config.yaml through the same controller call that
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ import yaml
 from tests.modelkit import write_linear_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: Ray Serve's throughput-optimised mode with HAProxy on the HTTP port, as `make demo` runs.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+             # Tests only: do not wait Ray's 30 s for direct-ingress connections to drain.
+             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 APP_NAME = "keel"
 
 
@@ -126,6 +131,9 @@ def serve_client() -> Iterator[Any]:
     from ray.serve._private.api import serve_start
 
     port = free_port()
+    # The mode `make demo` runs in (see README): Ray reads these when its processes start.
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
              log_to_driver=False)
