@@ -32,19 +32,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
-                 max_batch_size: int | None = None) -> Path:
+                 model_user_config: dict[str, Any] | None = None) -> Path:
     """A copy of ``source`` that listens on ``host:port`` (gRPC on ``grpc_port``).
 
-    ``max_batch_size`` overrides every model deployment's (1 turns batching off).
+    ``model_user_config`` is merged into every model deployment's user_config
+    (e.g. ``{"max_batch_size": 1}`` turns batching off).
     """
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=host, port=port)
     config.setdefault("grpc_options", {}).update(port=grpc_port)
-    if max_batch_size is not None:
+    if model_user_config:
         for app in config["applications"]:
             for dep in app.get("deployments", []):
                 if dep["name"] != "Ingress":
-                    dep.setdefault("user_config", {})["max_batch_size"] = max_batch_size
+                    dep.setdefault("user_config", {}).update(model_user_config)
     target = into / "serve_config.bench.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
@@ -117,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="start Ray's dashboard on this port (as `serve run` does)")
     parser.add_argument("--app-name", default="keel")
+    parser.add_argument("--model-user-config", type=json.loads, default=None,
+                        help='JSON merged into every model\'s user_config, e.g. '
+                             '\'{"max_batch_size": 1}\'')
     parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="override every model's user_config.max_batch_size")
+                        help="shorthand for --model-user-config '{\"max_batch_size\": N}'")
     args = parser.parse_args(argv)
+    if args.max_batch_size is not None:
+        args.model_user_config = {**(args.model_user_config or {}),
+                                  "max_batch_size": args.max_batch_size}
 
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
-                               temp_dir, args.max_batch_size)
+                               temp_dir, args.model_user_config)
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port)
 
     # Ray is initialised, so `serve run` deploys onto this private instance.

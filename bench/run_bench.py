@@ -63,8 +63,8 @@ class Target:
     #: Send the load to the ingress replica's own port (direct ingress) instead of
     #: the HTTP port in ``http_options`` (the proxy, or HAProxy).
     direct_port: bool = False
-    #: Keel only: override every model's max_batch_size (1 = no batching).
-    max_batch_size: int | None = None
+    #: Keel only: merged into every model's user_config (e.g. max_batch_size 1: no batching).
+    model_user_config: dict[str, Any] = field(default_factory=dict)
 
 
 TP = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -82,7 +82,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            "load to the HTTP port (HAProxy)", env={**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}),
     Target("keel_haproxy_nobatch", "keel",
            "keel_haproxy with max_batch_size 1 for every model: the batching gain's baseline",
-           env={**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}, max_batch_size=1),
+           env={**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+           model_user_config={"max_batch_size": 1}),
+    Target("keel_haproxy_wait0", "keel",
+           "keel_haproxy with batch_wait_timeout_s 0: batches only what queued meanwhile",
+           env={**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+           model_user_config={"batch_wait_timeout_s": 0.0}),
     Target("baseline_fastapi", "baseline",
            "one uvicorn process, FastAPI, one ONNX Runtime session, no batching"),
     Target("naive_serve", "naive",
@@ -213,8 +218,8 @@ class Server:
         if a.dashboard:
             ray_common += ["--dashboard-port", str(free_port())]
         if self.target.kind == "keel":
-            extra = ([] if self.target.max_batch_size is None
-                     else ["--max-batch-size", str(self.target.max_batch_size)])
+            extra = (["--model-user-config", json.dumps(self.target.model_user_config)]
+                     if self.target.model_user_config else [])
             return [PYTHON, str(BENCH_DIR / "keel_server.py"), "--config", str(a.config),
                     "--grpc-port", str(free_port()), *common, *ray_common, *extra]
         if self.target.kind == "naive":

@@ -264,3 +264,47 @@ def test_max_ongoing_requests_below_batch_size_is_refused(keel_app: KeelApp,
         keel_app.deploy(config)
     # The main application never noticed.
     assert httpx.get(f"{keel_app.base_url}/v2/health/ready", timeout=30).status_code == 200
+
+
+def test_model_errors_cross_the_handle_as_keel_errors(keel_app: KeelApp) -> None:
+    """An error raised inside the model replica reaches the ingress as the same KeelError."""
+    import asyncio
+
+    from deployments.contracts import InferCall
+    from deployments.errors import InvalidInput, ModelNotFound
+    from deployments.ingress.deployment import HandleBackend
+
+    backend = HandleBackend({"linear": serve.get_deployment_handle("linear", APP_NAME)})
+    wrong_dtype = InferCall(inputs={"features": np.zeros((1, 4), dtype=np.float64)})
+    with pytest.raises(InvalidInput, match="'features': expected FP32"):
+        asyncio.run(backend.infer("linear", wrong_dtype))
+    unknown = InferCall(inputs={"features": np.zeros((1, 4), dtype=np.float32)}, version="7")
+    with pytest.raises(ModelNotFound, match="no version '7'"):
+        asyncio.run(backend.infer("linear", unknown))
+
+
+def test_overload_is_503_with_retry_after_and_loses_nothing_else(keel_app: KeelApp) -> None:
+    config = keel_app.modified()
+    dep = keel_app.deployment("linear", config)
+    dep["max_queued_requests"] = 2
+    # A long batch wait keeps the replica's 16 slots busy, so the queue overflows.
+    dep["user_config"] = {**dep["user_config"], "batch_wait_timeout_s": 0.5}
+    keel_app.deploy(config)
+    try:
+        answers = _load(keel_app.base_url, "/v2/models/linear/infer", rows(8, width=4), n=48,
+                        workers=48)
+    finally:
+        restore = keel_app.modified()
+        keel_app.deployment("linear", restore).pop("max_queued_requests")
+        keel_app.deployment("linear", restore)["user_config"]["batch_wait_timeout_s"] = 0.005
+        keel_app.deploy(restore)
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    overloaded = [a for a in answers if a.status_code == 503]
+    assert overloaded, "48 concurrent requests against 16 slots + 2 queued must overflow"
+    assert all(a.headers.get("retry-after") == "1" for a in overloaded)
+    assert all("overloaded" in a.json()["error"] for a in overloaded)
+    assert statuses.count(200) >= 16
+    for answer in answers:
+        if answer.status_code == 200:
+            assert answer.json()["model_name"] == "linear"

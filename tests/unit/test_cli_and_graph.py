@@ -1,0 +1,120 @@
+"""`keel check-config`, `keel prepare`/`models`, and build_app's refusals (no Ray started)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments.errors import ConfigError
+from graph.app import AppArgs, build_app, resolve_repository
+from graph.cli import check_serve_config, main
+from tests.modelkit import write_linear_model
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs" / "serve").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    assert check_serve_config(path) == []
+
+
+def _write(tmp_path: Path, mutate: Any) -> Path:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    mutate(config["applications"][0])
+    target = tmp_path / "config.yaml"
+    target.write_text(yaml.safe_dump(config))
+    return target
+
+
+def _dep(app: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(d for d in app["deployments"] if d["name"] == name)  # type: ignore[no-any-return]
+
+
+def test_max_ongoing_requests_below_batch_size_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, lambda app: _dep(app, "risk_mlp").update(max_ongoing_requests=8))
+    [problem] = check_serve_config(path)
+    assert "deployments[1] (risk_mlp)" in problem
+    assert "max_ongoing_requests (8)" in problem and "max_batch_size (32)" in problem
+
+
+def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
+    path = _write(tmp_path, lambda app: _dep(app, "risk_gbdt").pop("max_ongoing_requests"))
+    [problem] = check_serve_config(path)
+    assert "risk_gbdt" in problem and "max_ongoing_requests (5)" in problem
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda app: _dep(app, "risk_mlp")["user_config"].update(max_batch_sise=4),
+         "(risk_mlp).user_config.max_batch_sise"),
+        (lambda app: _dep(app, "risk_mlp")["user_config"].update(batch_wait_timeout_s=-1),
+         "user_config.batch_wait_timeout_s"),
+        (lambda app: _dep(app, "Ingress")["user_config"].update(max_body_bytes=10),
+         "(Ingress).user_config.max_body_bytes"),
+        (lambda app: app["args"].update(model_repo="x"), "args.model_repo"),
+        (lambda app: _dep(app, "risk_mlp").update(num_replicas="many"), "num_replicas"),
+    ],
+    ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema"],
+)
+def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str) -> None:
+    problems = check_serve_config(_write(tmp_path, mutate))
+    assert any(expected in p for p in problems), problems
+
+
+def test_check_config_command_exit_codes(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(ROOT / "serve_config.yaml")]) == 0
+    bad = _write(tmp_path, lambda app: _dep(app, "risk_mlp").update(max_ongoing_requests=1))
+    assert main(["check-config", str(bad)]) == 1
+    assert "max_ongoing_requests (1)" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("applications: [")
+    assert main(["check-config", str(broken)]) == 1
+
+
+def test_models_command_lists_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_linear_model(tmp_path, "linear", "1")
+    write_linear_model(tmp_path, "linear", "10", seed=3)
+    assert main(["models", "--repository", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"linear": ["1", "10"]}
+
+
+def test_build_app_binds_one_deployment_per_model(tmp_path: Path) -> None:
+    write_linear_model(tmp_path, "a")
+    write_linear_model(tmp_path, "b")
+    app = build_app({"model_repository": str(tmp_path)})
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress" and ingress.user_config == {}
+    models = ingress.init_args[0]
+    assert sorted(models) == ["a", "b"]
+    model_a = models["a"]._bound_deployment
+    assert model_a.name == "a"
+    # user_config={} makes Serve call reconfigure(), where the batch limits are checked.
+    assert model_a.init_args == ("a", str(tmp_path.resolve())) and model_a.user_config == {}
+    only_b = build_app(AppArgs(model_repository=str(tmp_path), models=["b"]))
+    assert sorted(only_b._bound_deployment.init_args[0]) == ["b"]
+
+
+def test_build_app_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_MODEL_REPOSITORY", raising=False)
+    with pytest.raises(ConfigError, match="keel prepare"):
+        build_app({"model_repository": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="holds no model"):
+        build_app({"model_repository": str(tmp_path)})
+    write_linear_model(tmp_path, "a")
+    with pytest.raises(ConfigError, match=r"args.models: \['zzz'\]"):
+        build_app({"model_repository": str(tmp_path), "models": ["zzz"]})
+    (tmp_path / "a" / "1" / "model.yaml").write_text("inputs: []\noutputs: []\n")
+    with pytest.raises(ConfigError, match=r"a/1/model.yaml: inputs: List should have at least"):
+        build_app({"model_repository": str(tmp_path)})
+
+
+def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_MODEL_REPOSITORY", str(tmp_path))
+    assert resolve_repository("models") == tmp_path.resolve()
