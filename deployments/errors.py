@@ -6,6 +6,8 @@ The ingress turns any ``KeelError`` into ``{"error": message}`` with ``status``
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class KeelError(Exception):
     """Base of every error Keel reports to a client."""
@@ -75,3 +77,12 @@ class ConfigError(KeelError):
     """A configuration value is invalid; raised at start-up or reconfigure."""
 
     status = 500
+
+
+def field_errors(exc: Any, prefix: str = "", limit: int | None = None) -> list[str]:
+    """A pydantic ``ValidationError`` as ``<prefix><field.path>: <message>`` lines."""
+    lines = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{prefix}{loc}: {err['msg']}" if loc or prefix else err["msg"])
+    return lines

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deployments.errors import ConfigError, ModelNotFound
+from deployments.errors import ConfigError, ModelNotFound, field_errors
 
 Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -260,15 +260,7 @@ def parse_spec(text: str, *, name: str, version: str, source: str = "model.yaml"
     try:
         return ModelSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from exc
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+        raise ConfigError(f"{source}: {'; '.join(field_errors(exc))}") from exc
 
 
 def dump_spec(spec: ModelSpec) -> str:

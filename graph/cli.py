@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from deployments.errors import KeelError
+from deployments.errors import KeelError, field_errors
 from deployments.ingress.app import IngressConfig
 from deployments.onnx.core import OnnxModelConfig
 
@@ -38,8 +38,7 @@ def check_serve_config(path: Path) -> list[str]:
     try:
         schema = ServeDeploySchema.model_validate(raw)
     except ValidationError as exc:
-        return [f"{path}: " + ".".join(map(str, e["loc"])) + ": " + e["msg"]
-                for e in exc.errors()]
+        return field_errors(exc, prefix=f"{path}: ")
     problems: list[str] = []
     for a, app in enumerate(schema.applications):
         where = f"applications[{a}] ({app.name})"
@@ -48,8 +47,7 @@ def check_serve_config(path: Path) -> list[str]:
         try:
             AppArgs.model_validate(app.args or {})
         except ValidationError as exc:
-            problems += [f"{where}.args." + ".".join(map(str, e["loc"])) + ": " + e["msg"]
-                         for e in exc.errors()]
+            problems += field_errors(exc, prefix=f"{where}.args.")
         for d, dep in enumerate(app.deployments):
             dep_where = f"{where}.deployments[{d}] ({dep.name})"
             fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
@@ -58,8 +56,7 @@ def check_serve_config(path: Path) -> list[str]:
             try:
                 config = model.model_validate(user_config)
             except ValidationError as exc:
-                problems += [f"{dep_where}.user_config." + ".".join(map(str, e["loc"])) + ": "
-                             + e["msg"] for e in exc.errors()]
+                problems += field_errors(exc, prefix=f"{dep_where}.user_config.")
                 continue
             if isinstance(config, OnnxModelConfig):
                 limit = fields.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)

@@ -31,6 +31,7 @@ from deployments.errors import (
     ModelNotReady,
     PayloadTooLarge,
     UpstreamTimeout,
+    field_errors,
 )
 from deployments.ingress import codec
 from deployments.repository import ModelSpec
@@ -186,8 +187,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors()[:5]]
-        return error_response(400, "; ".join(parts))
+        return error_response(400, "; ".join(field_errors(exc, limit=5)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

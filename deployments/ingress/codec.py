@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from deployments.contracts import InferenceRequest, RequestInput
-from deployments.errors import InvalidInput
+from deployments.errors import InvalidInput, field_errors
 from deployments.repository import NUMPY_DTYPES, ModelSpec, TensorSpec
 
 #: Header of the binary tensor data extension (Triton's, which tritonclient speaks).
@@ -47,11 +47,7 @@ def parse_request(body: bytes, json_length: int | None = None) -> tuple[Inferenc
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, each naming the field: ``inputs.0.shape: ...``."""
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    return "; ".join(field_errors(exc, limit=5))
 
 
 def decode_inputs(request: InferenceRequest, spec: ModelSpec,

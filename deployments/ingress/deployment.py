@@ -23,6 +23,7 @@ from deployments.errors import (
     KeelError,
     ModelNotFound,
     Overloaded,
+    field_errors,
 )
 from deployments.ingress.app import IngressConfig, create_app
 
@@ -96,8 +97,7 @@ class Ingress:
         try:
             self._config = IngressConfig.model_validate(user_config or {})
         except ValidationError as exc:
-            where = "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"]
-                              for e in exc.errors())
+            where = "; ".join(field_errors(exc))
             raise ConfigError(f"deployment 'Ingress' user_config: {where}") from exc
 
     def __serve_build_asgi_app__(self) -> FastAPI:

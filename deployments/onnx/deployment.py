@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
-from deployments.errors import ConfigError, KeelError
+from deployments.errors import ConfigError, KeelError, field_errors
 from deployments.onnx.core import ModelVersions, OnnxModelConfig
 from deployments.repository import ModelRepository
 
@@ -52,8 +52,7 @@ class OnnxModel:
         try:
             config = OnnxModelConfig.model_validate(user_config or {})
         except ValidationError as exc:
-            where = "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"]
-                              for e in exc.errors())
+            where = "; ".join(field_errors(exc))
             raise ConfigError(f"deployment {self._name!r} user_config: {where}") from exc
         config.check_max_ongoing_requests(_replica_max_ongoing_requests())
         if self._versions.apply(config):
