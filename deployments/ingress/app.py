@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import (
-    DependencyUnavailable,
     InvalidInput,
     KeelError,
     ModelNotFound,
@@ -259,7 +258,9 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> Fa
     async def _model_ready(name: str, version: str | None) -> JSONResponse:
         try:
             status = await catalog.status(name, fresh=True)
-        except (DependencyUnavailable, UpstreamTimeout, ModelNotReady) as exc:
+        except KeelError as exc:
+            if exc.status < 500:  # unknown model: 404 stays 404
+                raise
             return JSONResponse({"name": name, "ready": False, "error": exc.message},
                                 status_code=503)
         if version is not None and version not in status.available_versions \

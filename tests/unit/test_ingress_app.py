@@ -497,3 +497,75 @@ def test_openapi_lists_the_routes(client: TestClient) -> None:
     for path, method in expected.items():
         assert path in paths, sorted(paths)
         assert method in paths[path], paths[path]
+
+
+# --- faults of the model side: the answer is a clear 5xx, never a hang or a bare 500 -------
+
+
+class _SlowModels(InProcessModels):
+    """Real models behind a slow link: every inference waits ``delay_s`` first."""
+
+    delay_s = 0.5
+
+    async def infer(self, name: str, call: Any) -> Any:
+        import asyncio
+
+        await asyncio.sleep(self.delay_s)
+        return await super().infer(name, call)
+
+
+class _UnreachableModels(InProcessModels):
+    """The model deployments do not answer (what HandleBackend maps Ray's errors to)."""
+
+    def __init__(self, repository: Any, error: Exception) -> None:
+        super().__init__(repository)
+        self.error = error
+
+    async def status(self, name: str) -> Any:
+        raise self.error
+
+    async def infer(self, name: str, call: Any) -> Any:
+        raise self.error
+
+
+def _body(n: int = 1) -> dict[str, Any]:
+    x = np.zeros((n, 4), dtype=np.float32)
+    return {"inputs": [{"name": "features", "shape": [n, 4], "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}]}
+
+
+def test_model_slower_than_the_timeout_is_504(repository: Any) -> None:
+    from deployments.ingress.app import create_app
+
+    config = MutableIngressConfig(IngressConfig(request_timeout_s=0.05))
+    with TestClient(create_app(_SlowModels(repository), config)) as c:
+        _assert_error(c.post("/v2/models/linear/infer", json=_body()), 504, "'linear'", "0.05")
+        config.value = IngressConfig(request_timeout_s=5)
+        assert c.post("/v2/models/linear/infer", json=_body()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "retry_after"),
+    [
+        ("overloaded", 503, "1"),
+        ("unavailable", 503, "1"),
+    ],
+)
+def test_unreachable_or_overloaded_model_is_503_with_retry_after(
+        repository: Any, error: str, status: int, retry_after: str) -> None:
+    from deployments.errors import DependencyUnavailable, Overloaded
+    from deployments.ingress.app import create_app
+
+    exc = (Overloaded("model 'linear' is overloaded; retry shortly") if error == "overloaded"
+           else DependencyUnavailable("model 'linear' is unavailable", retry_after_s=1))
+    backend = _UnreachableModels(repository, exc)
+    with TestClient(create_app(backend, MutableIngressConfig())) as c:
+        response = c.post("/v2/models/linear/infer", json=_body())
+        _assert_error(response, status, "'linear'")
+        assert response.headers["retry-after"] == retry_after
+        ready = c.get("/v2/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["ready"] is False
+        assert "linear" in ready.json()["models"]
+        model_ready = c.get("/v2/models/linear/ready")
+        assert model_ready.status_code == 503 and model_ready.json()["ready"] is False
