@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.contracts import InferCall, InferResult
 from deployments.errors import ConfigError, InvalidInput, KeelError, ModelNotFound, ModelNotReady
 from deployments.repository import ORT_TYPES, ModelRepository, ModelSpec, TensorSpec
 
@@ -328,6 +329,36 @@ class ModelVersions:
             raise ModelNotFound(f"model {self.name!r} version {version!r} is in the repository "
                                 f"but not loaded (serving {current.version!r})")
         raise ModelNotFound(f"model {self.name!r} has no version {version!r}")
+
+    def infer_batch(self, calls: Sequence[InferCall]) -> list[InferResult | KeelError]:
+        """Answer the calls of one micro-batch: one ONNX Runtime call per version asked for.
+
+        Each call gets its own result or its own error; the version in a result is the
+        one that computed it (a call may pin a version, see ``runner_for``).
+        """
+        started = time.perf_counter()
+        results: list[InferResult | KeelError] = [ModelNotReady("not computed")] * len(calls)
+        groups: dict[int, tuple[OnnxRunner, list[int]]] = {}
+        for i, call in enumerate(calls):
+            try:
+                runner = self.runner_for(call.version)
+            except KeelError as exc:
+                results[i] = exc
+                continue
+            groups.setdefault(id(runner), (runner, []))[1].append(i)
+        for runner, members in groups.values():
+            answers = runner.predict_batch([calls[i].inputs for i in members])
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            for i, answer in zip(members, answers, strict=True):
+                if isinstance(answer, KeelError):
+                    results[i] = answer
+                    continue
+                wanted = calls[i].outputs
+                outputs = {k: v for k, v in answer.items() if not wanted or k in wanted}
+                results[i] = InferResult(model_name=self.name, model_version=runner.version,
+                                         outputs=outputs, batch_size=len(members),
+                                         model_ms=elapsed_ms)
+        return results
 
     def loaded(self) -> dict[str, OnnxRunner]:
         runners = [r for r in (self.previous, self.current) if r is not None]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import Counter
 from typing import Any
 
@@ -76,33 +75,8 @@ class OnnxModel:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _infer_batch(self, calls: list[InferCall]) -> list[InferResult | KeelError]:
-        started = time.perf_counter()
         self._batch_sizes[len(calls)] += 1
-        results: list[InferResult | KeelError] = [ConfigError("not computed")] * len(calls)
-        by_runner: dict[int, list[int]] = {}
-        runners = {}
-        for i, call in enumerate(calls):
-            try:
-                runner = self._versions.runner_for(call.version)
-            except KeelError as exc:
-                results[i] = exc
-                continue
-            runners[id(runner)] = runner
-            by_runner.setdefault(id(runner), []).append(i)
-        for key, members in by_runner.items():
-            runner = runners[key]
-            answers = runner.predict_batch([calls[i].inputs for i in members])
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            for i, answer in zip(members, answers, strict=True):
-                if isinstance(answer, KeelError):
-                    results[i] = answer
-                    continue
-                wanted = calls[i].outputs
-                outputs = {k: v for k, v in answer.items() if not wanted or k in wanted}
-                results[i] = InferResult(model_name=self._name, model_version=runner.version,
-                                         outputs=outputs, batch_size=len(members),
-                                         model_ms=elapsed_ms)
-        return results
+        return self._versions.infer_batch(calls)
 
     async def status(self) -> ModelStatus:
         """What is loaded and served; the ingress validates requests against it."""

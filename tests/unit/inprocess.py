@@ -58,13 +58,10 @@ class InProcessModels:
         )
 
     async def infer(self, name: str, call: InferCall) -> InferResult:
-        runner = self._versions(name).runner_for(call.version)
-        [answer] = runner.predict_batch([call.inputs])
+        [answer] = self._versions(name).infer_batch([call])
         if isinstance(answer, KeelError):
             raise answer
-        wanted = call.outputs
-        outputs = {k: v for k, v in answer.items() if not wanted or k in wanted}
-        return InferResult(model_name=name, model_version=runner.version, outputs=outputs)
+        return answer
 
 
 @dataclass

@@ -434,3 +434,33 @@ def test_batch_variant_model_answers_each_row_as_if_alone(tmp_path: Path) -> Non
     # The raw session does depend on the batch: the rule is what makes the answers equal.
     raw = runner.session.run(["probabilities"], {"features": x})[0]
     assert not np.array_equal(raw, np.concatenate(alone))
+
+
+def test_infer_batch_mixes_versions_errors_and_output_subsets(
+        repository: ModelRepository) -> None:
+    from deployments.contracts import InferCall, InferResult
+
+    versions = ModelVersions(repository, "linear")
+    versions.apply(OnnxModelConfig(version="1"))
+    versions.apply(OnnxModelConfig(version="2"))  # serves 2, keeps 1 loaded
+    x = _rows(5)
+    calls = [
+        InferCall(inputs={"features": x[:2]}),                       # served version (2)
+        InferCall(inputs={"features": x[2:3]}, version="1"),         # pinned to 1
+        InferCall(inputs={"features": x[3:5]}, outputs=["label"]),   # subset of outputs
+        InferCall(inputs={"features": x[:1].astype(np.float64)}),    # bad dtype
+        InferCall(inputs={"features": x[:1]}, version="9"),          # no such version
+    ]
+    results = versions.infer_batch(calls)
+    first, pinned, subset, bad, missing = results
+    assert isinstance(first, InferResult) and first.model_version == "2"
+    assert first.batch_size == 3  # calls 0, 2 and 3 shared version 2's group
+    np.testing.assert_allclose(first.outputs["probabilities"],
+                               reference_probabilities(x[:2], seed=1), atol=1e-5)
+    assert isinstance(pinned, InferResult) and pinned.model_version == "1"
+    np.testing.assert_allclose(pinned.outputs["probabilities"],
+                               reference_probabilities(x[2:3], seed=0), atol=1e-5)
+    assert isinstance(subset, InferResult) and list(subset.outputs) == ["label"]
+    assert subset.outputs["label"].shape == (2,)
+    assert isinstance(bad, InvalidInput) and "expected FP32" in bad.message
+    assert isinstance(missing, ModelNotFound) and "'9'" in missing.message
