@@ -1,0 +1,325 @@
+"""The prediction cache core against a real Redis (127.0.0.1:6379; `.ci/run` starts one)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from deployments.cache.core import (
+    CacheConfig,
+    LocalStore,
+    PredictionCache,
+    RedisStore,
+    decode_row,
+    encode_row,
+    redis_store,
+    row_keys,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _x(n: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+# --- keys ------------------------------------------------------------------------------
+
+
+def test_same_row_same_key_and_rows_keyed_alone() -> None:
+    x = _x(3)
+    keys = row_keys("m", "1", {"features": x})
+    assert len(set(keys)) == 3
+    assert keys == row_keys("m", "1", {"features": x.copy()})
+    assert [row_keys("m", "1", {"features": x[i:i + 1]})[0] for i in range(3)] == keys
+
+
+@pytest.mark.parametrize("change", ["model", "version", "dtype", "shape", "value", "name",
+                                    "hash"])
+def test_any_change_changes_the_key(change: str) -> None:
+    x = _x(1)
+    base = row_keys("m", "1", {"features": x})[0]
+    args: dict[str, Any] = {"model": "m", "version": "1", "inputs": {"features": x}}
+    if change == "model":
+        args["model"] = "m2"
+    elif change == "version":
+        args["version"] = "2"
+    elif change == "dtype":
+        args["inputs"] = {"features": x.astype(np.float64)}
+    elif change == "shape":
+        args["inputs"] = {"features": x.reshape(1, 2, 2)}
+    elif change == "value":
+        y = x.copy()
+        y[0, 3] = np.nextafter(y[0, 3], np.float32(10))
+        args["inputs"] = {"features": y}
+    elif change == "name":
+        args["inputs"] = {"other": x}
+    key = row_keys(args["model"], args["version"], args["inputs"],
+                   hash_name="sha256" if change == "hash" else "blake3")
+    assert key[0] != base
+
+
+def test_key_prefix_and_refusals() -> None:
+    assert row_keys("m", "1", {"a": _x(1)}, prefix="p:")[0].startswith("p:")
+    with pytest.raises(ValueError, match="number of rows"):
+        row_keys("m", "1", {"a": _x(2), "b": _x(3)})
+    with pytest.raises(ValueError, match="object"):
+        row_keys("m", "1", {"a": np.array([["x"]], dtype=object)})
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+def test_rows_round_trip_exactly() -> None:
+    outputs = {"probabilities": np.array([0.25, 0.75], dtype=np.float32),
+               "label": np.array(1, dtype=np.int64),
+               "flags": np.array([True, False])}
+    back = decode_row(encode_row(outputs))
+    assert list(back) == list(outputs)
+    for name, value in outputs.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
+
+
+@pytest.mark.parametrize("poison", [b"", b"garbage", b"KPC1", b"KPC1\x05\x00\x00\x00[{]}",
+                                    b"KPC1\x02\x00\x00\x00{}", b"__pickle__"])
+def test_damaged_entries_are_refused(poison: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_row(poison)
+
+
+def test_truncated_and_padded_entries_are_refused() -> None:
+    good = encode_row({"p": np.array([0.5, 0.5], dtype=np.float32)})
+    with pytest.raises(ValueError):
+        decode_row(good[:-1])
+    with pytest.raises(ValueError):
+        decode_row(good + b"\x00")
+
+
+# --- the in-process fallback -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_local_store_is_a_bounded_lru_with_expiry() -> None:
+    clock = Clock()
+    store = LocalStore(2, clock)
+    store.set_many({"a": b"1", "b": b"2"}, ttl_s=10)
+    assert store.get_many(["a"]) == [b"1"]  # a is now the most recent
+    store.set_many({"c": b"3"}, ttl_s=10)
+    assert store.get_many(["a", "b", "c"]) == [b"1", None, b"3"]
+    clock.now += 11
+    assert store.get_many(["a", "c"]) == [None, None]
+    assert len(store) == 0
+
+
+# --- the cache against Redis -----------------------------------------------------------
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Any]:
+    c = aioredis.Redis.from_url(REDIS_URL)
+    yield c
+    await c.aclose()
+
+
+def _config(**changes: Any) -> CacheConfig:
+    return CacheConfig(key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:", **changes)
+
+
+class Model:
+    """A real computation standing in for the model: counts the rows it is asked for."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls: list[list[int]] = []
+        self.delay_s = delay_s
+
+    def compute_for(self, x: np.ndarray) -> Any:
+        async def compute(rows: list[int]) -> list[dict[str, np.ndarray]]:
+            self.calls.append(list(rows))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return [{"score": np.array([x[i].sum()], dtype=np.float32)} for i in rows]
+        return compute
+
+
+async def test_miss_then_hit_with_one_mget_and_ttl(client: Any) -> None:
+    config = _config(ttl_s=30)
+    cache = PredictionCache(RedisStore(client), config)
+    x = _x(4)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model()
+    first, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert statuses == ["miss"] * 4 and model.calls == [[0, 1, 2, 3]]
+    second, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert statuses == ["hit"] * 4 and len(model.calls) == 1
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a["score"], b["score"])
+    ttl_ms = await client.pttl(keys[0])
+    assert 0 < ttl_ms <= 30_000
+    assert cache.counters.hits == {"m": 4} and cache.counters.misses == {"m": 4}
+    assert cache.counters.hit_ratio("m") == 0.5
+    await client.delete(*keys)
+
+
+async def test_duplicate_rows_in_one_request_compute_once(client: Any) -> None:
+    cache = PredictionCache(RedisStore(client), _config())
+    x = np.repeat(_x(1), 3, axis=0)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model()
+    values, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert model.calls == [[0]] and len(values) == 3 and statuses == ["miss"] * 3
+    await client.delete(*set(keys))
+
+
+async def test_concurrent_identical_misses_compute_once(client: Any) -> None:
+    cache = PredictionCache(RedisStore(client), _config())
+    x = _x(2)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model(delay_s=0.2)
+    (a, sa), (b, sb) = await asyncio.gather(cache.fetch("m", keys, model.compute_for(x)),
+                                            cache.fetch("m", keys, model.compute_for(x)))
+    assert model.calls == [[0, 1]]
+    assert sorted([sa, sb]) == [["miss", "miss"], ["shared", "shared"]]
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u["score"], v["score"])
+    await client.delete(*keys)
+
+
+async def test_a_failed_computation_reaches_every_waiter_and_caches_nothing(
+        client: Any) -> None:
+    cache = PredictionCache(RedisStore(client), _config())
+    x = _x(1)
+    keys = cache.keys("m", "1", {"features": x})
+
+    async def broken(rows: list[int]) -> list[dict[str, np.ndarray]]:
+        await asyncio.sleep(0.1)
+        raise RuntimeError("model failed")
+
+    results = await asyncio.gather(cache.fetch("m", keys, broken),
+                                   cache.fetch("m", keys, broken), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert await client.exists(*keys) == 0
+    model = Model()
+    _, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert statuses == ["miss"]
+    await client.delete(*keys)
+
+
+async def test_poisoned_entry_is_a_miss_and_is_overwritten(client: Any) -> None:
+    cache = PredictionCache(RedisStore(client), _config())
+    x = _x(1)
+    keys = cache.keys("m", "1", {"features": x})
+    await client.set(keys[0], b"\x80\x04K\x01.")  # a pickle, of all things
+    model = Model()
+    values, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert statuses == ["miss"] and model.calls == [[0]] and cache.counters.corrupt == 1
+    np.testing.assert_array_equal(decode_row(await client.get(keys[0]))["score"],
+                                  values[0]["score"])
+    await client.delete(*keys)
+
+
+async def test_disabled_cache_always_computes(client: Any) -> None:
+    cache = PredictionCache(RedisStore(client), _config(enabled=False))
+    x = _x(1)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model()
+    for _ in range(2):
+        _, statuses = await cache.fetch("m", keys, model.compute_for(x))
+        assert statuses == ["miss"]
+    assert len(model.calls) == 2 and await client.exists(*keys) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_unreachable_redis_falls_back_in_process() -> None:
+    store = redis_store(f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
+    cache = PredictionCache(store, _config(retry_after_s=60))
+    x = _x(2)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model()
+    _, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert statuses == ["miss", "miss"] and cache.counters.errors == 1
+    assert not cache.remote_available
+    _, statuses = await cache.fetch("m", keys, model.compute_for(x))
+    assert statuses == ["hit", "hit"] and len(model.calls) == 1
+    assert cache.counters.errors == 1  # no retry until retry_after_s
+
+
+@pytest.fixture
+def second_redis() -> Iterator[tuple[int, Any]]:
+    """A private redis-server on its own port (never the machine's), restartable."""
+    binary = shutil.which("redis-server")
+    if binary is None:  # the machine and CI have it; say so plainly if not
+        pytest.fail("redis-server is not installed")
+    port = _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=port, socket_timeout=0.2).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("second redis-server did not start")
+
+    def stop() -> None:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    start()
+    yield port, (start, stop)
+    stop()
+
+
+async def test_redis_dies_mid_traffic_and_comes_back(second_redis: tuple[int, Any]) -> None:
+    port, (start, stop) = second_redis
+    store = redis_store(f"redis://127.0.0.1:{port}/0")
+    cache = PredictionCache(store, _config(retry_after_s=0.2, log_interval_s=0))
+    x = _x(3)
+    model = Model()
+    keys = cache.keys("m", "1", {"features": x})
+    _, statuses = await cache.fetch("m", keys[:1], model.compute_for(x))
+    assert statuses == ["miss"] and cache.counters.errors == 0
+    stop()
+    # Redis is gone: answers keep coming, from the model and the in-process fallback.
+    for _ in range(3):
+        values, _ = await cache.fetch("m", keys[1:2], model.compute_for(x[1:2]))
+        assert values[0]["score"].shape == (1,)
+    assert cache.counters.errors >= 1
+    start()
+    await asyncio.sleep(0.3)  # past retry_after_s: Redis is tried again
+    _, statuses = await cache.fetch("m", keys[2:], model.compute_for(x[2:]))
+    assert statuses == ["miss"] and cache.remote_available
+    check = redis.Redis(port=port)
+    assert check.exists(keys[2]) == 1  # written to the Redis that came back
+    check.close()
+    await store.client.aclose()
