@@ -6,7 +6,11 @@ The ingress turns any ``KeelError`` into ``{"error": message}`` with ``status``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class KeelError(Exception):
@@ -80,9 +84,20 @@ class ConfigError(KeelError):
 
 
 def field_errors(exc: Any, prefix: str = "", limit: int | None = None) -> list[str]:
-    """A pydantic ``ValidationError`` as ``<prefix><field.path>: <message>`` lines."""
+    """A pydantic ``ValidationError`` (or FastAPI's ``RequestValidationError``: anything
+    with pydantic-style ``errors()``) as ``<prefix><field.path>: <message>`` lines."""
     lines = []
     for err in exc.errors()[:limit]:
         loc = ".".join(str(p) for p in err["loc"])
         lines.append(f"{prefix}{loc}: {err['msg']}" if loc or prefix else err["msg"])
     return lines
+
+
+def parse_user_config(model: type[M], raw: dict[str, Any] | None, deployment: str) -> M:
+    """Validate a deployment's ``user_config``; a ``ConfigError`` names the deployment
+    and every bad field."""
+    try:
+        return model.model_validate(raw or {})
+    except ValidationError as exc:
+        where = "; ".join(field_errors(exc))
+        raise ConfigError(f"deployment {deployment!r} user_config: {where}") from exc

@@ -92,13 +92,14 @@ class ModelCatalog:
     _cache: dict[str, _Cached] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
-    def known(self, name: str) -> bool:
-        return name in self.backend.model_names()
-
-    async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
-        if not self.known(name):
+    def require(self, name: str) -> None:
+        """404 for a model this ingress does not serve (before any body is read)."""
+        if name not in self.backend.model_names():
             raise ModelNotFound(f"model {name!r} is not served here "
                                 f"(models: {self.backend.model_names()})")
+
+    async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
+        self.require(name)
         cached = self._cache.get(name)
         ttl = self.config().status_ttl_s
         if cached and not fresh and time.monotonic() - cached.fetched < ttl:
@@ -284,9 +285,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> Fa
 
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         settings = config()
-        if not catalog.known(name):
-            raise ModelNotFound(f"model {name!r} is not served here "
-                                f"(models: {backend.model_names()})")
+        catalog.require(name)
         body = await read_body(request, settings.max_body_bytes)
         json_length = _json_length(request)
         parsed, binary = codec.parse_request(body, json_length)

@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import (
@@ -18,12 +17,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import (
-    ConfigError,
     DependencyUnavailable,
     KeelError,
     ModelNotFound,
     Overloaded,
-    field_errors,
+    parse_user_config,
 )
 from deployments.ingress.app import IngressConfig, create_app
 
@@ -94,11 +92,7 @@ class Ingress:
         self._config = IngressConfig()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        try:
-            self._config = IngressConfig.model_validate(user_config or {})
-        except ValidationError as exc:
-            where = "; ".join(field_errors(exc))
-            raise ConfigError(f"deployment 'Ingress' user_config: {where}") from exc
+        self._config = parse_user_config(IngressConfig, user_config, "Ingress")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._backend, lambda: self._config)

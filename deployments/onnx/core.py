@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.contracts import InferCall, InferResult
+from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ConfigError, InvalidInput, KeelError, ModelNotFound, ModelNotReady
 from deployments.repository import ORT_TYPES, ModelRepository, ModelSpec, TensorSpec
 
@@ -359,6 +359,22 @@ class ModelVersions:
                                          outputs=outputs, batch_size=len(members),
                                          model_ms=elapsed_ms)
         return results
+
+    def status(self) -> ModelStatus:
+        """What is loaded and served; the ingress validates requests against it."""
+        loaded = self.loaded()
+        current = self.current
+        try:
+            available = self.repository.versions(self.name)
+        except KeelError:
+            available = sorted(loaded)
+        return ModelStatus(
+            name=self.name,
+            served_version=current.version if current else None,
+            loaded={v: r.spec for v, r in loaded.items()},
+            available_versions=available,
+            providers=current.providers if current else [],
+        )
 
     def loaded(self) -> dict[str, OnnxRunner]:
         runners = [r for r in (self.previous, self.current) if r is not None]

@@ -7,11 +7,10 @@ import os
 from collections import Counter
 from typing import Any
 
-from pydantic import ValidationError
 from ray import serve
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
-from deployments.errors import ConfigError, KeelError, field_errors
+from deployments.errors import ConfigError, KeelError, parse_user_config
 from deployments.onnx.core import ModelVersions, OnnxModelConfig
 from deployments.repository import ModelRepository
 
@@ -48,11 +47,7 @@ class OnnxModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new live settings; a new version loads before it replaces the old one."""
-        try:
-            config = OnnxModelConfig.model_validate(user_config or {})
-        except ValidationError as exc:
-            where = "; ".join(field_errors(exc))
-            raise ConfigError(f"deployment {self._name!r} user_config: {where}") from exc
+        config = parse_user_config(OnnxModelConfig, user_config, self._name)
         config.check_max_ongoing_requests(_replica_max_ongoing_requests())
         if self._versions.apply(config):
             self._reloads += 1
@@ -80,19 +75,7 @@ class OnnxModel:
 
     async def status(self) -> ModelStatus:
         """What is loaded and served; the ingress validates requests against it."""
-        loaded = self._versions.loaded()
-        current = self._versions.current
-        try:
-            available = self._versions.repository.versions(self._name)
-        except KeelError:
-            available = sorted(loaded)
-        return ModelStatus(
-            name=self._name,
-            served_version=current.version if current else None,
-            loaded={v: r.spec for v, r in loaded.items()},
-            available_versions=available,
-            providers=current.providers if current else [],
-        )
+        return self._versions.status()
 
     async def stats(self) -> dict[str, Any]:
         """Batch sizes seen so far and reload count (for tests and the benchmark)."""

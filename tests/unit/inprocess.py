@@ -42,20 +42,7 @@ class InProcessModels:
         return sorted(self.versions)
 
     async def status(self, name: str) -> ModelStatus:
-        versions = self._versions(name)
-        loaded = versions.loaded()
-        current = versions.current
-        try:
-            available = versions.repository.versions(name)
-        except KeelError:
-            available = sorted(loaded)
-        return ModelStatus(
-            name=name,
-            served_version=current.version if current else None,
-            loaded={v: r.spec for v, r in loaded.items()},
-            available_versions=available,
-            providers=current.providers if current else [],
-        )
+        return self._versions(name).status()
 
     async def infer(self, name: str, call: InferCall) -> InferResult:
         [answer] = self._versions(name).infer_batch([call])
