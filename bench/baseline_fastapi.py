@@ -52,17 +52,56 @@ class InferenceRequest(BaseModel):
     inputs: list[RequestInput]
 
 
+class PlainOnnxModel:
+    """One session, loaded once, called once per request: the per-request work that the
+    baseline and the naive Ray Serve app (naive_serve.py) share, so they differ only in
+    how they are served."""
+
+    def __init__(self, model_name: str, model_file: Path) -> None:
+        options = ort.SessionOptions()
+        # The same as Keel's replicas (serve_config.yaml), so the comparison is about
+        # serving, not ONNX Runtime's thread pool spinning on a 2-core machine.
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_file), options,
+                                            providers=["CPUExecutionProvider"])
+        self.model_name = model_name
+        self.version = model_file.parent.name
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.outputs = [(o.name, OIP_TYPES.get(o.type, "BYTES"))
+                        for o in self.session.get_outputs()]
+
+    def answer(self, name: str, request: InferenceRequest) -> dict[str, Any]:
+        """The Open Inference Protocol answer to one request (HTTPException on bad input)."""
+        if name != self.model_name:
+            raise HTTPException(404, f"model {name!r} not found")
+        feeds = {}
+        for item in request.inputs:
+            if item.name not in self.input_names or item.datatype not in NUMPY_TYPES:
+                raise HTTPException(400, f"unexpected input {item.name!r} ({item.datatype})")
+            try:
+                array = np.asarray(item.data, dtype=NUMPY_TYPES[item.datatype])
+                feeds[item.name] = array.reshape(item.shape)
+            except ValueError as exc:
+                raise HTTPException(400, f"input {item.name!r}: {exc}") from exc
+        try:
+            values = self.session.run(None, feeds)
+        except Exception as exc:  # ORT raises its own exception types for bad shapes
+            raise HTTPException(400, str(exc)) from exc
+        return {
+            "model_name": self.model_name,
+            "model_version": self.version,
+            "id": request.id,
+            "outputs": [
+                {"name": out_name, "datatype": datatype, "shape": list(value.shape),
+                 "data": value.ravel().tolist()}
+                for (out_name, datatype), value in zip(self.outputs, values, strict=True)
+            ],
+        }
+
+
 def create_app(model_name: str, model_file: Path) -> FastAPI:
-    """The baseline app: one session, loaded once, called once per request."""
-    options = ort.SessionOptions()
-    # The same as Keel's replicas (serve_config.yaml), so the comparison is about
-    # serving, not ONNX Runtime's thread pool spinning on a 2-core machine.
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model_file), options,
-                                   providers=["CPUExecutionProvider"])
-    input_names = {i.name for i in session.get_inputs()}
-    outputs = [(o.name, OIP_TYPES.get(o.type, "BYTES")) for o in session.get_outputs()]
-    version = model_file.parent.name
+    """The baseline app: one ``PlainOnnxModel`` in one uvicorn process."""
+    model = PlainOnnxModel(model_name, model_file)
     app = FastAPI(title="baseline")
 
     @app.get("/v2/health/ready")
@@ -71,31 +110,7 @@ def create_app(model_name: str, model_file: Path) -> FastAPI:
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: InferenceRequest) -> dict[str, Any]:
-        if name != model_name:
-            raise HTTPException(404, f"model {name!r} not found")
-        feeds = {}
-        for item in request.inputs:
-            if item.name not in input_names or item.datatype not in NUMPY_TYPES:
-                raise HTTPException(400, f"unexpected input {item.name!r} ({item.datatype})")
-            try:
-                array = np.asarray(item.data, dtype=NUMPY_TYPES[item.datatype])
-                feeds[item.name] = array.reshape(item.shape)
-            except ValueError as exc:
-                raise HTTPException(400, f"input {item.name!r}: {exc}") from exc
-        try:
-            values = session.run(None, feeds)
-        except Exception as exc:  # ORT raises its own exception types for bad shapes
-            raise HTTPException(400, str(exc)) from exc
-        return {
-            "model_name": model_name,
-            "model_version": version,
-            "id": request.id,
-            "outputs": [
-                {"name": out_name, "datatype": datatype, "shape": list(value.shape),
-                 "data": value.ravel().tolist()}
-                for (out_name, datatype), value in zip(outputs, values, strict=True)
-            ],
-        }
+        return model.answer(name, request)
 
     return app
 

@@ -17,30 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
-from baseline_fastapi import latest_model_file
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from baseline_fastapi import InferenceRequest, PlainOnnxModel, latest_model_file
+from fastapi import FastAPI
 from ray import serve
 from raydriver import serve_until_stopped, start_local_ray
-
-OIP_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64",
-             "tensor(int32)": "INT32", "tensor(bool)": "BOOL", "tensor(string)": "BYTES"}
-NUMPY_TYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
-
-
-class RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
-
-
-class InferenceRequest(BaseModel):
-    id: str | None = None
-    inputs: list[RequestInput]
-
 
 app = FastAPI(title="naive-serve")
 
@@ -48,18 +28,10 @@ app = FastAPI(title="naive-serve")
 @serve.deployment
 @serve.ingress(app)
 class OnnxService:
-    """One replica, one session, one ``session.run`` per request."""
+    """One replica, one session, one ``session.run`` per request (as the baseline)."""
 
     def __init__(self, model_name: str, model_file: str) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # as in Keel's replicas and the baseline
-        self.session = ort.InferenceSession(model_file, options,
-                                            providers=["CPUExecutionProvider"])
-        self.model_name = model_name
-        self.version = Path(model_file).parent.name
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        self.outputs = [(o.name, OIP_TYPES.get(o.type, "BYTES"))
-                        for o in self.session.get_outputs()]
+        self.model = PlainOnnxModel(model_name, Path(model_file))
 
     @app.get("/v2/health/ready")
     async def ready(self) -> dict[str, bool]:
@@ -67,31 +39,7 @@ class OnnxService:
 
     @app.post("/v2/models/{name}/infer")
     async def infer(self, name: str, request: InferenceRequest) -> dict[str, Any]:
-        if name != self.model_name:
-            raise HTTPException(404, f"model {name!r} not found")
-        feeds = {}
-        for item in request.inputs:
-            if item.name not in self.input_names or item.datatype not in NUMPY_TYPES:
-                raise HTTPException(400, f"unexpected input {item.name!r} ({item.datatype})")
-            try:
-                array = np.asarray(item.data, dtype=NUMPY_TYPES[item.datatype])
-                feeds[item.name] = array.reshape(item.shape)
-            except ValueError as exc:
-                raise HTTPException(400, f"input {item.name!r}: {exc}") from exc
-        try:
-            values = self.session.run(None, feeds)
-        except Exception as exc:  # ORT raises its own exception types for bad shapes
-            raise HTTPException(400, str(exc)) from exc
-        return {
-            "model_name": self.model_name,
-            "model_version": self.version,
-            "id": request.id,
-            "outputs": [
-                {"name": out_name, "datatype": datatype, "shape": list(value.shape),
-                 "data": value.ravel().tolist()}
-                for (out_name, datatype), value in zip(self.outputs, values, strict=True)
-            ],
-        }
+        return self.model.answer(name, request)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model_file = latest_model_file(args.repository, args.model).resolve()
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
-    start_local_ray(str(temp_dir / "ray"), args.dashboard_port)
+    # The replica imports baseline_fastapi (PlainOnnxModel) from this folder.
+    start_local_ray(str(temp_dir / "ray"), args.dashboard_port,
+                    python_path=str(Path(__file__).resolve().parent))
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(OnnxService.bind(args.model, str(model_file)), name="naive", route_prefix="/")
     serve_until_stopped()

@@ -30,10 +30,16 @@ import ray
 from ray import serve
 
 
-def start_local_ray(temp_dir: str, dashboard_port: int | None) -> None:
-    """Start a private local Ray instance (dashboard on ``dashboard_port``, or none)."""
+def start_local_ray(temp_dir: str, dashboard_port: int | None,
+                    python_path: str | None = None) -> None:
+    """Start a private local Ray instance (dashboard on ``dashboard_port``, or none).
+
+    ``python_path`` is put on the workers' PYTHONPATH (for modules beside a script).
+    """
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path}} if python_path else None
     ray.init(
+        runtime_env=runtime_env,
         address="local",
         namespace="serve",
         _temp_dir=temp_dir,
