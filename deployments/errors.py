@@ -50,6 +50,12 @@ class ModelNotFound(KeelError):
     status = 404
 
 
+class EntityNotFound(KeelError):
+    """An entity of an entity-keyed request is not in the feature store."""
+
+    status = 404
+
+
 class ModelNotReady(KeelError):
     """The model exists but cannot answer yet (loading, or failed to load)."""
 
