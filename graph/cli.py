@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from deployments.errors import KeelError, field_errors
+from deployments.features.core import FeatureServiceConfig
 from deployments.ingress.app import IngressConfig
 from deployments.onnx.core import OnnxModelConfig
 
 #: Ray Serve's default when a deployment does not set max_ongoing_requests.
 RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5
+#: The user_config model of each deployment by name; every other deployment is a model.
+USER_CONFIGS: dict[str, type[BaseModel]] = {"Ingress": IngressConfig,
+                                            "FeatureService": FeatureServiceConfig}
 
 
 def check_serve_config(path: Path) -> list[str]:
@@ -52,7 +56,7 @@ def check_serve_config(path: Path) -> list[str]:
             dep_where = f"{where}.deployments[{d}] ({dep.name})"
             fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
             user_config = fields.get("user_config") or {}
-            model = IngressConfig if dep.name == "Ingress" else OnnxModelConfig
+            model = USER_CONFIGS.get(dep.name, OnnxModelConfig)
             try:
                 config = model.model_validate(user_config)
             except ValidationError as exc:
@@ -77,6 +81,16 @@ def _prepare(args: argparse.Namespace) -> int:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(model.metrics.items()))
         print(f"{model.name}/{model.version}: {state} ({metrics})")
     print(f"model repository {args.repository} ready in {time.perf_counter() - started:.1f} s")
+    if args.feature_repo:
+        started = time.perf_counter()
+        # Imports Feast (about 4 s here): only when the feature store is wanted.
+        from graph.demo.feast_store import prepare_feature_store
+
+        prepared = prepare_feature_store(args.feature_repo, fs_yaml=args.feature_store_yaml,
+                                         force=args.force)
+        print(prepared.describe())
+        print(f"feature repository {args.feature_repo} ready in "
+              f"{time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -101,9 +115,14 @@ def _models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    prepare = sub.add_parser("prepare", help="build the demo data set and model repository")
+    prepare = sub.add_parser("prepare", help="build the demo models and feature store")
     prepare.add_argument("--repository", default="models")
     prepare.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    prepare.add_argument("--feature-repo", default="configs/feast",
+                         help="Feast repository to fill with the demo features ('' skips it)")
+    prepare.add_argument("--feature-store-yaml", default=None,
+                         help="its configuration file (default: feature_store.yaml; e.g. "
+                              "feature_store.production.yaml for Redis + PostgreSQL)")
     prepare.set_defaults(run=_prepare)
     check = sub.add_parser("check-config", help="validate a serve config (Ray + Keel rules)")
     check.add_argument("config", nargs="?", default="serve_config.yaml")

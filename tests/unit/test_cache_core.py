@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -26,6 +22,7 @@ from deployments.cache.core import (
     redis_store,
     row_keys,
 )
+from tests.redisserver import PrivateRedis, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -247,14 +244,8 @@ async def test_disabled_cache_always_computes(client: Any) -> None:
     assert len(model.calls) == 2 and await client.exists(*keys) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_unreachable_redis_falls_back_in_process() -> None:
-    store = redis_store(f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
+    store = redis_store(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     cache = PredictionCache(store, _config(retry_after_s=60))
     x = _x(2)
     keys = cache.keys("m", "1", {"features": x})
@@ -270,34 +261,10 @@ async def test_unreachable_redis_falls_back_in_process() -> None:
 @pytest.fixture
 def second_redis() -> Iterator[tuple[int, Any]]:
     """A private redis-server on its own port (never the machine's), restartable."""
-    binary = shutil.which("redis-server")
-    if binary is None:  # the machine and CI have it; say so plainly if not
-        pytest.fail("redis-server is not installed")
-    port = _free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=port, socket_timeout=0.2).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("second redis-server did not start")
-
-    def stop() -> None:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-    start()
-    yield port, (start, stop)
-    stop()
+    server = PrivateRedis()
+    server.start()
+    yield server.port, (server.start, server.stop)
+    server.stop()
 
 
 async def test_redis_dies_mid_traffic_and_comes_back(second_redis: tuple[int, Any]) -> None:
