@@ -134,3 +134,66 @@ class ModelStatus(BaseModel):
     available_versions: list[str]
     providers: list[str] = Field(default_factory=list)
     error: str | None = None
+
+
+# --- the decision API (/v1/decide) ----------------------------------------------------
+
+#: An entity's key fields, e.g. {"symbol": "SYM001", "account_id": "ACC0042"}.
+EntityKey = dict[str, Any]
+
+
+class DecideRequest(BaseModel):
+    """``POST /v1/decide``: score entities with a model over their features from Feast."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="A model served here, e.g. risk_mlp")
+    #: Pin a version; absent: the version served now.
+    version: str | None = Field(default=None, min_length=1)
+    entities: list[EntityKey] = Field(
+        min_length=1,
+        description="Entity keys; every key field the model's feature views join on "
+                    "(the demo: symbol and account_id). At most the ingress's max_entities.",
+    )
+
+
+class DecideTimings(BaseModel):
+    """Where the request's time went, in milliseconds (shared by all its results)."""
+
+    features: float
+    cache: float
+    model: float
+    total: float
+
+
+class Decision(BaseModel):
+    """One entity's answer."""
+
+    entity: EntityKey
+    score: float
+    #: ``score >= threshold`` of the model's decision rule (model.yaml).
+    decision: bool
+    threshold: float
+    model: str
+    model_version: str
+    #: hit: from the cache; miss: computed now; shared: computed by a concurrent
+    #: identical request; off: the cache is disabled or unreachable for this model.
+    cache: str
+    timings_ms: DecideTimings
+
+
+class DecideResponse(BaseModel):
+    """The answer to ``POST /v1/decide``: one result per entity, in request order."""
+
+    model: str
+    model_version: str
+    results: list[Decision]
+    timings_ms: DecideTimings
+
+
+class FeatureLookup(BaseModel):
+    """What the ingress asks the FeatureService for (one request's entities)."""
+
+    entities: list[EntityKey]
+    #: Feature references ("view:feature") in model input column order.
+    features: list[str]

@@ -1,5 +1,8 @@
 """The application graph: the only place ``.bind()`` is called.
 
+Ingress → one ``OnnxModel`` per model, and the ``FeatureService`` over the Feast
+repository (for ``/v1/decide``).
+
 ``serve_config.yaml`` names ``graph.app:build_app`` as its import path and
 passes ``args`` (validated as ``AppArgs``); deployment options (replicas,
 autoscaling, ``max_ongoing_requests``, ``user_config``) live in that file.
@@ -15,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application, Deployment
 
 from deployments.errors import ConfigError
+from deployments.features.deployment import FeatureService
 from deployments.ingress.deployment import Ingress
 from deployments.onnx.deployment import OnnxModel
 from deployments.repository import ModelRepository
@@ -33,18 +37,39 @@ class AppArgs(BaseModel):
     model_repository: str = "models"
     #: Models to serve; ``None`` serves every model in the repository.
     models: list[str] | None = Field(default=None, min_length=1)
+    #: Feast feature repository behind ``/v1/decide`` (resolved like ``model_repository``;
+    #: ``KEEL_FEATURE_REPO`` overrides it). ``None``: no FeatureService, /v1/decide is 503.
+    feature_repo: str | None = "configs/feast"
+    #: The feature_store.yaml to use inside ``feature_repo`` (``KEEL_FEATURE_STORE_YAML``
+    #: overrides it): the embedded default, or e.g. ``feature_store.production.yaml``.
+    feature_store_yaml: str = "feature_store.yaml"
 
 
-def resolve_repository(path: str) -> Path:
-    """Find the model repository as an absolute path (replicas may run elsewhere)."""
-    chosen = Path(os.environ.get("KEEL_MODEL_REPOSITORY") or path).expanduser()
+def resolve_repository(path: str, *, env: str = "KEEL_MODEL_REPOSITORY",
+                       what: str = "model repository") -> Path:
+    """Find a repository directory as an absolute path (replicas may run elsewhere):
+    the environment variable ``env`` first, then ``path``; relative paths are tried
+    against the working directory, then the project root."""
+    chosen = Path(os.environ.get(env) or path).expanduser()
     candidates = [chosen] if chosen.is_absolute() else [Path.cwd() / chosen,
                                                         PROJECT_ROOT / chosen]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
-    raise ConfigError(f"model repository {str(chosen)!r} not found (looked in "
+    raise ConfigError(f"{what} {str(chosen)!r} not found (looked in "
                       f"{[str(c) for c in candidates]}); run `keel prepare` to build the demo")
+
+
+def resolve_feature_store(args: AppArgs) -> tuple[Path, Path] | None:
+    """The Feast repository and its feature_store.yaml, or ``None`` when turned off."""
+    if args.feature_repo is None and not os.environ.get("KEEL_FEATURE_REPO"):
+        return None
+    repo = resolve_repository(args.feature_repo or "", env="KEEL_FEATURE_REPO",
+                              what="feature repository")
+    yaml_file = repo / (os.environ.get("KEEL_FEATURE_STORE_YAML") or args.feature_store_yaml)
+    if not yaml_file.is_file():
+        raise ConfigError(f"args.feature_store_yaml: {str(yaml_file)!r} does not exist")
+    return repo, yaml_file
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
@@ -70,4 +95,9 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         name: model_deployment.options(name=name, user_config={}).bind(name, str(root))
         for name in names
     }
-    return ingress.options(user_config={}).bind(models)
+    store = resolve_feature_store(parsed)
+    if store is None:
+        return ingress.options(user_config={}).bind(models)
+    features = cast(Deployment, FeatureService).options(user_config={}).bind(
+        str(store[0]), str(store[1]))
+    return ingress.options(user_config={}).bind(models, features)

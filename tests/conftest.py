@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.modelkit import write_linear_model
+from tests.redisserver import PrivateRedis, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: Ray Serve's throughput-optimised mode with HAProxy on the HTTP port, as `make demo` runs.
@@ -29,12 +30,6 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY":
              # Tests only: do not wait Ray's 30 s for direct-ingress connections to drain.
              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 APP_NAME = "keel"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +45,45 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def serve_test_config(model_repo: Path) -> dict[str, Any]:
+def copy_feature_repo(target: Path) -> Path:
+    """configs/feast (definitions and yaml files, not its generated data) into ``target``."""
+    shutil.copytree(PROJECT_ROOT / "configs" / "feast", target,
+                    ignore=shutil.ignore_patterns("data", "__pycache__"), dirs_exist_ok=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def feature_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's Feast repository on the embedded default store, prepared from the same
+    seeded generator as ``model_repo``'s models (SQLite online store)."""
+    from graph.demo.dataset import DatasetConfig
+    from graph.demo.feast_store import prepare_feature_store
+
+    root = copy_feature_repo(tmp_path_factory.mktemp("feast"))
+    prepare_feature_store(root, dataset_config=DatasetConfig(n_train_rows=4000))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_redis() -> Iterator[PrivateRedis]:
+    """The test application's prediction-cache Redis: private, so a test may stop it."""
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+def serve_test_config(model_repo: Path, feature_repo: Path | None = None,
+                      redis_url: str | None = None) -> dict[str, Any]:
     """serve_config.yaml with test-sized overrides; every model deployment kept."""
     config: dict[str, Any] = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["model_repository"] = str(model_repo)
+    app["args"]["feature_repo"] = str(feature_repo) if feature_repo else None
+    if feature_repo is None:
+        app["deployments"] = [d for d in app["deployments"] if d["name"] != "FeatureService"]
+    if redis_url is not None:
+        app["runtime_env"] = {"env_vars": {"KEEL_REDIS_URL": redis_url}}
     for dep in app["deployments"]:
         dep["ray_actor_options"] = {"num_cpus": 0}
         dep.pop("autoscaling_config", None)
@@ -147,8 +176,9 @@ def serve_client() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def keel_app(serve_client: Any, model_repo: Path) -> KeelApp:
-    config = serve_test_config(model_repo)
+def keel_app(serve_client: Any, model_repo: Path, feature_repo: Path,
+             cache_redis: PrivateRedis) -> KeelApp:
+    config = serve_test_config(model_repo, feature_repo, cache_redis.url)
     app = KeelApp(base_url=f"http://127.0.0.1:{serve_client.test_port}", config=config,
                   client=serve_client)
     app.deploy(config, timeout_s=180)

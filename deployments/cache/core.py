@@ -272,6 +272,16 @@ class CacheCounters:
 Compute = Callable[[list[int]], Awaitable[list[dict[str, np.ndarray]]]]
 
 
+class CacheObserver:
+    """Told about every lookup and every Redis failure (the metrics layer subclasses it)."""
+
+    def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
+        """One request's rows: from the cache, computed, computed by a concurrent request."""
+
+    def remote_failed(self, operation: str) -> None:
+        """A Redis command failed; the in-process fallback answers meanwhile."""
+
+
 class PredictionCache:
     """Per-row answers in Redis (or the in-process fallback), with single-flight misses."""
 
@@ -285,6 +295,7 @@ class PredictionCache:
         self._remote_down_until = 0.0
         self._last_log = float("-inf")
         self._inflight: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        self.observer = CacheObserver()
 
     def reconfigure(self, config: CacheConfig) -> None:
         self.config = config
@@ -364,9 +375,12 @@ class PredictionCache:
             for i in rows:
                 results[i] = outputs
                 statuses[i] = "shared"
-        self.counters.add(self.counters.hits, model, statuses.count("hit"))
-        self.counters.add(self.counters.misses, model, statuses.count("miss"))
-        self.counters.add(self.counters.shared, model, statuses.count("shared"))
+        hits, misses, shared = (statuses.count("hit"), statuses.count("miss"),
+                                statuses.count("shared"))
+        self.counters.add(self.counters.hits, model, hits)
+        self.counters.add(self.counters.misses, model, misses)
+        self.counters.add(self.counters.shared, model, shared)
+        self.observer.rows(model, hits, misses, shared)
         return [r for r in results if r is not None], statuses
 
     async def _get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -392,6 +406,7 @@ class PredictionCache:
 
     def _remote_failed(self, what: str, exc: Exception) -> None:
         self.counters.errors += 1
+        self.observer.remote_failed(what)
         now = self._clock()
         self._remote_down_until = now + self.config.retry_after_s
         if now - self._last_log >= self.config.log_interval_s:

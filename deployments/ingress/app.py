@@ -16,24 +16,33 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any, Protocol
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.cache.core import CacheConfig, PredictionCache
+from deployments.contracts import (
+    DecideRequest,
+    DecideResponse,
+    DecideTimings,
+    Decision,
+    ModelStatus,
+)
 from deployments.errors import (
+    DependencyUnavailable,
     InvalidInput,
     KeelError,
     ModelNotFound,
     ModelNotReady,
     PayloadTooLarge,
-    UpstreamTimeout,
     field_errors,
 )
 from deployments.ingress import codec
-from deployments.repository import ModelSpec
+from deployments.ingress.scoring import ModelBackend, Predictor, summarise
+from deployments.repository import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +69,23 @@ class IngressConfig(BaseModel):
     status_ttl_s: float = Field(default=1.0, ge=0, le=300)
     #: Longest wait for each model in ``/v2/health/ready``.
     ready_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    #: Most entities one ``/v1/decide`` request may name.
+    max_entities: int = Field(default=256, ge=1, le=100_000)
+    #: The prediction cache (TTL, hash, fallback size); applied live.
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
-class ModelBackend(Protocol):
-    """Where the ingress sends validated calls: one model deployment per name."""
+class FeatureBackend(Protocol):
+    """Where ``/v1/decide`` gets features: the FeatureService deployment."""
 
-    def model_names(self) -> list[str]: ...
+    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureTable:
+        ...
 
-    async def status(self, name: str) -> ModelStatus: ...
 
-    async def infer(self, name: str, call: InferCall) -> InferResult: ...
+class FeatureTable(Protocol):
+    """Feature values of some entities: float32 ``[n_entities, n_features]``."""
+
+    values: np.ndarray
 
 
 @dataclass
@@ -169,15 +185,24 @@ def error_response(status: int, message: str, retry_after_s: int | None = None) 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> FastAPI:
-    """Build the ingress app over ``backend``; ``config`` returns the live settings."""
+def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
+               cache: PredictionCache | None = None,
+               features: FeatureBackend | None = None) -> FastAPI:
+    """Build the ingress app over ``backend``; ``config`` returns the live settings.
+
+    ``cache`` answers repeated rows (both APIs); ``features`` serves ``/v1/decide``
+    (without it that route answers 503).
+    """
     app = FastAPI(
         title="Keel",
         version=_server_version(),
-        description="ONNX model serving on Ray Serve: Open Inference Protocol (KServe V2).",
+        description="ONNX model serving on Ray Serve: the Open Inference Protocol "
+                    "(KServe V2) and an entity-keyed decision API over Feast features.",
     )
     catalog = ModelCatalog(backend, config)
+    predictor = Predictor(backend, catalog, cache, lambda: config().request_timeout_s)
     app.state.catalog = catalog
+    app.state.predictor = predictor
 
     @app.exception_handler(KeelError)
     async def _keel_error(_: Request, exc: KeelError) -> JSONResponse:
@@ -292,23 +317,113 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig]) -> Fa
         spec = await catalog.spec(name, version)
         inputs = codec.decode_inputs(parsed, spec, binary)
         outputs = codec.requested_outputs(parsed, spec)
-        call = InferCall(inputs=inputs, version=version, outputs=outputs)
-        try:
-            result = await asyncio.wait_for(backend.infer(name, call), settings.request_timeout_s)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"model {name!r} did not answer within "
-                                  f"{settings.request_timeout_s} s") from exc
-        catalog.saw_version(name, result.model_version)
-        answered = spec if result.model_version == spec.version else \
-            await catalog.spec(name, result.model_version)
-        content, header_length = codec.encode_response(parsed, answered, result.model_version,
-                                                       result.outputs)
+        prediction = await predictor.predict(name, version, inputs, outputs)
+        content, header_length = codec.encode_response(parsed, prediction.spec,
+                                                       prediction.version, prediction.outputs)
+        headers = {"X-Keel-Cache": summarise(prediction.cache)}
         if header_length is None:
-            return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+            return Response(content, media_type="application/json", headers=headers)
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    @app.post("/v1/decide", summary="Score entities over their Feast features",
+              response_model=DecideResponse,
+              # The body is read within max_body_bytes and parsed here; document its schema.
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": DecideRequest.model_json_schema()}}}},
+              responses={400: {"description": "Bad request; the message names the field"},
+                         404: {"description": "Unknown model, or an entity not in the store"},
+                         503: {"description": "Feature store or model unavailable"}})
+    async def decide(request: Request) -> Response:
+        started = time.perf_counter()
+        settings = config()
+        body = await read_body(request, settings.max_body_bytes)
+        try:
+            ask = DecideRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise InvalidInput("; ".join(field_errors(exc, limit=5))) from exc
+        if len(ask.entities) > settings.max_entities:
+            raise InvalidInput(f"entities: at most {settings.max_entities} entities per "
+                               f"request (got {len(ask.entities)})")
+        catalog.require(ask.model)
+        spec = await catalog.spec(ask.model, ask.version)
+        tensor = decision_input(spec)
+        columns = list(tensor.columns or [])
+        if features is None:
+            raise DependencyUnavailable("no feature store is configured for /v1/decide")
+        began = time.perf_counter()
+        try:
+            table = await asyncio.wait_for(features.lookup(ask.entities, columns),
+                                           settings.request_timeout_s)
+        except TimeoutError as exc:
+            raise DependencyUnavailable(f"the feature store did not answer within "
+                                        f"{settings.request_timeout_s} s",
+                                        retry_after_s=1) from exc
+        features_ms = (time.perf_counter() - began) * 1000
+        values = np.asarray(table.values, dtype=tensor.numpy_dtype)
+        if values.shape != (len(ask.entities), len(columns)):
+            raise DependencyUnavailable(f"the feature store answered {values.shape} values "
+                                        f"for {len(ask.entities)} entities x {len(columns)} "
+                                        f"features")
+        if not tensor.allow_nan and not np.isfinite(values).all():
+            row = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise InvalidInput(f"entities[{row}]: a feature value is not finite and model "
+                               f"{spec.name!r} does not allow NaN")
+        prediction = await predictor.predict(ask.model, spec.version, {tensor.name: values})
+        timings = DecideTimings(features=round(features_ms, 3),
+                                cache=round(prediction.cache_ms, 3),
+                                model=round(prediction.model_ms, 3),
+                                total=round((time.perf_counter() - started) * 1000, 3))
+        rule = prediction.spec.decision
+        assert rule is not None  # decision_input checked it
+        scores = prediction.outputs[rule.output].reshape(len(ask.entities), -1)[:, rule.index]
+        results = [Decision(entity=entity, score=float(score),
+                            decision=bool(score >= rule.threshold), threshold=rule.threshold,
+                            model=spec.name, model_version=prediction.version, cache=status,
+                            timings_ms=timings)
+                   for entity, score, status in zip(ask.entities, scores, prediction.cache,
+                                                     strict=True)]
+        answer = DecideResponse(model=spec.name, model_version=prediction.version,
+                                results=results, timings_ms=timings)
+        return Response(answer.model_dump_json(), media_type="application/json",
+                        headers={"X-Keel-Cache": summarise(prediction.cache)})
+
+    @app.get("/v1/cache", summary="Prediction cache state and counters")
+    async def cache_state() -> dict[str, Any]:
+        if cache is None:
+            return {"enabled": False, "remote": None}
+        counters = cache.counters
+        models = sorted(set(counters.hits) | set(counters.misses) | set(counters.shared))
+        return {
+            "enabled": cache.config.enabled,
+            "remote": "up" if cache.remote_available else
+                      ("none" if cache.remote is None else "down"),
+            "config": cache.config.model_dump(),
+            "errors": counters.errors,
+            "corrupt": counters.corrupt,
+            "local_entries": len(cache.local),
+            "models": {m: {"hits": counters.hits.get(m, 0), "misses": counters.misses.get(m, 0),
+                           "shared": counters.shared.get(m, 0),
+                           "hit_ratio": counters.hit_ratio(m)} for m in models},
+        }
 
     return app
+
+
+def decision_input(spec: ModelSpec) -> TensorSpec:
+    """The one input that ``/v1/decide`` fills from features, and its feature columns."""
+    if spec.decision is None:
+        raise InvalidInput(f"model: {spec.name!r} declares no decision rule (model.yaml "
+                           f"'decision'); use /v2/models/{spec.name}/infer")
+    featured = [t for t in spec.inputs if t.columns]
+    if len(spec.inputs) != 1 or len(featured) != 1:
+        raise InvalidInput(f"model: {spec.name!r} does not take one feature-store input "
+                           f"(model.yaml 'inputs[].columns'); use /v2/models/{spec.name}/infer")
+    tensor = featured[0]
+    if tensor.shape[0] != -1 or len(tensor.shape) != 2:
+        raise InvalidInput(f"model: {spec.name!r} input {tensor.name!r} has shape "
+                           f"{tensor.shape}; /v1/decide needs [-1, n_features]")
+    return tensor
 
 
 def _json_length(request: Request) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,7 +15,9 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge
 
+from deployments.cache.core import CacheConfig, CacheObserver, PredictionCache, redis_store
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import (
     DependencyUnavailable,
@@ -23,7 +26,9 @@ from deployments.errors import (
     Overloaded,
     parse_user_config,
 )
+from deployments.features.core import FeatureRows
 from deployments.ingress.app import IngressConfig, create_app
+from deployments.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,54 +50,128 @@ class HandleBackend:
         return handle
 
     async def status(self, name: str) -> ModelStatus:
-        try:
-            result: ModelStatus = await self._handle(name).status.remote()
-        except TimeoutError:
-            raise
-        except Exception as exc:
-            raise _as_keel_error(name, exc) from exc
+        result: ModelStatus = await _call(f"model {name!r}", self._handle(name).status.remote())
         return result
 
     async def infer(self, name: str, call: InferCall) -> InferResult:
-        try:
-            result: InferResult = await self._handle(name).infer.remote(call)
-        except TimeoutError:
-            raise
-        except Exception as exc:
-            raise _as_keel_error(name, exc) from exc
+        result: InferResult = await _call(f"model {name!r}",
+                                          self._handle(name).infer.remote(call))
         return result
 
 
-def _as_keel_error(name: str, exc: Exception) -> KeelError:
+class HandleFeatures:
+    """Calls the ``FeatureService`` deployment; maps Ray's errors to Keel's."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
+        rows: FeatureRows = await _call("the feature store",
+                                        self._handle.lookup.remote(entities, features))
+        return rows
+
+
+async def _call(what: str, response: Awaitable[Any]) -> Any:
+    """Await a handle call; a Ray error becomes the Keel error the client should see."""
+    try:
+        return await response
+    except TimeoutError:
+        raise
+    except Exception as exc:
+        raise _as_keel_error(what, exc) from exc
+
+
+def _as_keel_error(what: str, exc: Exception) -> KeelError:
     if isinstance(exc, KeelError) and not isinstance(exc, RayTaskError):
         return exc
     if isinstance(exc, RayTaskError):
         cause = exc.cause
         if isinstance(cause, KeelError):
             return cause
-        log.error("model %s failed: %s", name, exc)
-        return DependencyUnavailable(f"model {name!r} failed: {type(cause).__name__}")
+        log.error("%s failed: %s", what, exc)
+        return DependencyUnavailable(f"{what} failed: {type(cause).__name__}")
     if isinstance(exc, BackPressureError):
-        return Overloaded(f"model {name!r} is overloaded; retry shortly")
+        return Overloaded(f"{what} is overloaded; retry shortly")
     if isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError
                   | DeploymentUnavailableError | ReplicaUnavailableError):
-        return DependencyUnavailable(f"model {name!r} is unavailable: {type(exc).__name__}",
+        return DependencyUnavailable(f"{what} is unavailable: {type(exc).__name__}",
                                      retry_after_s=1)
-    log.error("model %s call failed: %r", name, exc)
-    return DependencyUnavailable(f"model {name!r} call failed: {type(exc).__name__}")
+    log.error("%s call failed: %r", what, exc)
+    return DependencyUnavailable(f"{what} call failed: {type(exc).__name__}")
+
+
+class CacheMetrics(CacheObserver):
+    """The prediction cache's counts as Ray Serve metrics (Prometheus via Ray)."""
+
+    def __init__(self, cache: PredictionCache) -> None:
+        self._cache = cache
+        self._rows = Counter("keel_cache_rows_total",
+                             description="Rows looked up in the prediction cache, by result "
+                                         "(hit, miss, shared).",
+                             # Ray's stub says tuple[str]; any number of keys works.
+                             tag_keys=("model", "result"))  # type: ignore[arg-type]
+        self._errors = Counter("keel_cache_errors_total",
+                               description="Redis commands of the prediction cache that failed "
+                                           "(the in-process fallback answered).",
+                               tag_keys=("operation",))
+        self._ratio = Gauge("keel_cache_hit_ratio",
+                            description="Share of rows answered without the model, since start.",
+                            tag_keys=("model",))
+
+    def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
+        for result, count in (("hit", hits), ("miss", misses), ("shared", shared)):
+            if count:
+                self._rows.inc(count, tags={"model": model, "result": result})
+        ratio = self._cache.counters.hit_ratio(model)
+        if ratio is not None:
+            self._ratio.set(ratio, tags={"model": model})
+
+    def remote_failed(self, operation: str) -> None:
+        self._errors.inc(1, tags={"operation": operation})
+
+
+def build_cache(config: CacheConfig) -> PredictionCache:
+    """The prediction cache over the Redis named by the environment (``KEEL_REDIS_*``)."""
+    settings = RedisSettings()
+    remote = None
+    if settings.url:
+        remote = redis_store(settings.url,
+                             password=settings.password.get_secret_value()
+                             if settings.password else None,
+                             ssl_ca_certs=settings.ssl_ca_certs,
+                             socket_timeout_s=settings.socket_timeout_s,
+                             connect_timeout_s=settings.connect_timeout_s)
+    cache = PredictionCache(remote, config)
+    cache.observer = CacheMetrics(cache)
+    log.info("prediction cache: %s", _redacted(settings.url) if remote else "in-process only")
+    return cache
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password (``redis://:secret@host`` → ``redis://***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
-    """The HTTP entry point: Open Inference Protocol routes over the model handles."""
+    """The HTTP entry point: Open Inference Protocol and ``/v1/decide`` over the handles,
+    with the prediction cache in front of the models."""
 
-    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, models: dict[str, DeploymentHandle],
+                 features: DeploymentHandle | None = None) -> None:
         self._backend = HandleBackend(models)
+        self._features = HandleFeatures(features) if features is not None else None
         self._config = IngressConfig()
+        self._cache = build_cache(self._config.cache)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._config = parse_user_config(IngressConfig, user_config, "Ingress")
+        self._cache.reconfigure(self._config.cache)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self._backend, lambda: self._config)
+        return create_app(self._backend, lambda: self._config, cache=self._cache,
+                          features=self._features)

@@ -153,7 +153,7 @@ def _load(base_url: str, path: str, x: np.ndarray, n: int, workers: int) -> list
 
 def test_concurrent_requests_form_batches(keel_app: KeelApp) -> None:
     before = stats("risk_mlp")["batch_sizes"]
-    x = rows(64, seed=6)
+    x = rows(96, seed=106)  # all distinct: the prediction cache must not answer any
     answers = _load(keel_app.base_url, "/v2/models/risk_mlp/infer", x, n=96, workers=24)
     assert all(a.status_code == 200 for a in answers)
     after = stats("risk_mlp")["batch_sizes"]
@@ -176,7 +176,8 @@ def test_reconfigure_batch_size_live(keel_app: KeelApp) -> None:
     assert snapshot["config"]["max_batch_size"] == 2
     assert snapshot["pid"] == pid_before, "reconfigure must not restart the replica"
     before = snapshot["batch_sizes"]
-    answers = _load(keel_app.base_url, "/v2/models/linear/infer", rows(16, width=4), n=32,
+    answers = _load(keel_app.base_url, "/v2/models/linear/infer", rows(32, seed=107, width=4),
+                    n=32,
                     workers=16)
     assert all(a.status_code == 200 for a in answers)
     after = stats("linear")["batch_sizes"]
@@ -291,7 +292,8 @@ def test_overload_is_503_with_retry_after_and_loses_nothing_else(keel_app: KeelA
     dep["user_config"] = {**dep["user_config"], "batch_wait_timeout_s": 0.5}
     keel_app.deploy(config)
     try:
-        answers = _load(keel_app.base_url, "/v2/models/linear/infer", rows(8, width=4), n=48,
+        answers = _load(keel_app.base_url, "/v2/models/linear/infer",
+                        rows(48, seed=109, width=4), n=48,
                         workers=48)
     finally:
         restore = keel_app.modified()

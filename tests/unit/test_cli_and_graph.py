@@ -38,7 +38,7 @@ def _dep(app: dict[str, Any], name: str) -> dict[str, Any]:
 def test_max_ongoing_requests_below_batch_size_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path, lambda app: _dep(app, "risk_mlp").update(max_ongoing_requests=8))
     [problem] = check_serve_config(path)
-    assert "deployments[1] (risk_mlp)" in problem
+    assert "deployments[2] (risk_mlp)" in problem
     assert "max_ongoing_requests (8)" in problem and "max_batch_size (32)" in problem
 
 
@@ -59,8 +59,15 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
          "(Ingress).user_config.max_body_bytes"),
         (lambda app: app["args"].update(model_repo="x"), "args.model_repo"),
         (lambda app: _dep(app, "risk_mlp").update(num_replicas="many"), "num_replicas"),
+        (lambda app: _dep(app, "FeatureService")["user_config"].update(lookup_timeout_s=0),
+         "(FeatureService).user_config.lookup_timeout_s"),
+        (lambda app: _dep(app, "Ingress")["user_config"]["cache"].update(hash="md5"),
+         "(Ingress).user_config.cache.hash"),
+        (lambda app: _dep(app, "Ingress")["user_config"].update(max_entities=0),
+         "(Ingress).user_config.max_entities"),
     ],
-    ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema"],
+    ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema",
+         "feature-timeout", "cache-hash", "max-entities"],
 )
 def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str) -> None:
     problems = check_serve_config(_write(tmp_path, mutate))
@@ -113,6 +120,33 @@ def test_build_app_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     (tmp_path / "a" / "1" / "model.yaml").write_text("inputs: []\noutputs: []\n")
     with pytest.raises(ConfigError, match=r"a/1/model.yaml: inputs: List should have at least"):
         build_app({"model_repository": str(tmp_path)})
+
+
+def test_build_app_binds_the_feature_service(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_FEATURE_REPO", raising=False)
+    monkeypatch.delenv("KEEL_FEATURE_STORE_YAML", raising=False)
+    write_linear_model(tmp_path / "models", "a")
+    feast = tmp_path / "feast"
+    feast.mkdir()
+    (feast / "feature_store.yaml").write_text("project: x\n")
+    (feast / "other.yaml").write_text("project: y\n")
+    app = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": str(feast)})
+    features = app._bound_deployment.init_args[1]._bound_deployment
+    assert features.name == "FeatureService" and features.user_config == {}
+    assert features.init_args == (str(feast.resolve()), str(feast.resolve() / "feature_store.yaml"))
+    monkeypatch.setenv("KEEL_FEATURE_STORE_YAML", "other.yaml")
+    app = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": str(feast)})
+    bound = app._bound_deployment.init_args[1]._bound_deployment
+    assert bound.init_args[1].endswith("other.yaml")
+    monkeypatch.setenv("KEEL_FEATURE_STORE_YAML", "missing.yaml")
+    with pytest.raises(ConfigError, match=r"args\.feature_store_yaml.*missing\.yaml"):
+        build_app({"model_repository": str(tmp_path / "models"), "feature_repo": str(feast)})
+    with pytest.raises(ConfigError, match="feature repository"):
+        build_app({"model_repository": str(tmp_path / "models"),
+                   "feature_repo": str(tmp_path / "nowhere")})
+    off = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": None})
+    assert len(off._bound_deployment.init_args) == 1  # no FeatureService: /v1/decide is 503
 
 
 def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,97 @@
+"""``FeatureService``: the Ray Serve shell around ``FeatureFetcher`` (batching, timeouts).
+
+Concurrent lookups are merged with ``@serve.batch`` into one ``get_online_features``
+call. Each request is validated on its own first, so one bad request never fails
+the batch it would have joined. The Feast client is blocking; it runs on one
+worker thread with a deadline, so a store that does not answer costs a 503, not
+a hung request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+from ray.serve.metrics import Gauge
+
+from deployments.errors import DependencyUnavailable, KeelError, parse_user_config
+from deployments.features.core import FeatureFetcher, FeatureRows, FeatureServiceConfig
+
+log = logging.getLogger(__name__)
+
+Lookup = tuple[list[dict[str, Any]], list[str]]
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+class FeatureService:
+    """Online features for entity keys, from the Feast repository at ``repo_path``."""
+
+    def __init__(self, repo_path: str, fs_yaml: str | None = None) -> None:
+        # Built here, inside the replica: a FeatureStore is never pickled.
+        self._fetcher = FeatureFetcher(repo_path, fs_yaml)
+        self._config = FeatureServiceConfig()
+        # One thread: the Feast client's connections are not shared across threads, and
+        # lookups are merged into batches anyway.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast")
+        self._batch_sizes: Counter[int] = Counter()
+        self._failures = 0
+        self._age = Gauge("keel_feature_age_seconds",
+                          description="Age of the newest feature row served (now - event "
+                                      "timestamp), oldest over the last lookup batch.",
+                          tag_keys=("feature_view",))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = parse_user_config(FeatureServiceConfig, user_config, "FeatureService")
+        self._lookup_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+        self._lookup_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            config.batch_wait_timeout_s)
+        self._config = config
+
+    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
+        """Feature values of ``entities`` in ``features`` order (404 for an unknown entity)."""
+        self._fetcher.validate(entities, features)
+        result = await self._lookup_batch((entities, features))
+        if isinstance(result, KeelError):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _lookup_batch(self, requests: list[Lookup]) -> list[FeatureRows | KeelError]:
+        self._batch_sizes[len(requests)] += 1
+        timeout = self._config.lookup_timeout_s
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._pool, self._fetcher.lookup_many, requests)
+        try:
+            results = await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            self._failures += 1
+            error = DependencyUnavailable(f"the feature store did not answer within {timeout} s",
+                                          retry_after_s=1)
+            return [error] * len(requests)
+        except Exception as exc:  # the store failed outside lookup_many's own handling
+            self._failures += 1
+            log.error("feature lookup failed: %r", exc)
+            return [DependencyUnavailable(f"the feature store failed: {type(exc).__name__}",
+                                          retry_after_s=1)] * len(requests)
+        self._record_ages(results)
+        return results
+
+    def _record_ages(self, results: list[FeatureRows | KeelError]) -> None:
+        now = time.time()
+        oldest: dict[str, float] = {}
+        for result in results:
+            if isinstance(result, FeatureRows):
+                for view, age in result.ages_s(now).items():
+                    oldest[view] = max(age, oldest.get(view, 0.0))
+        for view, age in oldest.items():
+            self._age.set(age, tags={"feature_view": view})
+
+    async def stats(self) -> dict[str, Any]:
+        """Batch sizes and failures so far (for tests and the benchmark)."""
+        return {"batch_sizes": dict(self._batch_sizes), "failures": self._failures,
+                "config": self._config.model_dump()}

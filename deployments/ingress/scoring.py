@@ -1,0 +1,167 @@
+"""Answer validated rows from the prediction cache, sending only the misses to the model.
+
+No Ray here. ``Predictor.predict`` is the one path both ``/v2/.../infer`` and
+``/v1/decide`` take once their inputs are arrays: key each row with the version
+the catalog says is served, look all keys up at once, call the model for the
+missed rows only (pinned to that same version, so a swap between keying and
+answering can never store one version's answer under another's key), write them
+back, and put the rows together again in request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from deployments.cache.core import CacheStatus, PredictionCache
+from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.errors import ModelNotFound, UpstreamTimeout
+from deployments.repository import ModelSpec
+
+
+class ModelBackend(Protocol):
+    """Where the ingress sends validated calls: one model deployment per name."""
+
+    def model_names(self) -> list[str]: ...
+
+    async def status(self, name: str) -> ModelStatus: ...
+
+    async def infer(self, name: str, call: InferCall) -> InferResult: ...
+
+
+class SpecSource(Protocol):
+    """The ingress's model catalog, as the predictor needs it."""
+
+    async def spec(self, name: str, version: str | None) -> ModelSpec: ...
+
+    async def status(self, name: str, *, fresh: bool = False) -> ModelStatus: ...
+
+    def saw_version(self, name: str, version: str) -> None: ...
+
+
+@dataclass
+class Prediction:
+    """The outputs of every row of one request, and how they were obtained."""
+
+    spec: ModelSpec
+    outputs: dict[str, np.ndarray]
+    #: Per row: "hit" (cache), "miss" (computed for this request), "shared" (computed
+    #: by a concurrent identical request), or "off" (the cache was not used).
+    cache: list[str]
+    cache_ms: float = 0.0
+    model_ms: float = 0.0
+    batch_size: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+
+def cacheable(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> bool:
+    """Per-row caching needs a free batch dimension on every input and output."""
+    if not all(t.batched for t in spec.inputs) or not all(t.batched for t in spec.outputs):
+        return False
+    return all(a.ndim >= 1 and a.shape[0] > 0 and a.dtype.kind != "O" for a in inputs.values())
+
+
+class Predictor:
+    """Rows in, outputs out: cache first, the model for the rest (see module docstring)."""
+
+    def __init__(self, backend: ModelBackend, catalog: SpecSource,
+                 cache: PredictionCache | None, timeout_s: Callable[[], float]) -> None:
+        self.backend = backend
+        self.catalog = catalog
+        self.cache = cache
+        self._timeout_s = timeout_s
+
+    async def predict(self, name: str, version: str | None, inputs: dict[str, np.ndarray],
+                      outputs: list[str] | None = None) -> Prediction:
+        """Every row's outputs (only ``outputs`` if given) from the version asked for or served.
+
+        ``inputs`` must already be validated against that version's spec.
+        """
+        spec = await self.catalog.spec(name, version)
+        cache = self.cache
+        if cache is None or not cache.config.enabled or not cacheable(spec, inputs):
+            return await self._uncached(name, version, spec, inputs, outputs)
+        try:
+            prediction = await self._cached(cache, name, spec, inputs)
+        except ModelNotFound:
+            if version is not None:
+                raise
+            # The served version moved on and the one we keyed with was unloaded: key again.
+            await self.catalog.status(name, fresh=True)
+            spec = await self.catalog.spec(name, None)
+            prediction = await self._cached(cache, name, spec, inputs)
+        if outputs:
+            prediction.outputs = {k: v for k, v in prediction.outputs.items() if k in outputs}
+        return prediction
+
+    async def _uncached(self, name: str, version: str | None, spec: ModelSpec,
+                        inputs: dict[str, np.ndarray], outputs: list[str] | None) -> Prediction:
+        started = time.perf_counter()
+        result = await self._call(name, InferCall(inputs=inputs, version=version, outputs=outputs))
+        self.catalog.saw_version(name, result.model_version)
+        if result.model_version != spec.version:
+            spec = await self.catalog.spec(name, result.model_version)
+        n_rows = _n_rows(inputs)
+        return Prediction(spec=spec, outputs=result.outputs, cache=["off"] * n_rows,
+                          model_ms=(time.perf_counter() - started) * 1000,
+                          batch_size=result.batch_size)
+
+    async def _cached(self, cache: PredictionCache, name: str, spec: ModelSpec,
+                      inputs: dict[str, np.ndarray]) -> Prediction:
+        started = time.perf_counter()
+        keys = cache.keys(name, spec.version, inputs)
+        model_ms = 0.0
+        batch_size = 0
+
+        async def compute(rows: list[int]) -> list[dict[str, np.ndarray]]:
+            nonlocal model_ms, batch_size
+            began = time.perf_counter()
+            index = np.asarray(rows, dtype=np.intp)
+            subset = {k: v[index] for k, v in inputs.items()}
+            result = await self._call(name, InferCall(inputs=subset, version=spec.version))
+            model_ms += (time.perf_counter() - began) * 1000
+            batch_size = max(batch_size, result.batch_size)
+            return [{k: v[i] for k, v in result.outputs.items()} for i in range(len(rows))]
+
+        rows, statuses = await cache.fetch(name, keys, compute)
+        total_ms = (time.perf_counter() - started) * 1000
+        stacked = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        return Prediction(spec=spec, outputs=stacked, cache=list[str](statuses),
+                          cache_ms=max(0.0, total_ms - model_ms), model_ms=model_ms,
+                          batch_size=batch_size)
+
+    async def _call(self, name: str, call: InferCall) -> InferResult:
+        timeout = self._timeout_s()
+        try:
+            return await asyncio.wait_for(self.backend.infer(name, call), timeout)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"model {name!r} did not answer within {timeout} s") from exc
+
+
+def _n_rows(inputs: dict[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def summarise(statuses: list[str]) -> str:
+    """One word for a request's rows: hit, miss, partial or off."""
+    kinds = set(statuses)
+    if kinds <= {"off"}:
+        return "off"
+    if kinds <= {"hit", "shared"}:
+        return "hit"
+    if kinds == {"miss"}:
+        return "miss"
+    return "partial"
+
+
+__all__ = ["CacheStatus", "ModelBackend", "Prediction", "Predictor", "cacheable", "summarise"]

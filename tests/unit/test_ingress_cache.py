@@ -1,0 +1,241 @@
+"""The prediction cache wired into ``/v2/.../infer``: real Redis, real ONNX models in process."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from deployments.cache.core import CacheConfig, PredictionCache, encode_row, redis_store
+from deployments.contracts import InferCall, InferResult
+from deployments.ingress.app import IngressConfig, create_app
+from deployments.onnx.core import OnnxModelConfig
+from deployments.repository import ModelRepository
+from tests.modelkit import reference_probabilities
+from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ATOL = 1e-5
+
+
+class CountingModels(InProcessModels):
+    """The in-process models, recording how many rows each call sent to a model."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        super().__init__(repository)
+        self.rows_seen: list[int] = []
+
+    async def infer(self, name: str, call: InferCall) -> InferResult:
+        self.rows_seen.append(int(next(iter(call.inputs.values())).shape[0]))
+        return await super().infer(name, call)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = f"keel:test:{uuid.uuid4().hex[:12]}:"
+    yield value
+    sync = redis.Redis.from_url(REDIS_URL)
+    keys = list(sync.scan_iter(match=f"{value}*"))
+    if keys:
+        sync.delete(*keys)
+    sync.close()
+
+
+@pytest.fixture
+def counting(repository: ModelRepository) -> CountingModels:
+    models = CountingModels(repository)
+    models.apply("linear", OnnxModelConfig(version="1"))  # so that a test can bump it to 2
+    return models
+
+
+def _make_client(models: InProcessModels, config: MutableIngressConfig,
+                 cache: PredictionCache) -> TestClient:
+    return TestClient(create_app(models, config, cache=cache), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def setup(counting: CountingModels, prefix: str
+          ) -> Iterator[tuple[TestClient, PredictionCache, MutableIngressConfig]]:
+    config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix)))
+    cache = PredictionCache(redis_store(REDIS_URL), config.value.cache)
+    with _make_client(counting, config, cache) as client:
+        yield client, cache, config
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+def _infer(client: TestClient, x: np.ndarray, path: str = "/v2/models/linear/infer",
+           **extra: Any) -> httpx.Response:
+    return client.post(path, json={"inputs": [{"name": "features", "shape": list(x.shape),
+                                               "datatype": "FP32",
+                                               "data": x.reshape(-1).tolist()}], **extra})
+
+
+def _probabilities(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    [out] = [o for o in response.json()["outputs"] if o["name"] == "probabilities"]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def test_second_identical_request_is_a_hit_with_identical_answer(setup: Any,
+                                                                  counting: CountingModels
+                                                                  ) -> None:
+    client, cache, _ = setup
+    x = _rows(3, seed=1)
+    first = _infer(client, x)
+    assert first.headers["x-keel-cache"] == "miss"
+    second = _infer(client, x)
+    assert second.headers["x-keel-cache"] == "hit"
+    assert counting.rows_seen == [3], "the hit must not reach the model"
+    np.testing.assert_array_equal(_probabilities(first), _probabilities(second))
+    np.testing.assert_allclose(_probabilities(second), reference_probabilities(x, seed=0),
+                               atol=ATOL)
+    assert second.json()["outputs"][1]["data"] == first.json()["outputs"][1]["data"]
+    assert cache.counters.hits["linear"] == 3 and cache.counters.misses["linear"] == 3
+
+
+def test_only_missed_rows_go_to_the_model_and_order_is_kept(setup: Any,
+                                                             counting: CountingModels) -> None:
+    client, _, _ = setup
+    x = _rows(5, seed=2)
+    _infer(client, x[[1, 3]])
+    answer = _infer(client, x)
+    assert answer.headers["x-keel-cache"] == "partial"
+    assert counting.rows_seen == [2, 3]
+    np.testing.assert_allclose(_probabilities(answer), reference_probabilities(x, seed=0),
+                               atol=ATOL)
+
+
+def test_duplicate_rows_in_one_request_compute_once(setup: Any,
+                                                    counting: CountingModels) -> None:
+    client, _, _ = setup
+    x = _rows(1, seed=3).repeat(4, axis=0)
+    answer = _infer(client, x)
+    assert counting.rows_seen == [1]
+    probabilities = _probabilities(answer)
+    assert probabilities.shape == (4, 2) and (probabilities == probabilities[0]).all()
+
+
+def test_a_new_version_misses_and_a_pinned_old_version_still_hits(setup: Any,
+                                                                   counting: CountingModels
+                                                                   ) -> None:
+    client, _, _ = setup
+    x = _rows(2, seed=4)
+    assert _infer(client, x).json()["model_version"] == "1"
+    counting.apply("linear", OnnxModelConfig(version="2"))
+    client.app.state.catalog._cache.clear()  # as if status_ttl_s had passed
+    answer = _infer(client, x)
+    assert answer.headers["x-keel-cache"] == "miss"
+    assert answer.json()["model_version"] == "2"
+    np.testing.assert_allclose(_probabilities(answer), reference_probabilities(x, seed=1),
+                               atol=ATOL)
+    pinned = _infer(client, x, path="/v2/models/linear/versions/1/infer")
+    assert pinned.headers["x-keel-cache"] == "hit"
+    assert pinned.json()["model_version"] == "1"
+    np.testing.assert_allclose(_probabilities(pinned), reference_probabilities(x, seed=0),
+                               atol=ATOL)
+
+
+def test_output_subset_is_served_from_a_cached_row(setup: Any) -> None:
+    client, _, _ = setup
+    x = _rows(2, seed=5)
+    _infer(client, x)
+    answer = _infer(client, x, outputs=[{"name": "label"}])
+    assert answer.headers["x-keel-cache"] == "hit"
+    assert [o["name"] for o in answer.json()["outputs"]] == ["label"]
+    assert answer.json()["outputs"][0]["data"] == \
+        reference_probabilities(x, seed=0).argmax(axis=1).tolist()
+
+
+def test_a_poisoned_entry_is_a_miss_and_is_overwritten(setup: Any, prefix: str) -> None:
+    client, cache, _ = setup
+    x = _rows(1, seed=6)
+    [key] = cache.keys("linear", "1", {"features": x})
+    sync = redis.Redis.from_url(REDIS_URL)
+    try:
+        sync.set(key, b"\x80\x04not a keel entry", px=60_000)
+        answer = _infer(client, x)
+        assert answer.headers["x-keel-cache"] == "miss"
+        np.testing.assert_allclose(_probabilities(answer), reference_probabilities(x, seed=0),
+                                   atol=ATOL)
+        assert cache.counters.corrupt == 1
+        stored = sync.get(key)
+        assert stored is not None and stored.startswith(b"KPC1")
+        assert _infer(client, x).headers["x-keel-cache"] == "hit"
+    finally:
+        sync.close()
+
+
+def test_a_valid_entry_under_the_key_is_served_as_is(setup: Any) -> None:
+    """What the cache holds is what is answered: proves hits really come from Redis."""
+    client, cache, _ = setup
+    x = _rows(1, seed=7)
+    [key] = cache.keys("linear", "1", {"features": x})
+    planted = {"probabilities": np.array([0.25, 0.75], np.float32),
+               "label": np.array(1, np.int64)}
+    sync = redis.Redis.from_url(REDIS_URL)
+    try:
+        sync.set(key, encode_row(planted), px=60_000)
+    finally:
+        sync.close()
+    answer = _infer(client, x)
+    assert answer.headers["x-keel-cache"] == "hit"
+    np.testing.assert_array_equal(_probabilities(answer), [[0.25, 0.75]])
+
+
+def test_ttl_expiry_and_disabling_are_live(setup: Any, counting: CountingModels,
+                                           prefix: str) -> None:
+    client, cache, config = setup
+    short = IngressConfig(cache=CacheConfig(key_prefix=prefix, ttl_s=0.3))
+    config.value = short
+    cache.reconfigure(short.cache)
+    x = _rows(1, seed=8)
+    _infer(client, x)
+    assert _infer(client, x).headers["x-keel-cache"] == "hit"
+    time.sleep(0.5)
+    assert _infer(client, x).headers["x-keel-cache"] == "miss"
+    off = IngressConfig(cache=CacheConfig(key_prefix=prefix, enabled=False))
+    config.value = off
+    cache.reconfigure(off.cache)
+    before = len(counting.rows_seen)
+    assert _infer(client, x).headers["x-keel-cache"] == "off"
+    assert len(counting.rows_seen) == before + 1
+
+
+def test_a_model_without_a_free_batch_dimension_is_not_cached(setup: Any) -> None:
+    client, _, _ = setup
+    answer = _infer(client, _rows(1, seed=9), path="/v2/models/fixed/infer")
+    assert answer.status_code == 200
+    assert answer.headers["x-keel-cache"] == "off"
+
+
+def test_redis_unreachable_at_start_serves_from_the_fallback(counting: CountingModels,
+                                                             prefix: str) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix,
+                                                                  retry_after_s=60)))
+    cache = PredictionCache(redis_store(dead), config.value.cache)
+    with _make_client(counting, config, cache) as client:
+        x = _rows(2, seed=10)
+        first, second = _infer(client, x), _infer(client, x)
+        state = client.get("/v1/cache").json()
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-keel-cache"] == "miss"
+    assert second.headers["x-keel-cache"] == "hit"  # from the in-process fallback
+    assert counting.rows_seen == [2]
+    assert state["remote"] == "down" and state["errors"] >= 1
+    assert state["models"]["linear"] == {"hits": 2, "misses": 2, "shared": 0,
+                                         "hit_ratio": 0.5}
