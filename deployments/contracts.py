@@ -6,7 +6,7 @@ makes on model deployments through Ray handles.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,7 +178,7 @@ class Decision(BaseModel):
     model_version: str
     #: hit: from the cache; miss: computed now; shared: computed by a concurrent
     #: identical request; off: the cache is disabled or unreachable for this model.
-    cache: str
+    cache: Literal["hit", "miss", "shared", "off"]
     timings_ms: DecideTimings
 
 
@@ -190,10 +190,3 @@ class DecideResponse(BaseModel):
     results: list[Decision]
     timings_ms: DecideTimings
 
-
-class FeatureLookup(BaseModel):
-    """What the ingress asks the FeatureService for (one request's entities)."""
-
-    entities: list[EntityKey]
-    #: Feature references ("view:feature") in model input column order.
-    features: list[str]

@@ -22,4 +22,5 @@ class RedisSettings(BaseSettings):
     ssl_ca_certs: str | None = None
     #: Per-command timeout: a slow Redis must cost a cache miss, not a slow answer.
     socket_timeout_s: float = Field(default=0.1, gt=0)
-    connect_timeout_s: float = Field(default=0.2, gt=0)
+    #: Includes the TLS handshake for ``rediss://``, which took over 0.2 s on a busy host.
+    connect_timeout_s: float = Field(default=0.5, gt=0)

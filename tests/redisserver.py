@@ -9,8 +9,43 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import redis
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> TlsFiles:
+        """A throw-away CA and server certificate, made with the openssl command."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise RuntimeError("openssl is not installed")
+        files = cls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+        ca_key = directory / "ca.key"
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            "/CN=keel-test-ca", "-keyout", str(ca_key), "-out", str(files.ca))
+        csr = directory / "server.csr"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", str(files.key), "-out", str(csr))
+        extensions = directory / "san.ext"
+        extensions.write_text("subjectAltName = IP:127.0.0.1\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(files.ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out",
+            str(files.cert))
+        return files
 
 
 def free_port() -> int:
@@ -22,29 +57,45 @@ def free_port() -> int:
 class PrivateRedis:
     """``start()`` / ``stop()`` a redis-server (no persistence) on one fixed port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, password: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:  # the machine and CI have it; say so plainly if not
             raise RuntimeError("redis-server is not installed")
         self.binary = binary
         self.port = port or free_port()
+        self.password = password
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+    def client(self, timeout_s: float = 2) -> redis.Redis:
+        options: dict[str, object] = {"host": "127.0.0.1", "port": self.port,
+                                      "socket_timeout": timeout_s, "password": self.password}
+        if self.tls:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
+        return redis.Redis(**options)  # type: ignore[arg-type]
 
     def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                     str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                     "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with redis.Redis(port=self.port, socket_timeout=0.2) as probe:
+                with self.client(timeout_s=0.2) as probe:
                     if probe.ping():
                         return
             except redis.ConnectionError:

@@ -27,6 +27,8 @@ import blake3
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.settings import RedisSettings
+
 log = logging.getLogger(__name__)
 
 HashName = Literal["blake3", "sha256"]
@@ -232,7 +234,7 @@ class RedisStore(RemoteStore):
 
 
 def redis_store(url: str, *, password: str | None = None, ssl_ca_certs: str | None = None,
-                socket_timeout_s: float = 0.1, connect_timeout_s: float = 0.2) -> RedisStore:
+                socket_timeout_s: float = 0.1, connect_timeout_s: float = 0.5) -> RedisStore:
     """A ``RedisStore`` for a ``redis://`` or ``rediss://`` URL (hiredis parses replies)."""
     import redis.asyncio as aioredis
 
@@ -244,6 +246,28 @@ def redis_store(url: str, *, password: str | None = None, ssl_ca_certs: str | No
     if url.startswith("rediss://") and ssl_ca_certs:
         options["ssl_ca_certs"] = ssl_ca_certs
     return RedisStore(aioredis.Redis.from_url(url, **options))
+
+
+def redis_store_from_env(settings: RedisSettings | None = None) -> RedisStore | None:
+    """The ``RedisStore`` the environment names (``KEEL_REDIS_URL``, ``_PASSWORD``,
+    ``_SSL_CA_CERTS``, timeouts); ``None`` when ``KEEL_REDIS_URL`` is empty."""
+    settings = settings or RedisSettings()
+    if not settings.url:
+        return None
+    return redis_store(settings.url,
+                       password=settings.password.get_secret_value() if settings.password
+                       else None,
+                       ssl_ca_certs=settings.ssl_ca_certs,
+                       socket_timeout_s=settings.socket_timeout_s,
+                       connect_timeout_s=settings.connect_timeout_s)
+
+
+def redacted(url: str) -> str:
+    """The URL without credentials (``redis://:secret@host`` → ``redis://***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
 
 
 # --- the cache -------------------------------------------------------------------------

@@ -17,7 +17,13 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge
 
-from deployments.cache.core import CacheConfig, CacheObserver, PredictionCache, redis_store
+from deployments.cache.core import (
+    CacheConfig,
+    CacheObserver,
+    PredictionCache,
+    redacted,
+    redis_store_from_env,
+)
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import (
     DependencyUnavailable,
@@ -133,26 +139,11 @@ class CacheMetrics(CacheObserver):
 def build_cache(config: CacheConfig) -> PredictionCache:
     """The prediction cache over the Redis named by the environment (``KEEL_REDIS_*``)."""
     settings = RedisSettings()
-    remote = None
-    if settings.url:
-        remote = redis_store(settings.url,
-                             password=settings.password.get_secret_value()
-                             if settings.password else None,
-                             ssl_ca_certs=settings.ssl_ca_certs,
-                             socket_timeout_s=settings.socket_timeout_s,
-                             connect_timeout_s=settings.connect_timeout_s)
-    cache = PredictionCache(remote, config)
+    cache = PredictionCache(redis_store_from_env(settings), config)
     cache.observer = CacheMetrics(cache)
-    log.info("prediction cache: %s", _redacted(settings.url) if remote else "in-process only")
+    log.info("prediction cache: %s", redacted(settings.url) if settings.url else
+             "in-process only (KEEL_REDIS_URL is empty)")
     return cache
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password (``redis://:secret@host`` → ``redis://***@host``)."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    return scheme + sep + rest
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})

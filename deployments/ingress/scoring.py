@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from deployments.cache.core import CacheStatus, PredictionCache
+from deployments.cache.core import PredictionCache
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ModelNotFound, UpstreamTimeout
 from deployments.repository import ModelSpec
@@ -56,7 +56,6 @@ class Prediction:
     cache_ms: float = 0.0
     model_ms: float = 0.0
     batch_size: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -153,7 +152,8 @@ def _n_rows(inputs: dict[str, np.ndarray]) -> int:
 
 
 def summarise(statuses: list[str]) -> str:
-    """One word for a request's rows: hit, miss, partial or off."""
+    """One word for a request's rows: hit (none computed for it: cached or shared with a
+    concurrent request), miss (all computed), partial, or off (cache not used)."""
     kinds = set(statuses)
     if kinds <= {"off"}:
         return "off"
@@ -163,5 +163,3 @@ def summarise(statuses: list[str]) -> str:
         return "miss"
     return "partial"
 
-
-__all__ = ["CacheStatus", "ModelBackend", "Prediction", "Predictor", "cacheable", "summarise"]

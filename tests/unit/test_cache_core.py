@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,12 @@ from deployments.cache.core import (
     RedisStore,
     decode_row,
     encode_row,
+    redacted,
     redis_store,
+    redis_store_from_env,
     row_keys,
 )
-from tests.redisserver import PrivateRedis, free_port
+from tests.redisserver import PrivateRedis, TlsFiles, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -290,3 +293,44 @@ async def test_redis_dies_mid_traffic_and_comes_back(second_redis: tuple[int, An
     assert check.exists(keys[2]) == 1  # written to the Redis that came back
     check.close()
     await store.client.aclose()
+
+
+async def test_tls_and_password_from_the_environment(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rediss://`` with a private CA and a password, configured only through KEEL_REDIS_*."""
+    tls = TlsFiles.create(tmp_path)
+    server = PrivateRedis(password="s3cret-pw", tls=tls)
+    server.start()
+    try:
+        monkeypatch.setenv("KEEL_REDIS_URL", server.url)
+        monkeypatch.setenv("KEEL_REDIS_PASSWORD", "s3cret-pw")
+        monkeypatch.setenv("KEEL_REDIS_SSL_CA_CERTS", str(tls.ca))
+        # Generous: a TLS handshake on a busy 2-core machine can take longer than 0.2 s.
+        monkeypatch.setenv("KEEL_REDIS_SOCKET_TIMEOUT_S", "2")
+        monkeypatch.setenv("KEEL_REDIS_CONNECT_TIMEOUT_S", "2")
+        store = redis_store_from_env()
+        assert store is not None
+        cache = PredictionCache(store, _config())
+        x = _x(2)
+        keys = cache.keys("m", "1", {"features": x})
+        model = Model()
+        _, statuses = await cache.fetch("m", keys, model.compute_for(x))
+        assert statuses == ["miss", "miss"] and cache.counters.errors == 0
+        _, statuses = await cache.fetch("m", keys, model.compute_for(x))
+        assert statuses == ["hit", "hit"] and len(model.calls) == 1
+        with server.client() as check:
+            assert check.exists(*keys) == 2  # really stored over TLS
+        await store.client.aclose()
+        # The wrong password is a counted cache error, never an exception.
+        monkeypatch.setenv("KEEL_REDIS_PASSWORD", "wrong")
+        wrong = redis_store_from_env()
+        assert wrong is not None
+        denied = PredictionCache(wrong, _config())
+        _, statuses = await denied.fetch("m", keys, model.compute_for(x))
+        assert statuses == ["miss", "miss"] and denied.counters.errors == 1
+        await wrong.client.aclose()
+    finally:
+        server.stop()
+    monkeypatch.setenv("KEEL_REDIS_URL", "")
+    assert redis_store_from_env() is None
+    assert redacted("rediss://:s3cret-pw@cache.example:6380/0") == "rediss://***@cache.example:6380/0"
