@@ -239,3 +239,16 @@ def test_redis_unreachable_at_start_serves_from_the_fallback(counting: CountingM
     assert state["remote"] == "down" and state["errors"] >= 1
     assert state["models"]["linear"] == {"hits": 2, "misses": 2, "shared": 0,
                                          "hit_ratio": 0.5}
+
+
+def test_decide_without_a_feature_store_is_503_and_checks_the_model_first(
+        client: TestClient) -> None:
+    body = {"model": "linear", "entities": [{"symbol": "SYM001"}]}
+    answer = client.post("/v1/decide", json=body)
+    assert answer.status_code == 503 and "no feature store" in answer.json()["error"]
+    fixed = client.post("/v1/decide", json={**body, "model": "fixed"})
+    assert fixed.status_code == 400 and "[-1, n_features]" in fixed.json()["error"]
+    unknown = client.post("/v1/decide", json={**body, "model": "nope"})
+    assert unknown.status_code == 404 and "'nope'" in unknown.json()["error"]
+    state = client.get("/v1/cache").json()
+    assert state == {"enabled": False, "remote": None}
