@@ -31,12 +31,23 @@ from raydriver import serve_until_stopped, start_local_ray
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Merge ``extra`` into ``into``, recursing into nested mappings."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
-                 model_user_config: dict[str, Any] | None = None) -> Path:
+                 model_user_config: dict[str, Any] | None = None,
+                 ingress_user_config: dict[str, Any] | None = None) -> Path:
     """A copy of ``source`` that listens on ``host:port`` (gRPC on ``grpc_port``).
 
     ``model_user_config`` is merged into every model deployment's user_config
-    (e.g. ``{"max_batch_size": 1}`` turns batching off).
+    (e.g. ``{"max_batch_size": 1}`` turns batching off); ``ingress_user_config``
+    is merged, recursively, into the Ingress's (e.g. ``{"cache": {"key_prefix": ...}}``).
     """
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=host, port=port)
@@ -46,6 +57,11 @@ def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
             for dep in app.get("deployments", []):
                 if dep["name"] != "Ingress":
                     dep.setdefault("user_config", {}).update(model_user_config)
+    if ingress_user_config:
+        for app in config["applications"]:
+            for dep in app.get("deployments", []):
+                if dep["name"] == "Ingress":
+                    _merge(dep.setdefault("user_config", {}), ingress_user_config)
     target = into / "serve_config.bench.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
@@ -121,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-user-config", type=json.loads, default=None,
                         help='JSON merged into every model\'s user_config, e.g. '
                              '\'{"max_batch_size": 1}\'')
+    parser.add_argument("--ingress-user-config", type=json.loads, default=None,
+                        help='JSON merged into the Ingress\'s user_config, e.g. '
+                             '\'{"cache": {"key_prefix": "keelbench:keel:"}}\'')
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="shorthand for --model-user-config '{\"max_batch_size\": N}'")
     args = parser.parse_args(argv)
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
-                               temp_dir, args.model_user_config)
+                               temp_dir, args.model_user_config, args.ingress_user_config)
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port)
 
     # Ray is initialised, so `serve run` deploys onto this private instance.
