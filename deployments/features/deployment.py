@@ -34,6 +34,7 @@ class FeatureService:
     def __init__(self, repo_path: str, fs_yaml: str | None = None) -> None:
         # Built here, inside the replica: a FeatureStore is never pickled.
         self._fetcher = FeatureFetcher(repo_path, fs_yaml)
+        log.info("feature store warmed up in %.2f s", self._fetcher.warm_up())
         self._config = FeatureServiceConfig()
         # One thread: the Feast client's connections are not shared across threads, and
         # lookups are merged into batches anyway.
