@@ -1,0 +1,104 @@
+"""Every metric Keel exports, in one place (no Ray here).
+
+The Ray shells create them through ``deployments.observability.ray_metrics``;
+Prometheus rules, Grafana panels and their tests read the names from here. Ray's
+exporter prefixes application metrics with ``ray_`` (``keel_requests_total`` is
+scraped as ``ray_keel_requests_total``). Tag names avoid the ones Serve reserves
+(deployment, replica, application, route).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: Exported name = RAY_PREFIX + name.
+RAY_PREFIX = "ray_"
+
+#: Millisecond buckets fine enough for SLOs of 25/50/80 ms (Ray's defaults are too
+#: coarse, ray issue 38223). Every default SLO threshold is a bucket bound, so
+#: "share of requests within the threshold" is exact, not interpolated.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 125, 150, 200, 250,
+    300, 400, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000,
+)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: its name (without Ray's prefix), kind, tags and buckets."""
+
+    name: str
+    kind: Kind
+    description: str
+    tags: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        """The name Prometheus sees."""
+        return RAY_PREFIX + self.name
+
+
+REQUESTS = MetricSpec("keel_requests_total", "counter",
+                      "HTTP requests answered by the ingress, by route, model and status code.",
+                      ("http_route", "model", "status"))
+REQUEST_LATENCY = MetricSpec("keel_request_latency_ms", "histogram",
+                             "Time from the ingress receiving a request to its answer, in ms.",
+                             ("http_route", "model"), LATENCY_BUCKETS_MS)
+MODEL_LATENCY = MetricSpec("keel_model_latency_ms", "histogram",
+                           "Round trip of one model call seen from the ingress (hop, queue, "
+                           "batch wait, ONNX Runtime), in ms.", ("model",), LATENCY_BUCKETS_MS)
+MODEL_BATCH_SIZE = MetricSpec("keel_model_batch_size", "histogram",
+                              "Requests sharing one ONNX Runtime call (micro-batch size).",
+                              ("model",), BATCH_BUCKETS)
+MODEL_LOADS = MetricSpec("keel_model_loads_total", "counter",
+                         "Model versions loaded by a replica (start and every reload).",
+                         ("model", "version"))
+FEATURE_BATCH_SIZE = MetricSpec("keel_feature_batch_size", "histogram",
+                                "Lookups merged into one online-store call.", (), BATCH_BUCKETS)
+FEATURE_AGE = MetricSpec("keel_feature_age_seconds", "gauge",
+                         "Age of the oldest feature row served in the last lookup batch "
+                         "(now - event timestamp).", ("feature_view",))
+CACHE_ROWS = MetricSpec("keel_cache_rows_total", "counter",
+                        "Rows looked up in the prediction cache, by result (hit, miss, shared).",
+                        ("model", "result"))
+CACHE_ERRORS = MetricSpec("keel_cache_errors_total", "counter",
+                          "Redis commands of the prediction cache that failed (the in-process "
+                          "fallback answered).", ("operation",))
+CACHE_HIT_RATIO = MetricSpec("keel_cache_hit_ratio", "gauge",
+                             "Share of rows answered without the model, since the replica "
+                             "started.", ("model",))
+SLO_VALUE = MetricSpec("keel_slo_value", "gauge",
+                       "The SLO's measured value over the window (ms for latency objectives, "
+                       "a ratio otherwise), for the whole application.", ("slo", "window"))
+SLO_TARGET = MetricSpec("keel_slo_target", "gauge", "The SLO's target (same unit as the value).",
+                        ("slo",))
+SLO_COMPLIANT = MetricSpec("keel_slo_compliant", "gauge",
+                           "1 when the SLO is met over the window, else 0.", ("slo", "window"))
+SLO_BUDGET = MetricSpec("keel_slo_error_budget_remaining", "gauge",
+                        "Share of the window's error budget left (1: untouched, 0: spent, "
+                        "negative: overspent).", ("slo", "window"))
+SLO_EVENTS = MetricSpec("keel_slo_events", "gauge",
+                        "Events counted in the window (requests, model calls or cache rows).",
+                        ("slo", "window"))
+
+ALL: tuple[MetricSpec, ...] = (
+    REQUESTS, REQUEST_LATENCY, MODEL_LATENCY, MODEL_BATCH_SIZE, MODEL_LOADS, FEATURE_BATCH_SIZE,
+    FEATURE_AGE, CACHE_ROWS, CACHE_ERRORS, CACHE_HIT_RATIO, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
+    SLO_BUDGET, SLO_EVENTS,
+)
+
+
+def exported_names() -> set[str]:
+    """Every series name Prometheus can see from Keel (histograms: _bucket, _sum, _count)."""
+    names: set[str] = set()
+    for spec in ALL:
+        if spec.kind == "histogram":
+            names |= {spec.exported + suffix for suffix in ("_bucket", "_sum", "_count")}
+        else:
+            names.add(spec.exported)
+    return names
