@@ -110,6 +110,10 @@ class InferCall(BaseModel):
     version: str | None = None
     #: Outputs to compute; ``None`` means all declared outputs.
     outputs: list[str] | None = None
+    #: W3C trace context (``traceparent``/``tracestate``) of the caller's span, set only
+    #: when the request is traced: the model's batch span links to it. Ray Serve carries
+    #: the parent context itself; this is for the requests a batch serves beyond its first.
+    trace: dict[str, str] | None = None
 
 
 class InferResult(BaseModel):

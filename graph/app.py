@@ -1,7 +1,8 @@
 """The application graph: the only place ``.bind()`` is called.
 
-Ingress → one ``OnnxModel`` per model, and the ``FeatureService`` over the Feast
-repository (for ``/v1/decide``).
+Ingress → one ``OnnxModel`` per model, the ``FeatureService`` over the Feast
+repository (for ``/v1/decide``) and the ``SloMonitor`` (for ``/v1/slo`` and the SLO
+gauges).
 
 ``serve_config.yaml`` names ``graph.app:build_app`` as its import path and
 passes ``args`` (validated as ``AppArgs``); deployment options (replicas,
@@ -20,6 +21,7 @@ from ray.serve import Application, Deployment
 from deployments.errors import ConfigError
 from deployments.features.deployment import FeatureService
 from deployments.ingress.deployment import Ingress
+from deployments.observability.deployment import SloMonitor
 from deployments.onnx.deployment import OnnxModel
 from deployments.repository import ModelRepository
 
@@ -96,8 +98,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         for name in names
     }
     store = resolve_feature_store(parsed)
-    if store is None:
-        return ingress.options(user_config={}).bind(models)
-    features = cast(Deployment, FeatureService).options(user_config={}).bind(
-        str(store[0]), str(store[1]))
-    return ingress.options(user_config={}).bind(models, features)
+    features = None if store is None else cast(Deployment, FeatureService).options(
+        user_config={}).bind(str(store[0]), str(store[1]))
+    slo_monitor = cast(Deployment, SloMonitor).options(user_config={}).bind()
+    return ingress.options(user_config={}).bind(models, features, slo_monitor)

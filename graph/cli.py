@@ -16,13 +16,15 @@ from pydantic import BaseModel, ValidationError
 from deployments.errors import KeelError, field_errors
 from deployments.features.core import FeatureServiceConfig
 from deployments.ingress.app import IngressConfig
+from deployments.observability.slo import SloConfig
 from deployments.onnx.core import OnnxModelConfig
 
 #: Ray Serve's default when a deployment does not set max_ongoing_requests.
 RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5
 #: The user_config model of each deployment by name; every other deployment is a model.
 USER_CONFIGS: dict[str, type[BaseModel]] = {"Ingress": IngressConfig,
-                                            "FeatureService": FeatureServiceConfig}
+                                            "FeatureService": FeatureServiceConfig,
+                                            "SloMonitor": SloConfig}
 
 
 def check_serve_config(path: Path) -> list[str]:

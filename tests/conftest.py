@@ -163,11 +163,13 @@ def serve_client() -> Iterator[Any]:
     # The mode `make demo` runs in (see README): Ray reads these when its processes start.
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
-             log_to_driver=False)
+             log_to_driver=False, _metrics_export_port=metrics_port)
     client = serve_start(http_options={"host": "127.0.0.1", "port": port})
     client.test_port = port
+    client.metrics_port = metrics_port  # Ray's Prometheus endpoint on this node
     try:
         yield client
     finally:

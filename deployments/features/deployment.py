@@ -17,10 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
-from ray.serve.metrics import Gauge
 
 from deployments.errors import DependencyUnavailable, KeelError, parse_user_config
 from deployments.features.core import FeatureFetcher, FeatureRows, FeatureServiceConfig
+from deployments.observability import catalog, tracing
+from deployments.observability.ray_metrics import make
+from deployments.observability.replica import observe_replica
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class FeatureService:
     """Online features for entity keys, from the Feast repository at ``repo_path``."""
 
     def __init__(self, repo_path: str, fs_yaml: str | None = None) -> None:
+        observe_replica()  # span attributes, Pyroscope (after the replica started)
         # Built here, inside the replica: a FeatureStore is never pickled.
         self._fetcher = FeatureFetcher(repo_path, fs_yaml)
         log.info("feature store warmed up in %.2f s", self._fetcher.warm_up())
@@ -41,10 +44,8 @@ class FeatureService:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast")
         self._batch_sizes: Counter[int] = Counter()
         self._failures = 0
-        self._age = Gauge("keel_feature_age_seconds",
-                          description="Age of the newest feature row served (now - event "
-                                      "timestamp), oldest over the last lookup batch.",
-                          tag_keys=("feature_view",))
+        self._age = make(catalog.FEATURE_AGE)
+        self._batch_metric = make(catalog.FEATURE_BATCH_SIZE)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = parse_user_config(FeatureServiceConfig, user_config, "FeatureService")
@@ -53,22 +54,35 @@ class FeatureService:
             config.batch_wait_timeout_s)
         self._config = config
 
-    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
-        """Feature values of ``entities`` in ``features`` order (404 for an unknown entity)."""
+    async def lookup(self, entities: list[dict[str, Any]], features: list[str],
+                     trace: dict[str, str] | None = None) -> FeatureRows:
+        """Feature values of ``entities`` in ``features`` order (404 for an unknown entity).
+
+        ``trace``: the caller's W3C trace context, for the batch span's links (Ray Serve
+        carries the parent context itself).
+        """
         self._fetcher.validate(entities, features)
-        result = await self._lookup_batch((entities, features))
+        result = await self._lookup_batch(((entities, features), trace))
         if isinstance(result, KeelError):
             raise result
         return result
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _lookup_batch(self, requests: list[Lookup]) -> list[FeatureRows | KeelError]:
+    async def _lookup_batch(self, items: list[tuple[Lookup, dict[str, str] | None]]
+                            ) -> list[FeatureRows | KeelError]:
+        requests = [lookup for lookup, _ in items]
         self._batch_sizes[len(requests)] += 1
+        self._batch_metric.observe(len(requests))
         timeout = self._config.lookup_timeout_s
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(self._pool, self._fetcher.lookup_many, requests)
         try:
-            results = await asyncio.wait_for(call, timeout)
+            # A child of the batch's first request (Serve's choice), linking every request.
+            with tracing.span("keel.features.batch",
+                              {"keel.batch.size": len(requests),
+                               "keel.entities": sum(len(e) for e, _ in requests)},
+                              links=tracing.links([t for _, t in items])):
+                results = await asyncio.wait_for(call, timeout)
         except TimeoutError:
             self._failures += 1
             error = DependencyUnavailable(f"the feature store did not answer within {timeout} s",

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.cache.core import CacheConfig, PredictionCache
 from deployments.contracts import (
@@ -42,6 +43,7 @@ from deployments.errors import (
 )
 from deployments.ingress import codec
 from deployments.ingress.scoring import ModelBackend, Predictor, summarise
+from deployments.observability.slo import SloReport
 from deployments.repository import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class IngressConfig(BaseModel):
     ready_timeout_s: float = Field(default=2.0, gt=0, le=60)
     #: Most entities one ``/v1/decide`` request may name.
     max_entities: int = Field(default=256, ge=1, le=100_000)
+    #: How often this replica sends its SLO events to the SloMonitor.
+    slo_push_interval_s: float = Field(default=1.0, gt=0, le=60)
     #: The prediction cache (TTL, hash, fallback size); applied live.
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
@@ -80,6 +84,61 @@ class FeatureBackend(Protocol):
 
     async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureTable:
         ...
+
+
+class RequestObserver(Protocol):
+    """Told about every answered HTTP request and every model call (metrics, SLOs)."""
+
+    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None: ...
+
+    def model_call(self, model: str, latency_ms: float, ok: bool) -> None: ...
+
+
+class SloSource(Protocol):
+    """Where ``GET /v1/slo`` gets the application-wide SLO figures."""
+
+    async def report(self) -> SloReport: ...
+
+
+class MeasureRequests:
+    """ASGI middleware: each request's route template, model, status and latency go to
+    the observer once the answer is sent. Pure ASGI (no BaseHTTPMiddleware overhead);
+    an observer that fails is logged, never the request's problem."""
+
+    def __init__(self, app: ASGIApp, observer: RequestObserver) -> None:
+        self.app = app
+        self.observer = observer
+        self._failed_once = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises past every handler
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            model = scope.get(MODEL_SCOPE_KEY) or scope.get("path_params", {}).get("name", "")
+            try:
+                self.observer.request(route, str(model), status,
+                                      (time.perf_counter() - started) * 1000)
+            except Exception:
+                if not self._failed_once:
+                    self._failed_once = True
+                    log.exception("request observer failed (logged once)")
+
+
+#: Where a route that learns its model from the body (/v1/decide) leaves it for metrics.
+MODEL_SCOPE_KEY = "keel.model"
 
 
 class FeatureTable(Protocol):
@@ -187,22 +246,32 @@ def error_response(status: int, message: str, retry_after_s: int | None = None) 
 
 def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                cache: PredictionCache | None = None,
-               features: FeatureBackend | None = None) -> FastAPI:
+               features: FeatureBackend | None = None,
+               observer: RequestObserver | None = None,
+               slo: SloSource | None = None) -> FastAPI:
     """Build the ingress app over ``backend``; ``config`` returns the live settings.
 
     ``cache`` answers repeated rows (both APIs); ``features`` serves ``/v1/decide``
-    (without it that route answers 503).
+    (without it that route answers 503); ``observer`` hears every request and model
+    call; ``slo`` serves ``/v1/slo`` (503 without it).
     """
     app = FastAPI(
         title="Keel",
         version=_server_version(),
         description="ONNX model serving on Ray Serve: the Open Inference Protocol "
                     "(KServe V2) and an entity-keyed decision API over Feast features.",
+        # FastAPI's own spans take their parent from the HTTP headers, not from the span
+        # Ray Serve opened for the request: without a traceparent they would start a
+        # second trace. Keel's keel.request span (observability/asgi.py) replaces them.
+        telemetry={"tracing": False},
     )
     catalog = ModelCatalog(backend, config)
-    predictor = Predictor(backend, catalog, cache, lambda: config().request_timeout_s)
+    predictor = Predictor(backend, catalog, cache, lambda: config().request_timeout_s,
+                          observer)
     app.state.catalog = catalog
     app.state.predictor = predictor
+    if observer is not None:
+        app.add_middleware(MeasureRequests, observer=observer)
 
     @app.exception_handler(KeelError)
     async def _keel_error(_: Request, exc: KeelError) -> JSONResponse:
@@ -342,6 +411,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
             ask = DecideRequest.model_validate_json(body)
         except ValidationError as exc:
             raise InvalidInput("; ".join(field_errors(exc, limit=5))) from exc
+        request.scope[MODEL_SCOPE_KEY] = ask.model
         if len(ask.entities) > settings.max_entities:
             raise InvalidInput(f"entities: at most {settings.max_entities} entities per "
                                f"request (got {len(ask.entities)})")
@@ -387,6 +457,17 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                                 results=results, timings_ms=timings)
         return Response(answer.model_dump_json(), media_type="application/json",
                         headers={"X-Keel-Cache": summarise(prediction.cache)})
+
+    @app.get("/v1/slo", summary="SLOs of the whole application over rolling windows",
+             response_model=SloReport)
+    async def slo_report() -> SloReport:
+        if slo is None:
+            raise DependencyUnavailable("no SLO monitor is configured")
+        try:
+            return await asyncio.wait_for(slo.report(), config().ready_timeout_s)
+        except TimeoutError as exc:
+            raise DependencyUnavailable("the SLO monitor did not answer", retry_after_s=1) \
+                from exc
 
     @app.get("/v1/cache", summary="Prediction cache state and counters")
     async def cache_state() -> dict[str, Any]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable
+import os
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from opentelemetry.trace import SpanKind
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import (
@@ -15,7 +19,6 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Gauge
 
 from deployments.cache.core import (
     CacheConfig,
@@ -34,6 +37,11 @@ from deployments.errors import (
 )
 from deployments.features.core import FeatureRows
 from deployments.ingress.app import IngressConfig, create_app
+from deployments.observability import catalog, tracing
+from deployments.observability.asgi import RequestSpans
+from deployments.observability.ray_metrics import make
+from deployments.observability.replica import observe_replica
+from deployments.observability.slo import SloObserver, SloReport, process_recorder
 from deployments.settings import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -60,8 +68,12 @@ class HandleBackend:
         return result
 
     async def infer(self, name: str, call: InferCall) -> InferResult:
-        result: InferResult = await _call(f"model {name!r}",
-                                          self._handle(name).infer.remote(call))
+        # Ray Serve carries the span's context to the replica; call.trace lets the batch
+        # span there link this request too (see deployments/observability/tracing.py).
+        with tracing.span("keel.model.call", {"keel.model": name}, kind=SpanKind.CLIENT):
+            call.trace = tracing.carrier()
+            result: InferResult = await _call(f"model {name!r}",
+                                              self._handle(name).infer.remote(call))
         return result
 
 
@@ -72,8 +84,11 @@ class HandleFeatures:
         self._handle = handle
 
     async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
-        rows: FeatureRows = await _call("the feature store",
-                                        self._handle.lookup.remote(entities, features))
+        with tracing.span("keel.features.lookup",
+                          {"keel.entities": len(entities), "keel.features": len(features)},
+                          kind=SpanKind.CLIENT):
+            rows: FeatureRows = await _call("the feature store", self._handle.lookup.remote(
+                entities, features, trace=tracing.carrier()))
         return rows
 
 
@@ -107,22 +122,14 @@ def _as_keel_error(what: str, exc: Exception) -> KeelError:
 
 
 class CacheMetrics(CacheObserver):
-    """The prediction cache's counts as Ray Serve metrics (Prometheus via Ray)."""
+    """The prediction cache's counts as Ray Serve metrics and SLO events."""
 
-    def __init__(self, cache: PredictionCache) -> None:
+    def __init__(self, cache: PredictionCache, slo: SloObserver) -> None:
         self._cache = cache
-        self._rows = Counter("keel_cache_rows_total",
-                             description="Rows looked up in the prediction cache, by result "
-                                         "(hit, miss, shared).",
-                             # Ray's stub says tuple[str]; any number of keys works.
-                             tag_keys=("model", "result"))  # type: ignore[arg-type]
-        self._errors = Counter("keel_cache_errors_total",
-                               description="Redis commands of the prediction cache that failed "
-                                           "(the in-process fallback answered).",
-                               tag_keys=("operation",))
-        self._ratio = Gauge("keel_cache_hit_ratio",
-                            description="Share of rows answered without the model, since start.",
-                            tag_keys=("model",))
+        self._slo = slo
+        self._rows = make(catalog.CACHE_ROWS)
+        self._errors = make(catalog.CACHE_ERRORS)
+        self._ratio = make(catalog.CACHE_HIT_RATIO)
 
     def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
         for result, count in (("hit", hits), ("miss", misses), ("shared", shared)):
@@ -131,16 +138,84 @@ class CacheMetrics(CacheObserver):
         ratio = self._cache.counters.hit_ratio(model)
         if ratio is not None:
             self._ratio.set(ratio, tags={"model": model})
+        self._slo.cache_rows(model, hits, misses, shared)
 
     def remote_failed(self, operation: str) -> None:
         self._errors.inc(1, tags={"operation": operation})
 
 
-def build_cache(config: CacheConfig) -> PredictionCache:
+class IngressMetrics(SloObserver):
+    """Requests and model calls as Ray Serve metrics, and as SLO events."""
+
+    def __init__(self, pusher: SloPusher | None) -> None:
+        super().__init__()
+        self._pusher = pusher
+        self._requests = make(catalog.REQUESTS)
+        self._latency = make(catalog.REQUEST_LATENCY)
+        self._model_latency = make(catalog.MODEL_LATENCY)
+
+    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+        super().request(http_route, model, status, latency_ms)
+        self._requests.inc(1, tags={"http_route": http_route, "model": model,
+                                    "status": str(status)})
+        self._latency.observe(latency_ms, tags={"http_route": http_route, "model": model})
+        if self._pusher is not None:
+            self._pusher.ensure_running()
+
+    def model_call(self, model: str, latency_ms: float, ok: bool) -> None:
+        super().model_call(model, latency_ms, ok)
+        self._model_latency.observe(latency_ms, tags={"model": model})
+
+
+class SloPusher:
+    """Sends this process's SLO events to the ``SloMonitor`` about once a second.
+
+    A delta that cannot be delivered is put back and sent with the next one, so a
+    monitor restart loses nothing younger than the recorder keeps.
+    """
+
+    def __init__(self, monitor: DeploymentHandle, interval_s: Callable[[], float]) -> None:
+        self._monitor = monitor
+        self._interval_s = interval_s
+        self._recorder = process_recorder()
+        self._source = f"{socket.gethostname()}:{os.getpid()}"
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._failures = 0
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def flush(self) -> None:
+        async with self._lock:
+            delta = self._recorder.drain()
+            if not delta:
+                return
+            try:
+                await asyncio.wait_for(self._monitor.push.remote(delta, self._source), 5)
+            except Exception as exc:
+                self._recorder.restore(delta)
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    log.warning("SLO push failed (%d so far): %r", self._failures, exc)
+
+    async def report(self) -> SloReport:
+        await self.flush()  # this replica's latest events count too
+        report: SloReport = await self._monitor.report.remote()
+        return report
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s())
+            await self.flush()
+
+
+def build_cache(config: CacheConfig, slo: SloObserver) -> PredictionCache:
     """The prediction cache over the Redis named by the environment (``KEEL_REDIS_*``)."""
     settings = RedisSettings()
     cache = PredictionCache(redis_store_from_env(settings), config)
-    cache.observer = CacheMetrics(cache)
+    cache.observer = CacheMetrics(cache, slo)
     log.info("prediction cache: %s", redacted(settings.url) if settings.url else
              "in-process only (KEEL_REDIS_URL is empty)")
     return cache
@@ -153,16 +228,23 @@ class Ingress:
     with the prediction cache in front of the models."""
 
     def __init__(self, models: dict[str, DeploymentHandle],
-                 features: DeploymentHandle | None = None) -> None:
+                 features: DeploymentHandle | None = None,
+                 slo_monitor: DeploymentHandle | None = None) -> None:
+        observe_replica()  # span attributes, Pyroscope (after the replica started)
         self._backend = HandleBackend(models)
         self._features = HandleFeatures(features) if features is not None else None
         self._config = IngressConfig()
-        self._cache = build_cache(self._config.cache)
+        self._pusher = (SloPusher(slo_monitor, lambda: self._config.slo_push_interval_s)
+                        if slo_monitor is not None else None)
+        self._metrics = IngressMetrics(self._pusher)
+        self._cache = build_cache(self._config.cache, self._metrics)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._config = parse_user_config(IngressConfig, user_config, "Ingress")
         self._cache.reconfigure(self._config.cache)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self._backend, lambda: self._config, cache=self._cache,
-                          features=self._features)
+        app = create_app(self._backend, lambda: self._config, cache=self._cache,
+                         features=self._features, observer=self._metrics, slo=self._pusher)
+        app.add_middleware(RequestSpans)  # keel.request spans; a no-op when tracing is off
+        return app

@@ -21,6 +21,7 @@ import numpy as np
 from deployments.cache.core import PredictionCache
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ModelNotFound, UpstreamTimeout
+from deployments.observability import tracing
 from deployments.repository import ModelSpec
 
 
@@ -32,6 +33,12 @@ class ModelBackend(Protocol):
     async def status(self, name: str) -> ModelStatus: ...
 
     async def infer(self, name: str, call: InferCall) -> InferResult: ...
+
+
+class CallObserver(Protocol):
+    """Told how long each model call took, and whether it succeeded."""
+
+    def model_call(self, model: str, latency_ms: float, ok: bool) -> None: ...
 
 
 class SpecSource(Protocol):
@@ -73,10 +80,12 @@ class Predictor:
     """Rows in, outputs out: cache first, the model for the rest (see module docstring)."""
 
     def __init__(self, backend: ModelBackend, catalog: SpecSource,
-                 cache: PredictionCache | None, timeout_s: Callable[[], float]) -> None:
+                 cache: PredictionCache | None, timeout_s: Callable[[], float],
+                 observer: CallObserver | None = None) -> None:
         self.backend = backend
         self.catalog = catalog
         self.cache = cache
+        self.observer = observer
         self._timeout_s = timeout_s
 
     async def predict(self, name: str, version: str | None, inputs: dict[str, np.ndarray],
@@ -131,7 +140,14 @@ class Predictor:
             batch_size = max(batch_size, result.batch_size)
             return [{k: v[i] for k, v in result.outputs.items()} for i in range(len(rows))]
 
-        rows, statuses = await cache.fetch(name, keys, compute)
+        # One span for the MGET, the model call for the misses (a child) and the write-back.
+        with tracing.span("keel.cache.fetch", {"keel.model": name,
+                                               "keel.model.version": spec.version,
+                                               "keel.rows": len(keys)}) as span:
+            rows, statuses = await cache.fetch(name, keys, compute)
+            if span is not None:
+                span.set_attribute("keel.cache.result", summarise(list[str](statuses)))
+                span.set_attribute("keel.cache.hits", statuses.count("hit"))
         total_ms = (time.perf_counter() - started) * 1000
         stacked = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
         return Prediction(spec=spec, outputs=stacked, cache=list[str](statuses),
@@ -140,10 +156,17 @@ class Predictor:
 
     async def _call(self, name: str, call: InferCall) -> InferResult:
         timeout = self._timeout_s()
+        started = time.perf_counter()
+        ok = False
         try:
-            return await asyncio.wait_for(self.backend.infer(name, call), timeout)
+            result = await asyncio.wait_for(self.backend.infer(name, call), timeout)
+            ok = True
+            return result
         except TimeoutError as exc:
             raise UpstreamTimeout(f"model {name!r} did not answer within {timeout} s") from exc
+        finally:
+            if self.observer is not None:
+                self.observer.model_call(name, (time.perf_counter() - started) * 1000, ok)
 
 
 def _n_rows(inputs: dict[str, np.ndarray]) -> int:

@@ -398,3 +398,34 @@ def share_within(buckets: list[int], threshold_ms: float,
             break
         lower = upper
     return within / total
+
+
+# --- what the ingress records ----------------------------------------------------------
+
+
+def is_serving_route(http_route: str) -> bool:
+    """Routes the API SLOs judge: inference and decisions (not health, metadata, docs)."""
+    return http_route.endswith("/infer") or http_route == "/v1/decide"
+
+
+class SloObserver:
+    """Feeds the ingress's requests and model calls into a :class:`Recorder`.
+
+    ``api``: latency of every serving request, good unless it answered 5xx (a 4xx is
+    the client's mistake, not a broken promise); ``model``: each model call's round
+    trip from the ingress, good unless it raised; ``cache``: see :meth:`cache_rows`.
+    """
+
+    def __init__(self, recorder: Recorder | None = None) -> None:
+        self.recorder = recorder or process_recorder()
+
+    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+        if is_serving_route(http_route):
+            self.recorder.observe(API, latency_ms, good=status < 500)
+
+    def model_call(self, model: str, latency_ms: float, ok: bool) -> None:
+        self.recorder.observe(MODEL, latency_ms, good=ok)
+
+    def cache_rows(self, model: str, hits: int, misses: int, shared: int) -> None:
+        """Rows answered without the model (hit, shared) are the cache SLO's good events."""
+        self.recorder.observe(CACHE, count=hits + misses + shared, good_count=hits + shared)

@@ -11,6 +11,9 @@ from ray import serve
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ConfigError, KeelError, parse_user_config
+from deployments.observability import catalog, tracing
+from deployments.observability.ray_metrics import make
+from deployments.observability.replica import observe_replica
 from deployments.onnx.core import ModelVersions, OnnxModelConfig
 from deployments.repository import ModelRepository
 
@@ -38,12 +41,21 @@ class OnnxModel:
     """
 
     def __init__(self, model_name: str, repository: str) -> None:
+        observe_replica(model_name)  # span attributes, Pyroscope (after the replica started)
         self._name = model_name
         self._versions = ModelVersions(ModelRepository(repository), model_name)
         self._config = OnnxModelConfig()
         self._batch_sizes: Counter[int] = Counter()
         self._reloads = 0
+        self._batch_metric = make(catalog.MODEL_BATCH_SIZE)
+        self._loads_metric = make(catalog.MODEL_LOADS)
         self._versions.apply(self._config)
+        self._count_load()
+
+    def _count_load(self) -> None:
+        current = self._versions.current
+        if current is not None:
+            self._loads_metric.inc(1, tags={"model": self._name, "version": current.version})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new live settings; a new version loads before it replaces the old one."""
@@ -51,6 +63,7 @@ class OnnxModel:
         config.check_max_ongoing_requests(_replica_max_ongoing_requests())
         if self._versions.apply(config):
             self._reloads += 1
+            self._count_load()
         # @serve.batch adds these setters; its type stub does not say so.
         self._infer_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
         self._infer_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
@@ -71,7 +84,13 @@ class OnnxModel:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _infer_batch(self, calls: list[InferCall]) -> list[InferResult | KeelError]:
         self._batch_sizes[len(calls)] += 1
-        return self._versions.infer_batch(calls)
+        self._batch_metric.observe(len(calls), tags={"model": self._name})
+        # Serve runs the batch in its first request's context: the span is that request's
+        # child and links every request it answers (each call's trace carrier).
+        with tracing.span("keel.model.batch",
+                          {"keel.model": self._name, "keel.batch.size": len(calls)},
+                          links=tracing.links([c.trace for c in calls])):
+            return self._versions.infer_batch(calls)
 
     async def status(self) -> ModelStatus:
         """What is loaded and served; the ingress validates requests against it."""

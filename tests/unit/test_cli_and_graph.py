@@ -38,7 +38,7 @@ def _dep(app: dict[str, Any], name: str) -> dict[str, Any]:
 def test_max_ongoing_requests_below_batch_size_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path, lambda app: _dep(app, "risk_mlp").update(max_ongoing_requests=8))
     [problem] = check_serve_config(path)
-    assert "deployments[2] (risk_mlp)" in problem
+    assert "deployments[3] (risk_mlp)" in problem
     assert "max_ongoing_requests (8)" in problem and "max_batch_size (32)" in problem
 
 
@@ -65,9 +65,13 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
          "(Ingress).user_config.cache.hash"),
         (lambda app: _dep(app, "Ingress")["user_config"].update(max_entities=0),
          "(Ingress).user_config.max_entities"),
+        (lambda app: _dep(app, "SloMonitor")["user_config"].update(windows=["1m", "2m"]),
+         "(SloMonitor).user_config.windows.1"),
+        (lambda app: _dep(app, "SloMonitor")["user_config"]["objectives"][1].update(
+            threshold_ms=-80), "(SloMonitor).user_config.objectives.1.threshold_ms"),
     ],
     ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema",
-         "feature-timeout", "cache-hash", "max-entities"],
+         "feature-timeout", "cache-hash", "max-entities", "slo-window", "slo-threshold"],
 )
 def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str) -> None:
     problems = check_serve_config(_write(tmp_path, mutate))
@@ -146,7 +150,9 @@ def test_build_app_binds_the_feature_service(tmp_path: Path,
         build_app({"model_repository": str(tmp_path / "models"),
                    "feature_repo": str(tmp_path / "nowhere")})
     off = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": None})
-    assert len(off._bound_deployment.init_args) == 1  # no FeatureService: /v1/decide is 503
+    assert off._bound_deployment.init_args[1] is None  # no FeatureService: /v1/decide is 503
+    monitor = off._bound_deployment.init_args[2]._bound_deployment
+    assert monitor.name == "SloMonitor" and monitor.user_config == {}
 
 
 def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,122 @@
+"""Keel's metrics on Ray's Prometheus endpoint, and application-wide SLOs across two
+ingress replicas, on the real Ray Serve application."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from deployments.observability import catalog
+from tests.conftest import KeelApp, serve_test_config, wait_running
+
+pytestmark = pytest.mark.slow
+
+APP = "keel-slo"
+PREFIX = "/slo"
+
+
+def _body(i: int) -> dict[str, Any]:
+    x = np.random.default_rng(1000 + i).normal(size=(1, 4)).astype(np.float32)
+    return {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}]}
+
+
+def _scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def test_keel_metrics_reach_rays_prometheus_endpoint(keel_app: KeelApp,
+                                                     http: httpx.Client) -> None:
+    for i in range(20):
+        assert http.post("/v2/models/linear/infer", json=_body(i)).status_code == 200
+    http.post("/v2/models/linear/infer", json=_body(0))  # a cache hit
+    http.post("/v2/models/nope/infer", json=_body(0))  # a 404
+    wanted = {catalog.REQUESTS.exported, catalog.REQUEST_LATENCY.exported + "_bucket",
+              catalog.MODEL_LATENCY.exported + "_bucket", catalog.CACHE_ROWS.exported,
+              catalog.MODEL_BATCH_SIZE.exported + "_bucket"}
+    # (label values may hold braces: the route template "/v2/models/{name}/infer")
+    not_found = re.compile(r'ray_keel_requests_total\{.*model="nope".*status="404"')
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        text = _scrape(keel_app.client.metrics_port)
+        if all(name in text for name in wanted) and not_found.search(text):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported: {missing}"
+    ok = re.search(r'ray_keel_requests_total\{[^}]*http_route="/v2/models/\{name\}/infer"'
+                   r'[^}]*model="linear"[^}]*status="200"[^}]*\} (\d+(\.\d+)?)', text)
+    assert ok and float(ok.group(1)) >= 20, "request counter with route/model/status tags"
+    assert not_found.search(text)
+    # The SLO thresholds are bucket bounds of the latency histogram.
+    assert re.search(r'ray_keel_request_latency_ms_bucket\{[^}]*le="80(\.0)?"', text)
+
+
+@pytest.fixture(scope="module")
+def slo_app(keel_app: KeelApp, model_repo: Path) -> Iterator[str]:
+    """A second application with TWO ingress replicas and one model."""
+    config = keel_app.modified()
+    app = serve_test_config(model_repo)["applications"][0]
+    app.update(name=APP, route_prefix=PREFIX)
+    app["args"]["models"] = ["linear"]
+    app["deployments"] = [d for d in app["deployments"]
+                          if d["name"] in ("Ingress", "SloMonitor", "linear")]
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    ingress["num_replicas"] = 2
+    ingress["user_config"]["cache"]["enabled"] = False  # every request reaches the model
+    config["applications"].append(app)
+    keel_app.deploy(config, wait=False)
+    try:
+        wait_running([APP], timeout_s=180)
+        yield keel_app.base_url + PREFIX
+    finally:
+        config["applications"] = config["applications"][:1]
+        keel_app.deploy(config)
+
+
+def test_slo_figures_cover_both_ingress_replicas_and_match_the_client(slo_app: str) -> None:
+    n, workers = 240, 4
+    bodies = [_body(i) for i in range(n)]
+
+    def worker(k: int) -> list[tuple[int, float]]:
+        out = []
+        with httpx.Client(timeout=30) as client:  # keep-alive: time requests, not connects
+            for i in range(k, n, workers):
+                started = time.perf_counter()
+                status = client.post(f"{slo_app}/v2/models/linear/infer",
+                                     json=bodies[i]).status_code
+                out.append((status, (time.perf_counter() - started) * 1000))
+        return out
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = [r for part in pool.map(worker, range(workers)) for r in part]
+    assert [s for s, _ in results] == [200] * n
+    client_ms = np.array([ms for _, ms in results])
+    time.sleep(2.5)  # past both replicas' push interval (1 s)
+    report = httpx.get(f"{slo_app}/v1/slo", timeout=30).json()
+    assert report["sources"] == 2, "both ingress replicas must have reported"
+    by_name = {o["name"]: o for o in report["objectives"]}
+    api_p50, api_p95 = by_name["api_p50"]["windows"]["1m"], by_name["api_p95"]["windows"]["1m"]
+    assert api_p95["events"] == n, "every request, from either replica, counted once"
+    assert by_name["success"]["windows"]["1m"]["value"] == 1.0
+    assert by_name["model_p95"]["windows"]["1m"]["events"] == n
+    # The server measures from the ingress receiving the request to its answer; the client
+    # adds HAProxy and its own HTTP stack (on the same 2 cores). Stated tolerance: the
+    # server's percentile is at most one histogram bucket above the client's, and below it
+    # by at most the transport: 35 % or 10 ms, whichever is larger.
+    for server, q in ((api_p50["value"], 50), (api_p95["value"], 95)):
+        client = float(np.percentile(client_ms, q))
+        print(f"p{q}: /v1/slo {server:.1f} ms, client {client:.1f} ms")
+        upper = next(b for b in catalog.LATENCY_BUCKETS_MS if b >= client)
+        assert server <= upper, f"p{q}: server {server:.1f} ms vs client {client:.1f} ms"
+        assert server >= min(client * 0.65, client - 10), \
+            f"p{q}: server {server:.1f} ms vs client {client:.1f} ms"
