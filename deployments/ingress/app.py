@@ -73,6 +73,8 @@ class IngressConfig(BaseModel):
     ready_timeout_s: float = Field(default=2.0, gt=0, le=60)
     #: Most entities one ``/v1/decide`` request may name.
     max_entities: int = Field(default=256, ge=1, le=100_000)
+    #: Keel's request metrics and SLO events (turn off only to measure what they cost).
+    metrics: bool = True
     #: How often this replica sends its SLO events to the SloMonitor.
     slo_push_interval_s: float = Field(default=1.0, gt=0, le=60)
     #: The prediction cache (TTL, hash, fallback size); applied live.

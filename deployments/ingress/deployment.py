@@ -147,14 +147,17 @@ class CacheMetrics(CacheObserver):
 class IngressMetrics(SloObserver):
     """Requests and model calls as Ray Serve metrics, and as SLO events."""
 
-    def __init__(self, pusher: SloPusher | None) -> None:
+    def __init__(self, pusher: SloPusher | None, enabled: Callable[[], bool]) -> None:
         super().__init__()
         self._pusher = pusher
+        self._enabled = enabled
         self._requests = make(catalog.REQUESTS)
         self._latency = make(catalog.REQUEST_LATENCY)
         self._model_latency = make(catalog.MODEL_LATENCY)
 
     def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+        if not self._enabled():
+            return
         super().request(http_route, model, status, latency_ms)
         self._requests.inc(1, tags={"http_route": http_route, "model": model,
                                     "status": str(status)})
@@ -163,6 +166,8 @@ class IngressMetrics(SloObserver):
             self._pusher.ensure_running()
 
     def model_call(self, model: str, latency_ms: float, ok: bool) -> None:
+        if not self._enabled():
+            return
         super().model_call(model, latency_ms, ok)
         self._model_latency.observe(latency_ms, tags={"model": model})
 
@@ -236,7 +241,7 @@ class Ingress:
         self._config = IngressConfig()
         self._pusher = (SloPusher(slo_monitor, lambda: self._config.slo_push_interval_s)
                         if slo_monitor is not None else None)
-        self._metrics = IngressMetrics(self._pusher)
+        self._metrics = IngressMetrics(self._pusher, lambda: self._config.metrics)
         self._cache = build_cache(self._config.cache, self._metrics)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
