@@ -1,14 +1,14 @@
 """The ``/v1/decide`` baseline: Keel's cores in one uvicorn process, no Ray.
 
 The same work per request as Keel's ingress, with the same code for every step
-except the hops: parse the body with Keel's pydantic contract (``DecideRequest``),
-check the entities against the model's feature views (``FeatureFetcher.validate``),
-read the features from the same Feast repository (``FeatureFetcher.lookup``),
-assemble the model's input row in its declared column order, answer the rows
-from the prediction cache (``PredictionCache`` over Redis, via Keel's
-``Predictor``) and send only the misses to ONNX Runtime (``ModelVersions``, the
-core of the ``OnnxModel`` deployment), then answer Keel's ``DecideResponse`` with
-the same ``X-Keel-Cache`` header and ``timings_ms``.
+except the hops: it IS Keel's ingress app (``create_app``: body limit, pydantic
+contract, entity checks, the same Feast repository, input assembly in the model's
+column order, the prediction cache over Redis, ``DecideResponse`` with the same
+``X-Keel-Cache`` header and ``timings_ms``), over in-process backends: the
+``FeatureFetcher`` called in-line instead of the FeatureService deployment, and
+``ModelVersions`` (the core of the ``OnnxModel`` deployment) instead of a model
+replica. (Until 2026-11-27 16:30 this file held a copy of the route; the
+2026-11-27 figures were measured with that copy, which did the same steps.)
 
 What differs is only how it is served: one process, one event loop, the feature
 lookup and the model called in-line (each takes well under a millisecond for
@@ -22,38 +22,26 @@ empty this server's keys without touching Keel's.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from fastapi import FastAPI
 
-from deployments.cache.core import CacheConfig, PredictionCache, redis_store
-from deployments.contracts import (
-    DecideRequest,
-    DecideResponse,
-    DecideTimings,
-    Decision,
-    InferCall,
-    InferResult,
-    ModelStatus,
-)
-from deployments.errors import InvalidInput, KeelError, ModelNotFound, field_errors
-from deployments.features.core import FeatureFetcher
-from deployments.ingress.scoring import Predictor, summarise
+from deployments.cache.core import CacheConfig, PredictionCache, redis_store_from_env
+from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.errors import KeelError, ModelNotFound
+from deployments.features.core import FeatureFetcher, FeatureRows
+from deployments.ingress.app import IngressConfig
+from deployments.ingress.app import create_app as create_ingress_app
 from deployments.onnx.core import ModelVersions, OnnxModelConfig, RuntimeOptions
-from deployments.repository import ModelRepository, ModelSpec, TensorSpec
-from deployments.settings import RedisSettings
+from deployments.repository import ModelRepository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LocalModels:
-    """Keel's ``ModelBackend`` and ``SpecSource`` over in-process ``ModelVersions``."""
+    """Keel's ``ModelBackend`` over in-process ``ModelVersions``."""
 
     def __init__(self, repository: ModelRepository, names: list[str]) -> None:
         # The same runtime options as serve_config.yaml gives every OnnxModel replica.
@@ -75,7 +63,7 @@ class LocalModels:
     def model_names(self) -> list[str]:
         return sorted(self.versions)
 
-    async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
+    async def status(self, name: str) -> ModelStatus:
         return self._model(name).status()
 
     async def infer(self, name: str, call: InferCall) -> InferResult:
@@ -84,112 +72,30 @@ class LocalModels:
             raise result
         return result
 
-    # SpecSource
-    async def spec(self, name: str, version: str | None) -> ModelSpec:
-        return self._model(name).runner_for(version).spec
 
-    def saw_version(self, name: str, version: str) -> None:
-        """Nothing to invalidate: the versions live in this process."""
+class LocalFeatures:
+    """Keel's ``FeatureBackend`` over an in-process ``FeatureFetcher`` (no hop, no thread:
+    one row's lookup takes well under a millisecond here)."""
 
+    def __init__(self, fetcher: FeatureFetcher) -> None:
+        self.fetcher = fetcher
 
-def decision_input(spec: ModelSpec) -> TensorSpec:
-    """The input ``/v1/decide`` fills from features (the check Keel's ingress makes)."""
-    featured = [t for t in spec.inputs if t.columns]
-    if spec.decision is None or len(spec.inputs) != 1 or len(featured) != 1:
-        raise InvalidInput(f"model: {spec.name!r} does not take one feature-store input "
-                           "with a decision rule; /v1/decide cannot score it")
-    return featured[0]
-
-
-def error_response(exc: KeelError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
+        self.fetcher.validate(entities, features)
+        return self.fetcher.lookup(entities, features)
 
 
 def create_app(models_root: Path, feature_repo: str, fs_yaml: str | None,
-               key_prefix: str, max_entities: int = 256) -> FastAPI:
-    """The baseline app; everything is built here, in the serving process."""
+               key_prefix: str) -> FastAPI:
+    """Keel's own ingress app (``deployments.ingress.app.create_app``: the same routes,
+    validation, cache and answer) over in-process models and features."""
     repository = ModelRepository(models_root)
     models = LocalModels(repository, repository.model_names())
-    fetcher = FeatureFetcher(feature_repo, fs_yaml)
-    settings = RedisSettings()
-    remote = redis_store(settings.url,
-                         password=settings.password.get_secret_value()
-                         if settings.password else None,
-                         ssl_ca_certs=settings.ssl_ca_certs,
-                         socket_timeout_s=settings.socket_timeout_s,
-                         connect_timeout_s=settings.connect_timeout_s) if settings.url else None
-    cache = PredictionCache(remote, CacheConfig(key_prefix=key_prefix))
-    predictor = Predictor(models, models, cache, lambda: 30.0)
-    app = FastAPI(title="baseline /v1/decide")
-
-    @app.exception_handler(KeelError)
-    async def _keel_error(_: Request, exc: KeelError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
-        return {"ready": True}
-
-    @app.post("/v1/decide")
-    async def decide(request: Request) -> Response:
-        started = time.perf_counter()
-        body = await request.body()
-        try:
-            ask = DecideRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise InvalidInput("; ".join(field_errors(exc, limit=5))) from exc
-        if len(ask.entities) > max_entities:
-            raise InvalidInput(f"entities: at most {max_entities} entities per request")
-        spec = await models.spec(ask.model, ask.version)
-        tensor = decision_input(spec)
-        columns = list(tensor.columns or [])
-        began = time.perf_counter()
-        fetcher.validate(ask.entities, columns)
-        table = fetcher.lookup(ask.entities, columns)
-        features_ms = (time.perf_counter() - began) * 1000
-        values = np.asarray(table.values, dtype=tensor.numpy_dtype)
-        if not tensor.allow_nan and not np.isfinite(values).all():
-            row = int(np.argwhere(~np.isfinite(values))[0][0])
-            raise InvalidInput(f"entities[{row}]: a feature value is not finite and model "
-                               f"{spec.name!r} does not allow NaN")
-        prediction = await predictor.predict(ask.model, spec.version, {tensor.name: values})
-        timings = DecideTimings(features=round(features_ms, 3),
-                                cache=round(prediction.cache_ms, 3),
-                                model=round(prediction.model_ms, 3),
-                                total=round((time.perf_counter() - started) * 1000, 3))
-        rule = prediction.spec.decision
-        assert rule is not None  # decision_input checked it
-        scores = prediction.outputs[rule.output].reshape(len(ask.entities), -1)[:, rule.index]
-        results = [Decision(entity=entity, score=float(score),
-                            decision=bool(score >= rule.threshold), threshold=rule.threshold,
-                            model=spec.name, model_version=prediction.version, cache=status,
-                            timings_ms=timings)
-                   for entity, score, status in zip(ask.entities, scores, prediction.cache,
-                                                     strict=True)]
-        answer = DecideResponse(model=spec.name, model_version=prediction.version,
-                                results=results, timings_ms=timings)
-        return Response(answer.model_dump_json(), media_type="application/json",
-                        headers={"X-Keel-Cache": summarise(prediction.cache)})
-
-    @app.get("/v1/cache")
-    async def cache_state() -> dict[str, Any]:
-        # The same shape as Keel's GET /v1/cache.
-        counters = cache.counters
-        names = sorted(set(counters.hits) | set(counters.misses) | set(counters.shared))
-        return {
-            "enabled": cache.config.enabled,
-            "remote": "up" if cache.remote_available else
-                      ("none" if cache.remote is None else "down"),
-            "config": cache.config.model_dump(),
-            "errors": counters.errors,
-            "corrupt": counters.corrupt,
-            "local_entries": len(cache.local),
-            "models": {m: {"hits": counters.hits.get(m, 0), "misses": counters.misses.get(m, 0),
-                           "shared": counters.shared.get(m, 0),
-                           "hit_ratio": counters.hit_ratio(m)} for m in names},
-        }
-
+    features = LocalFeatures(FeatureFetcher(feature_repo, fs_yaml))
+    config = IngressConfig(cache=CacheConfig(key_prefix=key_prefix))
+    cache = PredictionCache(redis_store_from_env(), config.cache)
+    app = create_ingress_app(models, lambda: config, cache=cache, features=features)
+    app.title = "baseline /v1/decide"
     return app
 
 

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temp-dir", default=None, help="Ray temp dir (default: a new one)")
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="start Ray's dashboard on this port (as `serve run` does)")
+    parser.add_argument("--metrics-export-port", type=int, default=None,
+                        help="port of Ray's Prometheus metrics endpoint (default: Ray's choice)")
     parser.add_argument("--app-name", default="keel")
     parser.add_argument("--model-user-config", type=json.loads, default=None,
                         help='JSON merged into every model\'s user_config, e.g. '
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
                                temp_dir, args.model_user_config, args.ingress_user_config)
-    start_local_ray(str(temp_dir / "ray"), args.dashboard_port)
+    start_local_ray(str(temp_dir / "ray"), args.dashboard_port,
+                    metrics_export_port=args.metrics_export_port)
 
     # Ray is initialised, so `serve run` deploys onto this private instance.
     from ray.serve.scripts import run as serve_run

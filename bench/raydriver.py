@@ -31,11 +31,17 @@ from ray import serve
 
 
 def start_local_ray(temp_dir: str, dashboard_port: int | None,
-                    python_path: str | None = None) -> None:
+                    python_path: str | None = None,
+                    metrics_export_port: int | None = None) -> None:
     """Start a private local Ray instance (dashboard on ``dashboard_port``, or none).
 
-    ``python_path`` is put on the workers' PYTHONPATH (for modules beside a script).
+    ``python_path`` is put on the workers' PYTHONPATH (for modules beside a script);
+    ``metrics_export_port`` fixes the port of Ray's Prometheus endpoint (default: one
+    Ray picks).
     """
+    extra: dict[str, Any] = {}
+    if metrics_export_port is not None:
+        extra["_metrics_export_port"] = metrics_export_port
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     runtime_env = {"env_vars": {"PYTHONPATH": python_path}} if python_path else None
     ray.init(
@@ -48,6 +54,7 @@ def start_local_ray(temp_dir: str, dashboard_port: int | None,
         # Small messages only; do not reserve 30 % of a shared machine's memory.
         object_store_memory=256 * 1024 * 1024,
         log_to_driver=False,
+        **extra,
     )
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,20 @@ class KeelApp:
 
     def modified(self) -> dict[str, Any]:
         return copy.deepcopy(self.config)
+
+    @contextmanager
+    def alongside(self, app: dict[str, Any], timeout_s: float = 180) -> Iterator[str]:
+        """Deploy a second application ``app`` next to this one and yield its base URL;
+        remove it afterwards."""
+        config = self.modified()
+        config["applications"].append(app)
+        self.deploy(config, wait=False)
+        try:
+            wait_running([app["name"]], timeout_s)
+            yield self.base_url + app["route_prefix"]
+        finally:
+            config["applications"] = config["applications"][:1]
+            self.deploy(config)
 
 
 def wait_running(app_names: list[str], timeout_s: float) -> None:

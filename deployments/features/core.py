@@ -143,16 +143,20 @@ def unset_env_references(fs_yaml: Path) -> list[str]:
     return missing
 
 
+def require_env(fs_yaml: Path) -> None:
+    """``ConfigError`` naming every environment variable the file needs and lacks."""
+    missing = unset_env_references(fs_yaml)
+    if missing:
+        raise ConfigError(f"{fs_yaml}: environment variable(s) {', '.join(missing)} not set")
+
+
 def open_feature_store(repo_path: str | Path, fs_yaml: str | Path | None = None) -> FeatureStore:
     """A ``feast.FeatureStore`` for the repository; ``ConfigError`` naming what is wrong."""
     from feast import FeatureStore
 
     repo = resolve_feature_repo(repo_path)
     config_file = resolve_fs_yaml(repo, fs_yaml)
-    missing = unset_env_references(config_file)
-    if missing:
-        raise ConfigError(f"{config_file}: environment variable(s) {', '.join(missing)} "
-                          "not set")
+    require_env(config_file)
     try:
         return FeatureStore(repo_path=str(repo), fs_yaml_file=config_file)
     except Exception as exc:  # Feast raises many types for a bad file (pydantic, its own)
@@ -521,6 +525,7 @@ __all__ = [
     "FeatureRows",
     "FeatureServiceConfig",
     "open_feature_store",
+    "require_env",
     "resolve_feature_repo",
     "resolve_fs_yaml",
     "unset_env_references",

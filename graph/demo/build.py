@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -55,6 +53,7 @@ from threadpoolctl import threadpool_limits
 
 from deployments.repository import DecisionRule, ModelRepository, ModelSpec, TensorSpec, dump_spec
 from graph.demo.dataset import FEATURE_REFS, DatasetConfig, generate, training_matrix
+from graph.demo.files import exclusive, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ def build_demo_repository(
         return recorded
 
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / LOCK_FILE):
+    with exclusive(root / LOCK_FILE):
         # Another process may have finished the same build while we waited.
         if not force and (recorded := _recorded_build(root, fingerprint)) is not None:
             return recorded
@@ -378,8 +377,8 @@ def _write_version(root: Path, candidate: _Candidate, version: str) -> BuiltMode
     directory = root / candidate.name / version
     model_path = directory / ModelRepository.MODEL_FILE
     # The spec last: the repository counts a version only once both files exist.
-    _write_atomic(model_path, candidate.onnx_bytes)
-    _write_atomic(directory / ModelRepository.SPEC_FILE, dump_spec(spec).encode())
+    write_atomic(model_path, candidate.onnx_bytes)
+    write_atomic(directory / ModelRepository.SPEC_FILE, dump_spec(spec).encode())
     return BuiltModel(name=candidate.name, version=version, path=model_path,
                       metrics=dict(candidate.metrics))
 
@@ -402,7 +401,7 @@ def _write_manifest(root: Path, fingerprint: str, config: DatasetConfig, version
             for b in built
         ],
     }
-    _write_atomic(root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def _recorded_build(root: Path, fingerprint: str) -> list[BuiltModel] | None:
@@ -425,34 +424,6 @@ def _recorded_build(root: Path, fingerprint: str) -> list[BuiltModel] | None:
     if sorted(b.name for b in result) != sorted(MODEL_NAMES):
         return None
     return result
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; serving may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise concurrent builds of one root (e.g. two ``keel prepare`` runs)."""
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class _DropQuantizerChatter(logging.Filter):

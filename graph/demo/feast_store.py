@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,9 +45,9 @@ from deployments.errors import ConfigError, KeelError
 from deployments.features.core import (
     FeatureFetcher,
     open_feature_store,
+    require_env,
     resolve_feature_repo,
     resolve_fs_yaml,
-    unset_env_references,
 )
 from graph.demo.dataset import (
     ACCOUNT_KEY,
@@ -70,6 +68,7 @@ from graph.demo.features import (
     SourceTables,
     default_tables,
 )
+from graph.demo.files import exclusive, replace_atomically, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +133,7 @@ def prepare_feature_store(
     started = time.perf_counter()
     repo = resolve_feature_repo(repo_path)
     config_file = resolve_fs_yaml(repo, fs_yaml)
-    missing = unset_env_references(config_file)
-    if missing:
-        raise ConfigError(f"{config_file}: environment variable(s) {', '.join(missing)} "
-                          "not set")
+    require_env(config_file)
     # The file as Feast will read it, without importing Feast (seconds): a store that is
     # up to date is recognised in milliseconds.
     store_file = _StoreFile.read(config_file)
@@ -160,7 +156,7 @@ def prepare_feature_store(
         return found
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(data_dir / LOCK_FILE), _quiet_feast():
+    with exclusive(data_dir / LOCK_FILE), _quiet_feast():
         if not force and (found := recorded()) is not None:
             return found
         manifest_path.unlink(missing_ok=True)  # must not vouch for a half-done prepare
@@ -377,21 +373,11 @@ def _write_manifest(path: Path, fingerprint: str, prepared: PreparedFeatureStore
         "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "probe_entities": probes,
     }
-    _write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_atomically(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _write_postgres(offline_config: Any, frames: dict[str, pd.DataFrame]) -> None:
@@ -426,31 +412,6 @@ def _write_postgres(offline_config: Any, frames: dict[str, pd.DataFrame]) -> Non
                     # float32 -> Python float is exact; REAL stores it back unchanged.
                     writer.write_row(record)
         conn.commit()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialise concurrent prepares of one repository (e.g. two ``keel prepare`` runs)."""
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

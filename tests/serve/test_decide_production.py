@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import KeelApp, copy_feature_repo, serve_test_config, wait_running
+from tests.conftest import KeelApp, copy_feature_repo, serve_test_config
 from tests.redisserver import PrivateRedis
 from tests.serve.test_decide import entities, expected_scores
 
@@ -67,20 +67,15 @@ def production_app(keel_app: KeelApp, model_repo: Path, online_redis: PrivateRed
                                          tables=tables)
     assert prepared.online_store == "redis" and prepared.offline_store == "postgres"
 
-    config = keel_app.modified()
     app = serve_test_config(model_repo, repo)["applications"][0]
     app.update(name=APP, route_prefix=PREFIX, runtime_env={"env_vars": env})
     app["args"].update(models=["risk_mlp"], feature_store_yaml="feature_store.production.yaml")
     app["deployments"] = [d for d in app["deployments"]
                           if d["name"] in ("Ingress", "FeatureService", "risk_mlp")]
-    config["applications"].append(app)
-    keel_app.deploy(config, wait=False)
     try:
-        wait_running([APP], timeout_s=180)
-        yield keel_app.base_url + PREFIX
+        with keel_app.alongside(app) as url:
+            yield url
     finally:
-        config["applications"] = config["applications"][:1]
-        keel_app.deploy(config)
         with psycopg.connect(host="127.0.0.1", dbname="test", user=env["KEEL_FEAST_PG_USER"],
                              autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {tables.market}, {tables.portfolio}")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from deployments.observability import catalog
-from tests.conftest import KeelApp, serve_test_config, wait_running
+from tests.conftest import KeelApp, serve_test_config
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,6 @@ def test_keel_metrics_reach_rays_prometheus_endpoint(keel_app: KeelApp,
 @pytest.fixture(scope="module")
 def slo_app(keel_app: KeelApp, model_repo: Path) -> Iterator[str]:
     """A second application with TWO ingress replicas and one model."""
-    config = keel_app.modified()
     app = serve_test_config(model_repo)["applications"][0]
     app.update(name=APP, route_prefix=PREFIX)
     app["args"]["models"] = ["linear"]
@@ -73,14 +72,8 @@ def slo_app(keel_app: KeelApp, model_repo: Path) -> Iterator[str]:
     ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
     ingress["num_replicas"] = 2
     ingress["user_config"]["cache"]["enabled"] = False  # every request reaches the model
-    config["applications"].append(app)
-    keel_app.deploy(config, wait=False)
-    try:
-        wait_running([APP], timeout_s=180)
-        yield keel_app.base_url + PREFIX
-    finally:
-        config["applications"] = config["applications"][:1]
-        keel_app.deploy(config)
+    with keel_app.alongside(app) as url:
+        yield url
 
 
 def test_slo_figures_cover_both_ingress_replicas_and_match_the_client(slo_app: str) -> None:

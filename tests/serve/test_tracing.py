@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import KeelApp, serve_test_config, wait_running
+from tests.conftest import KeelApp, serve_test_config
 from tests.redisserver import free_port
 from tests.serve.test_decide import entities
 
@@ -151,19 +151,12 @@ def tracing_app(keel_app: KeelApp, model_repo: Path, feature_repo: Path,
         # An in-process cache per replica: the first request is a miss for certain.
         "KEEL_REDIS_URL": "",
     }
-    config = keel_app.modified()
     app = serve_test_config(model_repo, feature_repo)["applications"][0]
     app.update(name=APP, route_prefix=PREFIX, runtime_env={"env_vars": env})
     app["args"].update(models=["risk_mlp"])
     app["deployments"] = [d for d in app["deployments"] if d["name"] not in OTHER_MODELS]
-    config["applications"].append(app)
-    keel_app.deploy(config, wait=False)
-    try:
-        wait_running([APP], timeout_s=180)
-        yield keel_app.base_url + PREFIX
-    finally:
-        config["applications"] = config["applications"][:1]
-        keel_app.deploy(config)
+    with keel_app.alongside(app) as url:
+        yield url
 
 
 def _traceparent() -> tuple[str, str]:
