@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from deployments.observability.catalog import exported_names
+from deployments.observability.slo import DEFAULT_OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[2]
 MON = ROOT / "configs" / "monitoring"
@@ -259,3 +260,20 @@ def test_compose_ports_unique() -> None:
                 ports.append(str(arg).rsplit(":", 1)[1])
     assert len(ports) == len(set(ports)), ports
     assert "9090" in ports and "6379" in ports
+
+
+def test_burn_rate_rules_match_the_slo_defaults() -> None:
+    """The rules' allowed bad shares and thresholds are the SloMonitor's defaults."""
+    rules = yaml.safe_load((ROOT / "configs/monitoring/prometheus/rules/keel-recording.yml")
+                           .read_text())
+    burns = [r for g in rules["groups"] for r in g["rules"]
+             if str(r.get("record", "")).startswith("keel:slo_burn_rate")]
+    assert burns
+    for objective in DEFAULT_OBJECTIVES:
+        mine = [r for r in burns if r["labels"]["slo"] == objective.name]
+        assert mine, f"no burn-rate rule for {objective.name}"
+        for rule in mine:
+            divisor = float(re.search(r"/\s*([0-9.]+)\s*$", rule["expr"].strip()).group(1))
+            assert divisor == pytest.approx(1 - objective.goal), (objective.name, rule["expr"])
+            if objective.kind == "latency":
+                assert f"within_{int(objective.threshold_ms or 0)}ms" in rule["expr"]
