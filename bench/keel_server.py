@@ -107,11 +107,17 @@ async def collect_model_stats(app_name: str, config_path: Path,
         running = report["replicas"].get(name, {}).get("RUNNING", 1)
         handle = serve.get_deployment_handle(name, app_name=app_name)
         answers: dict[str, dict[str, Any]] = {}
-        for _ in range(max(1, running) * attempts_per_replica):
-            answer = await asyncio.wait_for(handle.stats.remote(), 30)
-            answers[json.dumps(answer["batch_sizes"], sort_keys=True)] = answer
-            if len(answers) >= running:
-                break
+        try:
+            for _ in range(max(1, running) * attempts_per_replica):
+                answer = await asyncio.wait_for(handle.stats.remote(), 30)
+                answers[json.dumps(answer["batch_sizes"], sort_keys=True)] = answer
+                if len(answers) >= running:
+                    break
+        except Exception as exc:
+            # A deployment without stats() (e.g. the SloMonitor) must not cost the
+            # models' figures.
+            report["models"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
         total: Counter[int] = Counter()
         for answer in answers.values():
             total.update({int(k): v for k, v in answer["batch_sizes"].items()})

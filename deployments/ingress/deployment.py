@@ -145,12 +145,17 @@ class CacheMetrics(CacheObserver):
 
 
 class IngressMetrics(SloObserver):
-    """Requests and model calls as Ray Serve metrics, and as SLO events."""
+    """Requests and model calls as Ray Serve metrics, and as SLO events.
+
+    SLO events are recorded only when a pusher drains them to the SloMonitor (else they
+    would pile up in the process), and nothing at all while ``metrics`` is off.
+    """
 
     def __init__(self, pusher: SloPusher | None, enabled: Callable[[], bool]) -> None:
         super().__init__()
         self._pusher = pusher
         self._enabled = enabled
+        self._slo_events = pusher is not None
         self._requests = make(catalog.REQUESTS)
         self._latency = make(catalog.REQUEST_LATENCY)
         self._model_latency = make(catalog.MODEL_LATENCY)
@@ -158,7 +163,8 @@ class IngressMetrics(SloObserver):
     def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
         if not self._enabled():
             return
-        super().request(http_route, model, status, latency_ms)
+        if self._slo_events:
+            super().request(http_route, model, status, latency_ms)
         self._requests.inc(1, tags={"http_route": http_route, "model": model,
                                     "status": str(status)})
         self._latency.observe(latency_ms, tags={"http_route": http_route, "model": model})
@@ -168,8 +174,13 @@ class IngressMetrics(SloObserver):
     def model_call(self, model: str, latency_ms: float, ok: bool) -> None:
         if not self._enabled():
             return
-        super().model_call(model, latency_ms, ok)
+        if self._slo_events:
+            super().model_call(model, latency_ms, ok)
         self._model_latency.observe(latency_ms, tags={"model": model})
+
+    def cache_rows(self, model: str, hits: int, misses: int, shared: int) -> None:
+        if self._enabled() and self._slo_events:
+            super().cache_rows(model, hits, misses, shared)
 
 
 class SloPusher:

@@ -189,10 +189,15 @@ class Recorder:
             pending, self._pending = self._pending, {}
         return pending
 
-    def restore(self, delta: Delta) -> None:
-        """Put back a drained delta that could not be delivered (it is sent next time)."""
+    def restore(self, delta: Delta, max_age_s: int = WINDOW_SECONDS["6h"]) -> None:
+        """Put back a drained delta that could not be delivered (it is sent next time);
+        seconds older than any window (``max_age_s``) are dropped, so an unreachable
+        monitor cannot make this grow without bound."""
+        oldest = int(self._clock()) - max_age_s
         with self._lock:
             for second, series in delta.items():
+                if second < oldest:
+                    continue
                 slot = self._pending.setdefault(second, {})
                 for name, part in series.items():
                     slot.setdefault(name, SeriesDelta()).add(part)

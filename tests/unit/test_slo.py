@@ -131,6 +131,11 @@ def test_undelivered_deltas_are_restored() -> None:
     [slot] = recorder.drain().values()
     assert slot[API].total == 2 and sum(slot[API].buckets) == 2
     assert recorder.drain() == {}
+    recorder.observe(API, 5.0)
+    stale = recorder.drain()
+    clock.now += 7 * 3600  # the monitor was away longer than the longest window
+    recorder.restore(stale)
+    assert recorder.drain() == {}
 
 
 @pytest.mark.parametrize(

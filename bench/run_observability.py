@@ -1,0 +1,726 @@
+"""What Keel's observability costs, and whether its figures agree with the client's.
+
+Keel runs as ``make demo`` runs it (``keel_server.py``: ``serve run serve_config.yaml``
+with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``, load to HAProxy
+on the HTTP port), in two or three configurations, each started and stopped in turn,
+interleaved per repeat (the order alternates), medians over the repeats:
+
+- ``off``: Ingress ``user_config.metrics: false`` (no Keel request metrics, no SLO
+  events), tracing not configured;
+- ``on``: ``metrics: true`` and Serve's tracing with Keel's exporter for every request
+  (``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH=deployments.observability.replica:span_processors``,
+  ``RAY_SERVE_TRACING_SAMPLING_RATIO=1.0``), spans sent over OTLP/HTTP to
+  ``otlp_sink.py`` (a separate process started here that counts and discards them);
+- ``on_sampled_1pct`` (optional): the same with a sampling ratio of 0.01.
+
+Both use ``cache: {enabled: false}`` on the Ingress, so every request reaches the
+model (the prediction cache is not what is measured).
+
+After the sweep of the last ``on`` server: a ``--slo-duration`` (60 s) load at
+``--slo-concurrency`` (8), then at once ``GET /v1/slo``, compared with the client's own
+percentiles and counts over the same seconds (per-request wall-clock timestamps); during
+that load, a scrape of Ray's Prometheus endpoint (``ray_keel_*`` and some
+``ray_serve_*`` lines) and a second one after it, checked against what was sent.
+
+Writes ``results/<ts>-observability.json``, ``.png``, ``<ts>-metrics-scrape.txt``,
+the server logs in ``<ts>-observability-logs/``, and prints markdown tables.
+
+    .venv/bin/python bench/run_observability.py                       # ~13 min
+    .venv/bin/python bench/run_observability.py --repeats 1 --duration 3 --warmup 1 \
+        --concurrency 8 --slo-duration 15                              # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from loadgen import install_fast_loop, make_bodies, run_load
+from run_bench import (
+    BENCH_DIR,
+    PYTHON,
+    REPO_ROOT,
+    TP,
+    Server,
+    ServerFailed,
+    Target,
+    _rel,
+    batch_delta,
+    environment,
+    free_port,
+    log,
+    mean_batch,
+)
+
+from deployments.observability.catalog import LATENCY_BUCKETS_MS
+from deployments.observability.slo import quantile
+
+HA = {**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#: = deployments.observability.replica.EXPORTER_IMPORT_PATH (not imported: it imports Ray).
+EXPORTER_IMPORT_PATH = "deployments.observability.replica:span_processors"
+#: Variables of the shell that would change what a configuration means.
+STRIPPED_PREFIXES = ("OTEL_", "PYROSCOPE_", "KEEL_PYROSCOPE_")
+CONFIGS = ("off", "on", "on_sampled_1pct")
+DESCRIPTIONS = {
+    "off": "Ingress metrics: false, tracing not configured",
+    "on": "Ingress metrics: true, tracing on for every request (sampling ratio 1.0), "
+          "OTLP/HTTP to a local counting sink",
+    "on_sampled_1pct": "Ingress metrics: true, tracing with sampling ratio 0.01, OTLP/HTTP "
+                       "to a local counting sink",
+}
+METRICS = ["rps", "p50_ms", "p95_ms", "p99_ms", "error_rate", "mean_batch", "spans_per_s",
+           "spans_per_request"]
+#: Labels Ray adds to every series; left out of the saved scrape.
+NOISY_LABELS = ("Component", "SessionName", "WorkerId", "NodeAddress", "JobId", "Version",
+                "otel_scope_name", "otel_scope_schema_url", "otel_scope_version")
+#: ray_serve_* series kept in the scrape file (besides every ray_keel_* one).
+SERVE_SERIES = re.compile(r"^ray_serve_(num_http_requests_total|deployment_request_counter_total"
+                          r"|deployment_processing_latency_ms_(count|sum)"
+                          r"|num_router_requests_total|replica_processing_queries"
+                          r"|deployment_replica_healthy|num_ongoing_http_requests"
+                          r"|request_router_queue_len|http_request_latency_ms_(count|sum))\b")
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class Sink:
+    """``otlp_sink.py`` in its own process (its own session, stopped by pid)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [PYTHON, str(BENCH_DIR / "otlp_sink.py"), "--port", str(self.port)],
+            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 20
+        while self.stats() is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the OTLP sink did not start; log: {log_path}")
+            time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def stats(self) -> dict[str, Any] | None:
+        status, text = http_get_full(f"http://127.0.0.1:{self.port}/stats", 3.0)
+        if status == 200:
+            with contextlib.suppress(ValueError):
+                document: dict[str, Any] = json.loads(text)
+                return document
+        return None
+
+    def spans(self) -> int:
+        stats = self.stats()
+        return int(stats["spans"]) if stats else 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def make_target(name: str, sink_url: str) -> Target:
+    env = dict(HA)
+    if name != "off":
+        env.update({
+            "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": EXPORTER_IMPORT_PATH,
+            "RAY_SERVE_TRACING_SAMPLING_RATIO": "1.0" if name == "on" else "0.01",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink_url,
+        })
+    return Target(name, "keel", DESCRIPTIONS[name], env=env)
+
+
+class ObsServer(Server):
+    """run_bench's Server with Keel's observability switched by the configuration."""
+
+    def __init__(self, target: Target, args: argparse.Namespace, log_path: Path) -> None:
+        super().__init__(target, args, log_path)
+        self.metrics_port = free_port()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in super()._env().items()
+               if not k.startswith(STRIPPED_PREFIXES) or k in self.target.env}
+        return env
+
+    def _argv(self) -> list[str]:
+        ingress = {"metrics": self.target.name != "off", "cache": {"enabled": False}}
+        return [*super()._argv(), "--ingress-user-config", json.dumps(ingress),
+                "--metrics-export-port", str(self.metrics_port)]
+
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.load_port}"
+
+    def scrape(self, timeout: float = 10.0) -> str | None:
+        status, text = http_get_full(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout)
+        return text if status == 200 else None
+
+
+# --------------------------------------------------------------------------- the SLO check
+
+
+async def timed_load(url: str, concurrency: int, seconds: float, bodies: list[bytes],
+                     request_timeout_s: float) -> list[tuple[float, float, int]]:
+    """Closed-loop load for ``seconds``; every answer as (done wall time, latency s, status)."""
+    records: list[tuple[float, float, int]] = []
+    timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    end = time.perf_counter() + seconds
+
+    async def worker(offset: int) -> None:
+        index = offset
+        while time.perf_counter() < end:
+            body = bodies[index % len(bodies)]
+            index += concurrency
+            sent = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                status = 0
+                await asyncio.sleep(0.01)
+            done = time.perf_counter()
+            records.append((time.time(), done - sent, status))
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return records
+
+
+def client_figures(records: list[tuple[float, float, int]], since: float,
+                   until: float) -> dict[str, Any]:
+    """Count and percentiles of the answers that completed in ``[since, until]``."""
+    chosen = [(lat, st) for done, lat, st in records if since <= done <= until]
+    ok_ms = np.asarray([lat * 1000 for lat, st in chosen if st == 200])
+    out: dict[str, Any] = {"requests": len(chosen), "ok": int(ok_ms.size),
+                           "errors": len(chosen) - int(ok_ms.size)}
+    if ok_ms.size:
+        p50, p95, p99 = np.percentile(ok_ms, [50, 95, 99])
+        out.update(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
+                   mean_ms=float(ok_ms.mean()))
+        # The same latencies through the server's buckets and interpolation: how much of
+        # a difference is the histogram's resolution rather than time spent elsewhere.
+        buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        for value in np.searchsorted(LATENCY_BUCKETS_MS, ok_ms, side="left"):
+            buckets[int(value)] += 1
+        out["bucketed_p50_ms"] = quantile(buckets, 0.50)
+        out["bucketed_p95_ms"] = quantile(buckets, 0.95)
+    return out
+
+
+def slo_window(report: dict[str, Any], name: str, window: str = "1m") -> dict[str, Any]:
+    for objective in report.get("objectives", []):
+        if objective["name"] == name:
+            result: dict[str, Any] = objective["windows"].get(window, {})
+            return result
+    return {}
+
+
+# --------------------------------------------------------------------------- the scrape
+
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(\s+\S+)?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_scrape(text: str) -> list[tuple[str, dict[str, str], float]]:
+    series = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.match(line)
+        if not match:
+            continue
+        labels = dict(_LABEL.findall(match.group(2) or ""))
+        with contextlib.suppress(ValueError):
+            series.append((match.group(1), labels, float(match.group(3))))
+    return series
+
+
+def filtered_scrape(text: str) -> str:
+    """``ray_keel_*`` lines and a few ``ray_serve_*`` ones, without Ray's noisy labels."""
+    out = []
+    for name, labels, value in parse_scrape(text):
+        if not (name.startswith("ray_keel_") or SERVE_SERIES.match(name)):
+            continue
+        if name.endswith("_bucket") and not name.startswith("ray_keel_"):
+            continue
+        kept = {k: v for k, v in labels.items() if k not in NOISY_LABELS}
+        label_text = ",".join(f'{k}="{v}"' for k, v in sorted(kept.items()))
+        out.append(f"{name}{{{label_text}}} {value:g}" if kept else f"{name} {value:g}")
+    return "\n".join(sorted(out)) + "\n"
+
+
+def total(series: list[tuple[str, dict[str, str], float]], name: str,
+          **match: str) -> float | None:
+    values = [v for n, labels, v in series if n == name
+              and all(labels.get(k) == want for k, want in match.items())]
+    return sum(values) if values else None
+
+
+def scrape_checks(text: str, model: str, sent: dict[str, int]) -> dict[str, Any]:
+    """The scrape's figures next to what the client sent."""
+    series = parse_scrape(text)
+    route = "/v2/models/{model_name}/infer"
+    requests = total(series, "ray_keel_requests_total", model=model)
+    requests_infer_route = total(series, "ray_keel_requests_total", http_route=route)
+    latency_count = total(series, "ray_keel_request_latency_ms_count", model=model)
+    batch_sum = total(series, "ray_keel_model_batch_size_sum", model=model)
+    batch_count = total(series, "ray_keel_model_batch_size_count", model=model)
+    model_latency_count = total(series, "ray_keel_model_latency_ms_count", model=model)
+    slo = {}
+    for n, labels, v in series:
+        if n == "ray_keel_slo_value" and labels.get("window") == "1m":
+            slo[labels.get("slo", "?")] = v
+    events = {labels.get("slo", "?"): v for n, labels, v in series
+              if n == "ray_keel_slo_events" and labels.get("window") == "1m"}
+    names = sorted({n for n, _, _ in series if n.startswith("ray_keel_")})
+    return {
+        "keel_series_names": names,
+        "requests_total_model": requests,
+        "requests_total_infer_route": requests_infer_route,
+        "request_latency_count_model": latency_count,
+        "model_latency_count": model_latency_count,
+        "model_batch_count": batch_count,
+        "model_batch_mean": (batch_sum / batch_count) if batch_sum and batch_count else None,
+        "slo_value_1m": slo, "slo_events_1m": events,
+        "client_sent_infer": sent.get("infer"),
+        "requests_vs_sent": (requests / sent["infer"])
+        if requests is not None and sent.get("infer") else None,
+        "statuses": {labels.get("status", "?"): v for n, labels, v in series
+                     if n == "ray_keel_requests_total" and labels.get("model") == model},
+    }
+
+
+def slo_phase(server: ObsServer, args: argparse.Namespace, bodies: list[bytes],
+              sent: dict[str, int], scrape_path: Path) -> dict[str, Any]:
+    """60 s at c=8, then /v1/slo at once; Ray's metrics scraped during and after."""
+    url = server.infer_url()
+    phase: dict[str, Any] = {"concurrency": args.slo_concurrency,
+                             "duration_s": args.slo_duration, "warmup_s": args.slo_warmup}
+    scrapes: dict[str, Any] = {}
+
+    def scrape_during() -> None:
+        scrapes["during_at"] = time.time()
+        scrapes["during"] = server.scrape()
+
+    timer = threading.Timer(args.slo_warmup + args.slo_duration / 2, scrape_during)
+    timer.start()
+    started = time.time()
+    try:
+        records = asyncio.run(timed_load(url, args.slo_concurrency,
+                                         args.slo_warmup + args.slo_duration, bodies,
+                                         args.request_timeout))
+    finally:
+        timer.join()
+    load_ended = time.time()
+    status, text = http_get_full(f"{server.base_url()}/v1/slo")
+    queried = time.time()
+    sent["infer"] = sent.get("infer", 0) + len(records)
+    phase.update(started_at=started, load_ended_at=load_ended, slo_queried_at=queried,
+                 slo_status=status, requests_sent=len(records))
+    if status != 200:
+        phase["slo_error"] = text[:500]
+        return phase
+    first = json.loads(text)
+    evaluated = float(first["evaluated_at"])
+    # SloBook.merged: slots with second > int(now) - 60, i.e. events observed at or
+    # after int(now) - 59 (a 59.x s window ending at evaluated_at).
+    window_start = math.floor(evaluated) - 59
+    phase["slo_report"] = first
+    phase["server_window"] = {"start": window_start, "end": evaluated,
+                              "seconds": round(evaluated - window_start, 2)}
+    phase["server"] = {name: slo_window(first, name) for name in
+                       ("api_p50", "api_p95", "model_p95", "success")}
+    phase["client_in_server_window"] = client_figures(records, window_start, evaluated)
+    measured_from = started + args.slo_warmup
+    phase["client_measured_window"] = client_figures(records, measured_from, load_ended)
+    phase["client_outside_server_window"] = sum(1 for d, _, _ in records if d < window_start)
+    phase["query_delay_s"] = round(queried - load_ended, 3)
+    # After Ray's metrics report interval, every request of the run is in the scrape.
+    time.sleep(args.scrape_settle)
+    scrapes["after_at"] = time.time()
+    scrapes["after"] = server.scrape()
+    lines = []
+    for key in ("during", "after"):
+        raw = scrapes.get(key)
+        at = scrapes.get(f"{key}_at")
+        stamp = dt.datetime.fromtimestamp(at).isoformat(timespec="seconds") if at else "-"
+        lines.append(f"# ---- scrape {key} the c={args.slo_concurrency} load, {stamp}, "
+                     f"http://127.0.0.1:{server.metrics_port}/metrics "
+                     f"(ray_keel_* and some ray_serve_*; labels {', '.join(NOISY_LABELS)} "
+                     f"left out)")
+        lines.append(filtered_scrape(raw) if raw else "# (no answer)\n")
+        if raw:
+            phase[f"scrape_{key}"] = scrape_checks(raw, args.model, sent)
+    scrape_path.write_text("\n".join(lines))
+    phase["scrape_file"] = _rel(scrape_path)
+    return phase
+
+
+def http_get_full(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    """GET the whole body (``run_bench.http_get`` keeps only 2,000 characters)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+    except (OSError, urllib.error.URLError) as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_config(target: Target, repeat: int, args: argparse.Namespace, bodies: list[bytes],
+               sink: Sink, logs_dir: Path, slo_here: bool,
+               scrape_path: Path) -> dict[str, Any]:
+    run: dict[str, Any] = {"config": target.name, "repeat": repeat,
+                           "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+                           "points": []}
+    log_path = logs_dir / f"{target.name}-r{repeat}.log"
+    server = ObsServer(target, args, log_path)
+    run["server_log"] = _rel(log_path)
+    sent: dict[str, int] = {"infer": 0}
+    spans_start = sink.spans()
+    failed = False
+    try:
+        began = time.monotonic()
+        server.start()
+        run["probe"] = server.wait_ready(args.startup_timeout, bodies[0])
+        sent["infer"] += 1
+        run["startup_s"] = round(time.monotonic() - began, 2)
+        run["ports"] = {"http": server.port, "load": server.load_port,
+                        "metrics": server.metrics_port}
+        log(f"{target.name} r{repeat}: ready in {run['startup_s']} s")
+        before = server.stats()
+        for concurrency in args.concurrency:
+            spans_before, t0 = sink.spans(), time.monotonic()
+            result = asyncio.run(run_load(server.infer_url(), concurrency, args.duration,
+                                          args.warmup, bodies, args.request_timeout))
+            wall = time.monotonic() - t0
+            spans = sink.spans() - spans_before
+            point = result.to_dict()
+            sent_here = result.requests + result.warmup_requests + result.drained_requests
+            sent["infer"] += sent_here
+            after = server.stats()
+            point["batch_sizes"] = batch_delta(before, after, args.model)
+            point["mean_batch"] = mean_batch(point["batch_sizes"])
+            point["replicas"] = (after or {}).get("replicas")
+            before = after
+            point["wall_s"] = round(wall, 2)
+            point["requests_sent"] = sent_here
+            point["spans"] = spans
+            point["spans_per_s"] = spans / wall if target.name != "off" else None
+            point["spans_per_request"] = (spans / sent_here if sent_here and
+                                          target.name != "off" else None)
+            run["points"].append(point)
+            p95 = f"{point['p95_ms']:.1f}" if point["p95_ms"] is not None else "-"
+            log(f"{target.name} r{repeat} c={concurrency}: {point['rps']:.0f} rps, "
+                f"p95 {p95} ms, errors {point['errors']}, spans {spans} "
+                f"({spans / wall:.0f}/s)"
+                + (f", mean batch {point['mean_batch']:.1f}" if point["mean_batch"] else ""))
+            if point["errors"]:
+                failed = True
+                log(f"  error samples: {point['error_samples'][:2]}")
+            if server.proc is not None and server.proc.poll() is not None:
+                raise ServerFailed(f"{target.name} exited during the load")
+        if slo_here:
+            log(f"{target.name} r{repeat}: /v1/slo check, {args.slo_duration:g} s at "
+                f"c={args.slo_concurrency}")
+            run["slo_check"] = slo_phase(server, args, bodies, sent, scrape_path)
+            log(f"{target.name} r{repeat}: /v1/slo answered "
+                f"{run['slo_check'].get('slo_status')}")
+        run["requests_sent"] = sent["infer"]
+    except Exception as exc:  # record it, stop the server, go on
+        failed = True
+        run["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"{target.name} r{repeat}: FAILED: {exc}")
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if failed:
+                server.collect_ray_logs(logs_dir / f"{target.name}-r{repeat}-ray")
+            run["stop"] = server.stop()
+            server.cleanup()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        run["spans_total"] = sink.spans() - spans_start
+        run["spans_per_request_total"] = (run["spans_total"] / sent["infer"]
+                                          if sent["infer"] and target.name != "off" else None)
+        log(f"{target.name} r{repeat}: stopped in {run['stop'].get('stop_s')} s; "
+            f"spans received while it ran: {run['spans_total']}")
+    return run
+
+
+def summarise(runs: list[dict[str, Any]], configs: list[str],
+              concurrencies: list[int]) -> dict[str, Any]:
+    medians: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in configs:
+        medians[name] = {}
+        for concurrency in concurrencies:
+            points = [p for r in runs if r["config"] == name for p in r["points"]
+                      if p["concurrency"] == concurrency]
+            if not points:
+                continue
+            row: dict[str, Any] = {"n": len(points),
+                                   "errors": sum(p["errors"] for p in points)}
+            for metric in METRICS:
+                values = [p[metric] for p in points if p.get(metric) is not None]
+                row[metric] = statistics.median(values) if values else None
+            medians[name][str(concurrency)] = row
+    ratios: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in (c for c in configs if c != "off"):
+        key = f"{name}/off"
+        ratios[key] = {}
+        for concurrency, row in medians.get(name, {}).items():
+            ref = medians.get("off", {}).get(concurrency)
+            if ref:
+                ratios[key][concurrency] = {
+                    m: (row[m] / ref[m] if row[m] is not None and ref[m] else None)
+                    for m in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    return {"medians": medians, "ratios": ratios}
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(document: dict[str, Any], configs: list[str], concurrencies: list[int]) -> str:
+    lines = ["| config | c | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | "
+             "spans/s | spans/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in configs:
+        for concurrency in concurrencies:
+            row = document["medians"].get(name, {}).get(str(concurrency))
+            if row is None:
+                lines.append(f"| {name} | {concurrency} | failed | | | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {concurrency} | {fmt(row['rps'], 0)} | {fmt(row['p50_ms'])} | "
+                f"{fmt(row['p95_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | "
+                f"{fmt(row['mean_batch'])} | {fmt(row['spans_per_s'], 0)} | "
+                f"{fmt(row['spans_per_request'], 2)} |")
+    if document["ratios"]:
+        lines += ["", "| ratio | c | req/s | p50 | p95 | p99 |", "|---|---:|---:|---:|---:|---:|"]
+        for key, by_c in document["ratios"].items():
+            for concurrency, row in by_c.items():
+                lines.append(f"| {key} | {concurrency} | {fmt(row['rps'], 2)} | "
+                             f"{fmt(row['p50_ms'], 2)} | {fmt(row['p95_ms'], 2)} | "
+                             f"{fmt(row['p99_ms'], 2)} |")
+    for name in (c for c in configs if c != "off"):
+        values = [r["spans_per_request_total"] for r in document["runs"]
+                  if r["config"] == name and r.get("spans_per_request_total")]
+        rates = [p["spans_per_s"] for r in document["runs"] if r["config"] == name
+                 for p in r["points"] if p.get("spans_per_s")]
+        if values:
+            lines.append(f"\n{name}: spans received per request sent, whole server runs "
+                         f"(median): {statistics.median(values):.2f}; highest spans/s of a "
+                         f"point: {max(rates):,.0f}")
+    check = next((r["slo_check"] for r in document["runs"] if r.get("slo_check")), None)
+    if check and check.get("server"):
+        server, inside = check["server"], check["client_in_server_window"]
+        measured = check["client_measured_window"]
+        lines += ["", f"`/v1/slo` 1m window ({check['server_window']['seconds']} s, queried "
+                      f"{check['query_delay_s']} s after the load) vs the client, "
+                      f"c={check['concurrency']}:", "",
+                  "| figure | /v1/slo | client, same seconds | client, same seconds "
+                  "through the server's buckets | client, its own 60 s |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| p50 ms | {fmt(server['api_p50'].get('value'), 2)} | "
+                  f"{fmt(inside.get('p50_ms'), 2)} | {fmt(inside.get('bucketed_p50_ms'), 2)} | "
+                  f"{fmt(measured.get('p50_ms'), 2)} |",
+                  f"| p95 ms | {fmt(server['api_p95'].get('value'), 2)} | "
+                  f"{fmt(inside.get('p95_ms'), 2)} | {fmt(inside.get('bucketed_p95_ms'), 2)} | "
+                  f"{fmt(measured.get('p95_ms'), 2)} |",
+                  f"| requests | {server['api_p50'].get('events')} | {inside['requests']} | | "
+                  f"{measured['requests']} |",
+                  f"| model_p95 ms | {fmt(server['model_p95'].get('value'), 2)} | | | |"]
+        for key in ("scrape_during", "scrape_after"):
+            scrape = check.get(key)
+            if scrape:
+                lines.append(f"\n{key}: ray_keel_requests_total{{model}} = "
+                             f"{fmt(scrape['requests_total_model'], 0)}, latency count "
+                             f"{fmt(scrape['request_latency_count_model'], 0)}, client sent "
+                             f"{scrape['client_sent_infer']} in all; model batch mean "
+                             f"{fmt(scrape['model_batch_mean'], 2)}; slo 1m values "
+                             f"{ {k: round(v, 2) for k, v in scrape['slo_value_1m'].items()} }")
+    return "\n".join(lines)
+
+
+def plot(document: dict[str, Any], configs: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    fig, (ax_rps, ax_p95) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for name in configs:
+        rows = document["medians"].get(name, {})
+        xs = sorted(int(c) for c in rows)
+        if not xs:
+            continue
+        style = "--" if name == "off" else "-"
+        ax_rps.plot(xs, [rows[str(x)]["rps"] for x in xs], style, marker="o", label=name)
+        ax_p95.plot(xs, [rows[str(x)]["p95_ms"] or float("nan") for x in xs], style,
+                    marker="o", label=name)
+    concurrencies = sorted({int(c) for rows in document["medians"].values() for c in rows})
+    for ax, ylabel in ((ax_rps, "requests/s (median)"), (ax_p95, "p95 latency, ms (median)")):
+        ax.set_xscale("log", base=2)
+        if concurrencies:
+            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    if ax_rps.lines:
+        ax_rps.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Keel with tracing + metrics on vs off; /v1/slo vs the client; a scrape "
+                    "of Ray's metrics endpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["off", "on"], choices=CONFIGS,
+                        help="configurations, interleaved per repeat")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--duration", type=float, default=8.0, help="measured s per point")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slo-duration", type=float, default=60.0,
+                        help="s of load before GET /v1/slo (0: skip the check and scrape)")
+    parser.add_argument("--slo-warmup", type=float, default=3.0,
+                        help="s of load before the --slo-duration")
+    parser.add_argument("--slo-concurrency", type=int, default=8)
+    parser.add_argument("--scrape-settle", type=float, default=12.0,
+                        help="s to wait after the load before the last scrape (Ray reports "
+                             "metrics every 10 s)")
+    parser.add_argument("--model", default="risk_mlp")
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml")
+    parser.add_argument("--pool", type=int, default=512, help="distinct request rows")
+    parser.add_argument("--seed", type=int, default=20240611)
+    parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument("--startup-timeout", type=float, default=240.0)
+    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or any(c < 1 for c in args.concurrency):
+        parser.error("--repeats and --concurrency must be >= 1")
+    args.repository, args.config, args.out = (p.resolve() for p in
+                                              (args.repository, args.config, args.out))
+    return args
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if not (args.repository / args.model).is_dir():
+        log(f"{args.repository / args.model} does not exist: run `.venv/bin/keel prepare`")
+        return 2
+    install_fast_loop()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs_dir = args.out / f"{stamp}-observability-logs"
+    logs_dir.mkdir()
+    json_path = args.out / f"{stamp}-observability.json"
+    scrape_path = args.out / f"{stamp}-metrics-scrape.txt"
+    bodies = make_bodies(pool=args.pool, seed=args.seed)
+    sink = Sink(logs_dir / "otlp-sink.log")
+    targets = {name: make_target(name, sink.url) for name in args.configs}
+    slo_config = "on" if "on" in args.configs else next(
+        (c for c in args.configs if c != "off"), None)
+    document: dict[str, Any] = {
+        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "configs": {n: {"description": DESCRIPTIONS[n],
+                        "env": {k: v for k, v in targets[n].env.items()},
+                        "ingress_user_config": {"metrics": n != "off",
+                                                "cache": {"enabled": False}}}
+                    for n in args.configs},
+        "environment": environment(),
+        "sink_url": sink.url,
+        "runs": [],
+    }
+    began = time.monotonic()
+
+    def save() -> None:
+        document.update(summarise(document["runs"], args.configs, args.concurrency))
+        document["sink"] = sink.stats()
+        document["elapsed_s"] = round(time.monotonic() - began, 1)
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+
+    interrupted = False
+    try:
+        for repeat in range(1, args.repeats + 1):
+            order = args.configs if repeat % 2 else list(reversed(args.configs))
+            for name in order:
+                # The /v1/slo check and the scrape: on the last repeat's `on` server,
+                # after its sweep.
+                slo_here = (repeat == args.repeats and name == slo_config
+                            and args.slo_duration > 0)
+                document["runs"].append(run_config(targets[name], repeat, args, bodies, sink,
+                                                   logs_dir, slo_here, scrape_path))
+                save()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: writing what was measured")
+    finally:
+        save()
+        sink.stop()
+    png_path = json_path.with_suffix(".png")
+    title = (f"{args.model}, Keel (HAProxy, throughput-optimised), observability on vs off, "
+             f"{os.cpu_count()} CPUs shared with the load generator, "
+             f"{args.duration:g} s per point, median of {args.repeats}")
+    plot(document, args.configs, png_path, title)
+    print(markdown(document, args.configs, args.concurrency))
+    log(f"wrote {_rel(json_path)}, {_rel(png_path)}"
+        + (f", {_rel(scrape_path)}" if scrape_path.exists() else "")
+        + f" in {document['elapsed_s']} s; server logs in {_rel(logs_dir)}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
