@@ -37,11 +37,14 @@ class FeatureService:
         observe_replica()  # span attributes, Pyroscope (after the replica started)
         # Built here, inside the replica: a FeatureStore is never pickled.
         self._fetcher = FeatureFetcher(repo_path, fs_yaml)
-        log.info("feature store warmed up in %.2f s", self._fetcher.warm_up())
         self._config = FeatureServiceConfig()
         # One thread: the Feast client's connections are not shared across threads, and
         # lookups are merged into batches anyway.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast")
+        # Warm up on the thread that will serve the lookups (its connections, Feast's
+        # lazy imports): a fresh replica's first lookup took seconds without this.
+        warm_s = self._pool.submit(self._fetcher.warm_up).result()
+        log.info("feature store warmed up in %.2f s", warm_s)
         self._batch_sizes: Counter[int] = Counter()
         self._failures = 0
         self._age = make(catalog.FEATURE_AGE)
