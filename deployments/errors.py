@@ -77,6 +77,21 @@ class DependencyUnavailable(KeelError):
     status = 503
 
 
+class RateLimited(KeelError):
+    """An upstream (e.g. an LLM provider) asked to slow down; ``Retry-After`` passes through."""
+
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int | None = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class BadGateway(KeelError):
+    """An upstream answered with an error, or could not be reached."""
+
+    status = 502
+
+
 class UpstreamTimeout(KeelError):
     """A downstream call took longer than the configured timeout."""
 

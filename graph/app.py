@@ -1,8 +1,8 @@
 """The application graph: the only place ``.bind()`` is called.
 
 Ingress → one ``OnnxModel`` per model, the ``FeatureService`` over the Feast
-repository (for ``/v1/decide``) and the ``SloMonitor`` (for ``/v1/slo`` and the SLO
-gauges).
+repository (for ``/v1/decide``), the ``SloMonitor`` (for ``/v1/slo`` and the SLO
+gauges) and the ``LLMGateway`` (for ``/v1/chat/completions``, unless ``llm: false``).
 
 ``serve_config.yaml`` names ``graph.app:build_app`` as its import path and
 passes ``args`` (validated as ``AppArgs``); deployment options (replicas,
@@ -21,6 +21,7 @@ from ray.serve import Application, Deployment
 from deployments.errors import ConfigError
 from deployments.features.deployment import FeatureService
 from deployments.ingress.deployment import Ingress
+from deployments.llm.deployment import LLMGateway
 from deployments.observability.deployment import SloMonitor
 from deployments.onnx.deployment import OnnxModel
 from deployments.repository import ModelRepository
@@ -45,6 +46,9 @@ class AppArgs(BaseModel):
     #: The feature_store.yaml to use inside ``feature_repo`` (``KEEL_FEATURE_STORE_YAML``
     #: overrides it): the embedded default, or e.g. ``feature_store.production.yaml``.
     feature_store_yaml: str = "feature_store.yaml"
+    #: The LLM gateway behind ``/v1/chat/completions`` (its upstreams are the
+    #: ``LLMGateway`` deployment's user_config). ``False``: those routes answer 503.
+    llm: bool = True
 
 
 def resolve_repository(path: str, *, env: str = "KEEL_MODEL_REPOSITORY",
@@ -101,4 +105,5 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     features = None if store is None else cast(Deployment, FeatureService).options(
         user_config={}).bind(str(store[0]), str(store[1]))
     slo_monitor = cast(Deployment, SloMonitor).options(user_config={}).bind()
-    return ingress.options(user_config={}).bind(models, features, slo_monitor)
+    llm = cast(Deployment, LLMGateway).options(user_config={}).bind() if parsed.llm else None
+    return ingress.options(user_config={}).bind(models, features, slo_monitor, llm)

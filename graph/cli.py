@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from deployments.errors import KeelError, field_errors
 from deployments.features.core import FeatureServiceConfig
 from deployments.ingress.app import IngressConfig
+from deployments.llm.core import LLMGatewayConfig
 from deployments.observability.slo import SloConfig
 from deployments.onnx.core import OnnxModelConfig
 
@@ -24,7 +25,8 @@ RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5
 #: The user_config model of each deployment by name; every other deployment is a model.
 USER_CONFIGS: dict[str, type[BaseModel]] = {"Ingress": IngressConfig,
                                             "FeatureService": FeatureServiceConfig,
-                                            "SloMonitor": SloConfig}
+                                            "SloMonitor": SloConfig,
+                                            "LLMGateway": LLMGatewayConfig}
 
 
 def check_serve_config(path: Path) -> list[str]:

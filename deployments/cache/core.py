@@ -87,7 +87,7 @@ def row_keys(model: str, version: str, inputs: dict[str, np.ndarray], *,
         prepared.append((meta, little))
     keys = []
     for i in range(n_rows):
-        digest = _hasher(hash_name)
+        digest = hasher(hash_name)
         digest.update(head)
         for meta, little in prepared:
             digest.update(meta)
@@ -100,7 +100,8 @@ def _frame(data: bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _hasher(name: HashName) -> Any:
+def hasher(name: HashName) -> Any:
+    """A fresh BLAKE3 or SHA-256 hasher (``update``/``hexdigest``); the prompt cache uses it too."""
     if name == "blake3":
         return blake3.blake3()
     if name == "sha256":
@@ -306,28 +307,107 @@ class CacheObserver:
         """A Redis command failed; the in-process fallback answers meanwhile."""
 
 
+class ByteCache:
+    """Bytes by key: Redis first, the bounded in-process LRU+TTL while Redis is away.
+
+    The one cache layer under both the prediction cache and the LLM prompt cache. A
+    Redis failure is a miss (or a local write), counted, logged at most once per
+    ``log_interval_s``; Redis is not asked again for ``retry_after_s``.
+    """
+
+    def __init__(self, remote: RemoteStore | None, *, local_max_entries: int = 10_000,
+                 retry_after_s: float = 2.0, log_interval_s: float = 30.0,
+                 name: str = "cache", clock: Callable[[], float] = time.monotonic,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.remote = remote
+        self.local = LocalStore(local_max_entries, clock)
+        self.retry_after_s = retry_after_s
+        self.log_interval_s = log_interval_s
+        self.name = name
+        self.errors = 0
+        #: Called with the Redis operation that failed (metrics, counters).
+        self.on_failure = on_failure
+        self._clock = clock
+        self._remote_down_until = 0.0
+        self._last_log = float("-inf")
+
+    def reconfigure(self, *, local_max_entries: int, retry_after_s: float,
+                    log_interval_s: float) -> None:
+        self.local.max_entries = local_max_entries
+        self.retry_after_s = retry_after_s
+        self.log_interval_s = log_interval_s
+
+    @property
+    def remote_available(self) -> bool:
+        return self.remote is not None and self._clock() >= self._remote_down_until
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if self.remote_available:
+            assert self.remote is not None
+            try:
+                return await self.remote.mget(keys)
+            except Exception as exc:  # any Redis or socket failure is a miss, never a 5xx
+                self.remote_failed("MGET", exc)
+        return self.local.get_many(keys)
+
+    async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None:
+        if not items:
+            return
+        if self.remote_available:
+            assert self.remote is not None
+            try:
+                await self.remote.set_many(items, ttl_s)
+                return
+            except Exception as exc:  # see get_many
+                self.remote_failed("SET", exc)
+        self.local.set_many(items, ttl_s)
+
+    def remote_failed(self, what: str, exc: Exception) -> None:
+        """Count a Redis failure, log it (rate-limited) and stop asking for a while."""
+        self.errors += 1
+        if self.on_failure is not None:
+            self.on_failure(what)
+        now = self._clock()
+        self._remote_down_until = now + self.retry_after_s
+        if now - self._last_log >= self.log_interval_s:
+            self._last_log = now
+            log.warning("%s: Redis %s failed (%s: %s); serving from the in-process cache, "
+                        "retrying in %.1f s (errors so far: %d)", self.name, what,
+                        type(exc).__name__, exc, self.retry_after_s, self.errors)
+
+
 class PredictionCache:
     """Per-row answers in Redis (or the in-process fallback), with single-flight misses."""
 
     def __init__(self, remote: RemoteStore | None, config: CacheConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.remote = remote
         self.config = config or CacheConfig()
-        self.local = LocalStore(self.config.local_max_entries, clock)
+        self.store = ByteCache(remote, local_max_entries=self.config.local_max_entries,
+                               retry_after_s=self.config.retry_after_s,
+                               log_interval_s=self.config.log_interval_s,
+                               name="prediction cache", clock=clock,
+                               on_failure=self._remote_failed)
         self.counters = CacheCounters()
-        self._clock = clock
-        self._remote_down_until = 0.0
-        self._last_log = float("-inf")
         self._inflight: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
         self.observer = CacheObserver()
 
+    @property
+    def remote(self) -> RemoteStore | None:
+        return self.store.remote
+
+    @property
+    def local(self) -> LocalStore:
+        return self.store.local
+
     def reconfigure(self, config: CacheConfig) -> None:
         self.config = config
-        self.local.max_entries = config.local_max_entries
+        self.store.reconfigure(local_max_entries=config.local_max_entries,
+                               retry_after_s=config.retry_after_s,
+                               log_interval_s=config.log_interval_s)
 
     @property
     def remote_available(self) -> bool:
-        return self.remote is not None and self._clock() >= self._remote_down_until
+        return self.store.remote_available
 
     def keys(self, model: str, version: str, inputs: dict[str, np.ndarray]) -> list[str]:
         return row_keys(model, version, inputs, hash_name=self.config.hash,
@@ -408,34 +488,11 @@ class PredictionCache:
         return [r for r in results if r is not None], statuses
 
     async def _get_many(self, keys: list[str]) -> list[bytes | None]:
-        if self.remote_available:
-            assert self.remote is not None
-            try:
-                return await self.remote.mget(keys)
-            except Exception as exc:  # any Redis or socket failure is a miss, never a 5xx
-                self._remote_failed("MGET", exc)
-        return self.local.get_many(keys)
+        return await self.store.get_many(keys)
 
     async def _set_many(self, items: dict[str, bytes]) -> None:
-        if not items:
-            return
-        if self.remote_available:
-            assert self.remote is not None
-            try:
-                await self.remote.set_many(items, self.config.ttl_s)
-                return
-            except Exception as exc:  # see _get_many
-                self._remote_failed("SET", exc)
-        self.local.set_many(items, self.config.ttl_s)
+        await self.store.set_many(items, self.config.ttl_s)
 
-    def _remote_failed(self, what: str, exc: Exception) -> None:
+    def _remote_failed(self, what: str) -> None:
         self.counters.errors += 1
         self.observer.remote_failed(what)
-        now = self._clock()
-        self._remote_down_until = now + self.config.retry_after_s
-        if now - self._last_log >= self.config.log_interval_s:
-            self._last_log = now
-            log.warning("prediction cache: Redis %s failed (%s: %s); serving from the "
-                        "in-process cache, retrying in %.1f s (errors so far: %d)", what,
-                        type(exc).__name__, exc, self.config.retry_after_s,
-                        self.counters.errors)

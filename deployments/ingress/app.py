@@ -43,6 +43,7 @@ from deployments.errors import (
 )
 from deployments.ingress import codec
 from deployments.ingress.scoring import ModelBackend, Predictor, summarise
+from deployments.llm.routes import LLMBackend, add_llm_routes
 from deployments.observability.slo import SloReport
 from deployments.repository import ModelSpec, TensorSpec
 
@@ -250,12 +251,14 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                cache: PredictionCache | None = None,
                features: FeatureBackend | None = None,
                observer: RequestObserver | None = None,
-               slo: SloSource | None = None) -> FastAPI:
+               slo: SloSource | None = None,
+               llm: LLMBackend | None = None) -> FastAPI:
     """Build the ingress app over ``backend``; ``config`` returns the live settings.
 
     ``cache`` answers repeated rows (both APIs); ``features`` serves ``/v1/decide``
     (without it that route answers 503); ``observer`` hears every request and model
-    call; ``slo`` serves ``/v1/slo`` (503 without it).
+    call; ``slo`` serves ``/v1/slo`` (503 without it); ``llm`` serves
+    ``/v1/chat/completions`` and ``/v1/llm/usage`` (503 without it).
     """
     app = FastAPI(
         title="Keel",
@@ -490,6 +493,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                            "hit_ratio": counters.hit_ratio(m)} for m in models},
         }
 
+    add_llm_routes(app, llm, lambda: config().max_body_bytes, read_body)
     return app
 
 

@@ -8,8 +8,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 from fastapi import FastAPI
 from opentelemetry.trace import SpanKind
@@ -20,7 +20,7 @@ from ray.serve.exceptions import (
     DeploymentUnavailableError,
     ReplicaUnavailableError,
 )
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.cache.core import (
     CacheConfig,
@@ -39,6 +39,7 @@ from deployments.errors import (
 )
 from deployments.features.core import FeatureRows
 from deployments.ingress.app import IngressConfig, create_app
+from deployments.llm.core import ChatAnswer, ChatCall
 from deployments.observability import catalog, tracing
 from deployments.observability.asgi import RequestSpans
 from deployments.observability.ray_metrics import make
@@ -95,6 +96,32 @@ class HandleFeatures:
             rows: FeatureRows = await _call("the feature store", self._handle.lookup.remote(
                 entities, features, trace=tracing.carrier()))
         return rows
+
+
+class HandleLLM:
+    """Calls the ``LLMGateway`` deployment (streams through a streaming handle)."""
+
+    WHAT = "the LLM gateway"
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+
+    async def complete(self, call: ChatCall) -> ChatAnswer:
+        answer: ChatAnswer = await _call(self.WHAT, self._handle.complete.remote(call))
+        return answer
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[str]:
+        try:
+            events = cast(DeploymentResponseGenerator, self._streaming.stream.remote(call))
+            async for item in events:
+                yield item
+        except Exception as exc:
+            raise _as_keel_error(self.WHAT, exc) from exc
+
+    async def usage(self) -> dict[str, Any]:
+        summary: dict[str, Any] = await _call(self.WHAT, self._handle.usage.remote())
+        return summary
 
 
 async def _call(what: str, response: Awaitable[Any]) -> Any:
@@ -250,7 +277,8 @@ class Ingress:
 
     def __init__(self, models: dict[str, DeploymentHandle],
                  features: DeploymentHandle | None = None,
-                 slo_monitor: DeploymentHandle | None = None) -> None:
+                 slo_monitor: DeploymentHandle | None = None,
+                 llm: DeploymentHandle | None = None) -> None:
         observe_replica()  # span attributes, Pyroscope (after the replica started)
         self._backend = HandleBackend(models)
         self._features = HandleFeatures(features) if features is not None else None
@@ -264,6 +292,7 @@ class Ingress:
         # background (no loop: the first requests pay for it instead).
         with contextlib.suppress(RuntimeError):
             self._warming = asyncio.get_running_loop().create_task(self._warm_handles())
+        self._llm = HandleLLM(llm) if llm is not None else None
 
     async def _warm_handles(self) -> None:
         """Call every downstream deployment once: a handle's first call sets up its router
@@ -284,6 +313,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self._backend, lambda: self._config, cache=self._cache,
-                         features=self._features, observer=self._metrics, slo=self._pusher)
+                         features=self._features, observer=self._metrics, slo=self._pusher,
+                         llm=self._llm)
         app.add_middleware(RequestSpans)  # keel.request spans; a no-op when tracing is off
         return app

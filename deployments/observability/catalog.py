@@ -72,6 +72,32 @@ CACHE_ERRORS = MetricSpec("keel_cache_errors_total", "counter",
 CACHE_HIT_RATIO = MetricSpec("keel_cache_hit_ratio", "gauge",
                              "Share of rows answered without the model, since the replica "
                              "started.", ("model",))
+LLM_REQUESTS = MetricSpec("keel_llm_requests_total", "counter",
+                          "Chat completions answered by the LLM gateway, by cache result "
+                          "(hit, miss, bypass).", ("model", "tenant", "result"))
+LLM_TOKENS = MetricSpec("keel_llm_tokens_total", "counter",
+                        "Tokens of LLM answers by kind (prompt, completion) and source "
+                        "(upstream: paid, cache: not paid).", ("model", "tenant", "kind",
+                                                               "source"))
+LLM_COST = MetricSpec("keel_llm_cost_usd_total", "counter",
+                      "US dollars spent on upstream LLM calls (from the price table).",
+                      ("model", "tenant"))
+LLM_COST_AVOIDED = MetricSpec("keel_llm_cost_avoided_usd_total", "counter",
+                              "US dollars the prompt cache saved (what its hits would have "
+                              "cost upstream).", ("model", "tenant"))
+LLM_UPSTREAM_CALLS = MetricSpec("keel_llm_upstream_calls_total", "counter",
+                                "Calls to LLM upstreams by outcome (ok, or the status Keel "
+                                "answered: 429, 502, 503, 504...).",
+                                ("upstream", "model", "outcome"))
+LLM_CACHE_ERRORS = MetricSpec("keel_llm_cache_errors_total", "counter",
+                              "Redis commands of the prompt cache and usage ledger that "
+                              "failed.", ("operation",))
+LLM_CACHE_HIT_RATIO = MetricSpec("keel_llm_cache_hit_ratio", "gauge",
+                                 "Share of cacheable chat completions answered from the "
+                                 "prompt cache, since the replica started.")
+LLM_COST_PER_MAU = MetricSpec("keel_llm_cost_per_mau_usd", "gauge",
+                              "This month's LLM spend over this month's active users "
+                              "(target 0.05).", ("tenant",))
 SLO_VALUE = MetricSpec("keel_slo_value", "gauge",
                        "The SLO's measured value over the window (ms for latency objectives, "
                        "a ratio otherwise), for the whole application.", ("slo", "window"))
@@ -89,7 +115,8 @@ SLO_EVENTS = MetricSpec("keel_slo_events", "gauge",
 ALL: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_LATENCY, MODEL_LATENCY, MODEL_BATCH_SIZE, MODEL_LOADS, FEATURE_BATCH_SIZE,
     FEATURE_AGE, CACHE_ROWS, CACHE_ERRORS, CACHE_HIT_RATIO, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
-    SLO_BUDGET, SLO_EVENTS,
+    SLO_BUDGET, SLO_EVENTS, LLM_REQUESTS, LLM_TOKENS, LLM_COST, LLM_COST_AVOIDED,
+    LLM_UPSTREAM_CALLS, LLM_CACHE_ERRORS, LLM_CACHE_HIT_RATIO, LLM_COST_PER_MAU,
 )
 
 
