@@ -1,4 +1,4 @@
-"""``keel``: the command line (prepare the demo, check a serve config)."""
+"""``keel``: the command line (prepare the demo, check a serve config, render manifests)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,28 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_k8s(args: argparse.Namespace) -> int:
+    from graph import kube
+
+    root = Path(args.root)
+    crd = Path(args.crd) if args.crd else root / kube.DEFAULT_CRD
+    files = kube.render(root, crd,
+                        serve_config=Path(args.serve_config) if args.serve_config else None,
+                        overlay=Path(args.overlay) if args.overlay else None)
+    if args.check:
+        stale = kube.stale(root, files)
+        for name in stale:
+            print(f"{name}: differs from a fresh render (run `keel render-k8s`)",
+                  file=sys.stderr)
+        if not stale:
+            print(f"{len(files)} files up to date")
+        return 1 if stale else 0
+    changed = kube.write(root, files)
+    for name in files:
+        print(f"{name}: {'written' if name in changed else 'unchanged'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="list the models and versions in a repository")
     models.add_argument("--repository", default="models")
     models.set_defaults(run=_models)
+    render = sub.add_parser("render-k8s", help="render cluster/kuberay/ from serve_config.yaml "
+                            "and the production overlay")
+    render.add_argument("--root", default=".", help="the repository root")
+    render.add_argument("--serve-config", default=None, help="default: <root>/serve_config.yaml")
+    render.add_argument("--overlay", default=None,
+                        help="default: <root>/configs/serve/overlays/production.yaml")
+    render.add_argument("--crd", default=None, help="the RayService CRD to validate against "
+                        "(default: <root>/../shared/schemas/kuberay/ray.io_rayservices.yaml)")
+    render.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a committed file differs from a render")
+    render.set_defaults(run=_render_k8s)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
