@@ -122,3 +122,15 @@ def parse_user_config(model: type[M], raw: dict[str, Any] | None, deployment: st
     except ValidationError as exc:
         where = "; ".join(field_errors(exc))
         raise ConfigError(f"deployment {deployment!r} user_config: {where}") from exc
+
+
+class Unauthorized(KeelError):
+    """No API key, or one that matches no stored key (answered with ``WWW-Authenticate``)."""
+
+    status = 401
+
+
+class Forbidden(KeelError):
+    """A valid API key without access to the model it asked for."""
+
+    status = 403

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,26 @@ def _render_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_key(args: argparse.Namespace) -> int:
+    from deployments.ingress.auth import hash_key
+
+    if args.new:
+        key = secrets.token_urlsafe(32)
+        print(f"key (give it to the client; it is shown only now): {key}", file=sys.stderr)
+    else:
+        key = (args.key if args.key is not None else sys.stdin.readline()).strip()
+    if len(key) < 16:
+        print("keel: a key must be at least 16 characters (use --new for a random one)",
+              file=sys.stderr)
+        return 2
+    entry: dict[str, object] = {"name": args.name, "sha256": hash_key(key)}
+    if args.tenant:
+        entry["tenant"] = args.tenant
+    entry["models"] = args.models or ["*"]
+    print(json.dumps(entry))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a committed file differs from a render")
     render.set_defaults(run=_render_k8s)
+    hashing = sub.add_parser("hash-key", help="print the KEEL_API_KEYS entry of an API key "
+                             "(the key from the argument, stdin, or --new)")
+    hashing.add_argument("key", nargs="?", default=None,
+                         help="the key (default: one line of stdin; an argument may stay in "
+                              "your shell history)")
+    hashing.add_argument("--new", action="store_true", help="make a random key (to stderr)")
+    hashing.add_argument("--name", default="client", help="the key's name (in logs, errors)")
+    hashing.add_argument("--tenant", default=None, help="the LLM tenant the key bills")
+    hashing.add_argument("--models", nargs="*", default=None, help="models it may use "
+                         "(default: all)")
+    hashing.set_defaults(run=_hash_key)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,6 +11,7 @@ it is sound.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import tomllib
@@ -70,6 +71,15 @@ class RedisRef(_Strict):
     password_key: str = "password"
 
 
+class AuthRef(_Strict):
+    """Ingress API-key authentication: ``KEEL_AUTH`` and the Secret with ``KEEL_API_KEYS``."""
+
+    enabled: bool = True
+    secret: str = "keel-api-keys"
+    #: The Secret's key holding the JSON list of hashed keys (``keel hash-key``).
+    keys_key: str = "KEEL_API_KEYS"
+
+
 class ClusterSpec(_Strict):
     """The ``cluster`` section of the overlay: the RayCluster around the application."""
 
@@ -81,6 +91,7 @@ class ClusterSpec(_Strict):
     idle_timeout_s: int = Field(default=60, ge=0)
     redis: RedisRef = RedisRef()
     feast_secret: str = "keel-feast"
+    auth: AuthRef = AuthRef()
     materialize_schedule: str = "17 * * * *"
 
 
@@ -233,6 +244,9 @@ def keel_env(cluster: ClusterSpec, feature_store_yaml: str) -> list[dict[str, An
         {"name": "KEEL_FEATURE_STORE_YAML", "value": feature_store_yaml},
     ]
     env += [_secret_env(key, cluster.feast_secret, key) for key in FEAST_SECRET_KEYS]
+    env.append({"name": "KEEL_AUTH", "value": "on" if cluster.auth.enabled else "off"})
+    if cluster.auth.enabled:
+        env.append(_secret_env("KEEL_API_KEYS", cluster.auth.secret, cluster.auth.keys_key))
     return env
 
 
@@ -395,7 +409,19 @@ def secrets_example(cluster: ClusterSpec) -> str:
     note = ("# An EXAMPLE of the Secrets the manifests read; never commit real values.\n"
             "# Copy, fill in, `kubectl apply -f` the copy (or create them with your secret\n"
             "# manager). The Redis password appears twice: keep both equal.\n")
-    return note + dump(redis, feast)
+    docs = [redis, feast]
+    if cluster.auth.enabled:
+        note += ("# API keys: `keel hash-key --new --name <client> [--tenant T] [--models M]`\n"
+                 "# prints a random key (give it to the client) and the entry to list in\n"
+                 "# KEEL_API_KEYS; only the SHA-256 of a key is stored. The hash below is a\n"
+                 "# placeholder that matches no key.\n")
+        entry = [{"name": "example-client", "sha256": "0" * 64, "tenant": "example",
+                  "models": ["*"]}]
+        docs.append({"apiVersion": "v1", "kind": "Secret",
+                     "metadata": {"name": cluster.auth.secret, "namespace": cluster.namespace},
+                     "type": "Opaque",
+                     "stringData": {cluster.auth.keys_key: json.dumps(entry)}})
+    return note + dump(*docs)
 
 
 def podmonitor(root: Path, cluster: ClusterSpec) -> str:

@@ -17,7 +17,7 @@ from importlib.metadata import version as package_version
 from typing import Any, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,9 +39,18 @@ from deployments.errors import (
     ModelNotFound,
     ModelNotReady,
     PayloadTooLarge,
+    Unauthorized,
     field_errors,
 )
 from deployments.ingress import codec
+from deployments.ingress.auth import (
+    API_KEY_SCOPE_KEY,
+    EXEMPT_ROUTES,
+    AuthConfig,
+    authenticate,
+    authorize,
+    key_of,
+)
 from deployments.ingress.scoring import ModelBackend, Predictor, summarise
 from deployments.llm.routes import LLMBackend, add_llm_routes
 from deployments.observability.slo import SloReport
@@ -252,15 +261,33 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                features: FeatureBackend | None = None,
                observer: RequestObserver | None = None,
                slo: SloSource | None = None,
-               llm: LLMBackend | None = None) -> FastAPI:
+               llm: LLMBackend | None = None,
+               auth: AuthConfig | None = None) -> FastAPI:
     """Build the ingress app over ``backend``; ``config`` returns the live settings.
 
     ``cache`` answers repeated rows (both APIs); ``features`` serves ``/v1/decide``
     (without it that route answers 503); ``observer`` hears every request and model
     call; ``slo`` serves ``/v1/slo`` (503 without it); ``llm`` serves
-    ``/v1/chat/completions`` and ``/v1/llm/usage`` (503 without it).
+    ``/v1/chat/completions`` and ``/v1/llm/usage`` (503 without it). ``auth`` (default:
+    off) requires an API key on every API route but the probes and ``/v2``: an app-level
+    dependency, so a route added later is covered too.
     """
+    auth = auth or AuthConfig()
+
+    async def require_key(request: Request) -> None:
+        if not auth.enabled:
+            return
+        route = getattr(request.scope.get("route"), "path", None)
+        if route in EXEMPT_ROUTES:
+            return
+        key = authenticate(auth, request.headers)
+        request.scope[API_KEY_SCOPE_KEY] = key
+        model = request.path_params.get("name")
+        if model is not None:
+            authorize(key, str(model))
+
     app = FastAPI(
+        dependencies=[Depends(require_key)],
         title="Keel",
         version=_server_version(),
         description="ONNX model serving on Ray Serve: the Open Inference Protocol "
@@ -282,7 +309,10 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
     async def _keel_error(_: Request, exc: KeelError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return error_response(exc.status, exc.message, exc.retry_after_s)
+        response = error_response(exc.status, exc.message, exc.retry_after_s)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="keel"'
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -417,6 +447,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         except ValidationError as exc:
             raise InvalidInput("; ".join(field_errors(exc, limit=5))) from exc
         request.scope[MODEL_SCOPE_KEY] = ask.model
+        authorize(key_of(request.scope), ask.model)
         if len(ask.entities) > settings.max_entities:
             raise InvalidInput(f"entities: at most {settings.max_entities} entities per "
                                f"request (got {len(ask.entities)})")

@@ -39,6 +39,7 @@ from deployments.errors import (
 )
 from deployments.features.core import FeatureRows
 from deployments.ingress.app import IngressConfig, create_app
+from deployments.ingress.auth import announce, load_auth
 from deployments.llm.core import ChatAnswer, ChatCall
 from deployments.observability import catalog, tracing
 from deployments.observability.asgi import RequestSpans
@@ -280,6 +281,8 @@ class Ingress:
                  slo_monitor: DeploymentHandle | None = None,
                  llm: DeploymentHandle | None = None) -> None:
         observe_replica()  # span attributes, Pyroscope (after the replica started)
+        self._auth = load_auth()  # KEEL_AUTH, KEEL_API_KEYS(_FILE); malformed: no start
+        announce(self._auth)
         self._backend = HandleBackend(models)
         self._features = HandleFeatures(features) if features is not None else None
         self._config = IngressConfig()
@@ -314,6 +317,6 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self._backend, lambda: self._config, cache=self._cache,
                          features=self._features, observer=self._metrics, slo=self._pusher,
-                         llm=self._llm)
+                         llm=self._llm, auth=self._auth)
         app.add_middleware(RequestSpans)  # keel.request spans; a no-op when tracing is off
         return app

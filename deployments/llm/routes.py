@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import DependencyUnavailable, InvalidInput
+from deployments.ingress.auth import authorize, key_of
 from deployments.llm.core import USER_HEADER, ChatAnswer, ChatCall, tenant_of
 
 #: Where the request metrics find a route's model (the ingress's MODEL_SCOPE_KEY).
@@ -34,15 +35,22 @@ class LLMBackend(Protocol):
 
 
 def chat_call(request: Request, body: bytes) -> ChatCall:
-    """The gateway call for a request: parsed body, tenant, user, cache directives."""
+    """The gateway call for a request: parsed body, tenant, user, cache directives.
+
+    With auth on, the key must have access to the body's model, and a key's tenant
+    overrides ``X-Keel-Tenant`` (a client cannot bill another tenant)."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"body: not valid JSON ({exc})") from exc
     if not isinstance(payload, dict):
         raise InvalidInput("body: expected a JSON object")
+    key = key_of(request.scope)
+    authorize(key, str(payload.get("model", "")))
+    tenant = key.tenant if key is not None and key.tenant else \
+        tenant_of(request.headers.get("x-keel-tenant"))
     user = request.headers.get(USER_HEADER) or payload.get("user")
-    return ChatCall(body=payload, tenant=tenant_of(request.headers.get("x-keel-tenant")),
+    return ChatCall(body=payload, tenant=tenant,
                     user=str(user)[:256] if user else None,
                     cache_control=request.headers.get("cache-control", ""))
 
