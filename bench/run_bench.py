@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -576,8 +577,11 @@ def markdown(summary: dict[str, Any], targets: list[str], concurrencies: list[in
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], targets: list[str], path: Path, title: str) -> None:
-    """rps and p95 against concurrency, one line per target (medians)."""
+def plot(summary: dict[str, Any], targets: list[str], path: Path, title: str, *,
+         style: Callable[[str], str] | None = None, log_y: bool = True) -> None:
+    """rps and p95 against concurrency, one line per target (medians). ``style`` gives a
+    target's line style (default: solid for Keel, dashed otherwise); ``log_y`` puts both
+    y axes on a log scale (else linear from 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,17 +596,21 @@ def plot(summary: dict[str, Any], targets: list[str], path: Path, title: str) ->
             continue
         rps = [rows[str(x)]["rps"] for x in xs]
         p95 = [rows[str(x)]["p95_ms"] for x in xs]
-        style = "-" if TARGETS[name].kind == "keel" else "--"
-        ax_rps.plot(xs, rps, style, marker="o", label=name)
-        ax_p95.plot(xs, [v if v is not None else float("nan") for v in p95], style,
+        line = style(name) if style else ("-" if TARGETS[name].kind == "keel" else "--")
+        ax_rps.plot(xs, rps, line, marker="o", label=name)
+        ax_p95.plot(xs, [v if v is not None else float("nan") for v in p95], line,
                     marker="o", label=name)
     concurrencies = sorted({int(c) for rows in summary["medians"].values() for c in rows})
-    # Log scales on both axes: the single-process baseline is an order of magnitude
-    # above the Ray targets, which would otherwise lie flat on the floor.
-    for ax, ylabel in ((ax_rps, "requests/s (median, log)"),
-                       (ax_p95, "p95 latency, ms (median, log)")):
+    # Log scales on both axes by default: the single-process baseline is an order of
+    # magnitude above the Ray targets, which would otherwise lie flat on the floor.
+    scale = ", log" if log_y else ""
+    for ax, ylabel in ((ax_rps, f"requests/s (median{scale})"),
+                       (ax_p95, f"p95 latency, ms (median{scale})")):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         if concurrencies:
             ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
             ax.xaxis.set_minor_locator(NullLocator())

@@ -68,6 +68,7 @@ from run_bench import (
     free_port,
     log,
     mean_batch,
+    plot,
 )
 
 from deployments.observability.catalog import LATENCY_BUCKETS_MS
@@ -579,41 +580,6 @@ def markdown(document: dict[str, Any], configs: list[str], concurrencies: list[i
     return "\n".join(lines)
 
 
-def plot(document: dict[str, Any], configs: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
-    fig, (ax_rps, ax_p95) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for name in configs:
-        rows = document["medians"].get(name, {})
-        xs = sorted(int(c) for c in rows)
-        if not xs:
-            continue
-        style = "--" if name == "off" else "-"
-        ax_rps.plot(xs, [rows[str(x)]["rps"] for x in xs], style, marker="o", label=name)
-        ax_p95.plot(xs, [rows[str(x)]["p95_ms"] or float("nan") for x in xs], style,
-                    marker="o", label=name)
-    concurrencies = sorted({int(c) for rows in document["medians"].values() for c in rows})
-    for ax, ylabel in ((ax_rps, "requests/s (median)"), (ax_p95, "p95 latency, ms (median)")):
-        ax.set_xscale("log", base=2)
-        if concurrencies:
-            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
-            ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    if ax_rps.lines:
-        ax_rps.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Keel with tracing + metrics on vs off; /v1/slo vs the client; a scrape "
@@ -714,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{args.model}, Keel (HAProxy, throughput-optimised), observability on vs off, "
              f"{os.cpu_count()} CPUs shared with the load generator, "
              f"{args.duration:g} s per point, median of {args.repeats}")
-    plot(document, args.configs, png_path, title)
+    plot(document, args.configs, png_path, title,
+         style=lambda name: "--" if name == "off" else "-", log_y=False)
     print(markdown(document, args.configs, args.concurrency))
     log(f"wrote {_rel(json_path)}, {_rel(png_path)}"
         + (f", {_rel(scrape_path)}" if scrape_path.exists() else "")
