@@ -24,10 +24,8 @@ from deployments.ingress.deployment import Ingress
 from deployments.llm.deployment import LLMGateway
 from deployments.observability.deployment import SloMonitor
 from deployments.onnx.deployment import OnnxModel
+from deployments.paths import search_paths
 from deployments.repository import ModelRepository
-
-#: The repository root when Keel runs from a checkout (``pip install -e .``).
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class AppArgs(BaseModel):
@@ -57,8 +55,7 @@ def resolve_repository(path: str, *, env: str = "KEEL_MODEL_REPOSITORY",
     the environment variable ``env`` first, then ``path``; relative paths are tried
     against the working directory, then the project root."""
     chosen = Path(os.environ.get(env) or path).expanduser()
-    candidates = [chosen] if chosen.is_absolute() else [Path.cwd() / chosen,
-                                                        PROJECT_ROOT / chosen]
+    candidates = search_paths(chosen)
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()

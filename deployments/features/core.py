@@ -38,13 +38,13 @@ from deployments.errors import (
     InvalidInput,
     KeelError,
 )
+from deployments.paths import search_paths
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: The feature store file Feast reads when no other is named.
 DEFAULT_FS_YAML = "feature_store.yaml"
 
@@ -98,7 +98,7 @@ def resolve_feature_repo(path: str | Path) -> Path:
     """The feature repository as an absolute path: as given, else under the cwd, else
     under the project root (replicas and ``keel prepare`` may run from elsewhere)."""
     chosen = Path(path).expanduser()
-    candidates = [chosen] if chosen.is_absolute() else [Path.cwd() / chosen, PROJECT_ROOT / chosen]
+    candidates = search_paths(chosen)
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
@@ -109,13 +109,8 @@ def resolve_feature_repo(path: str | Path) -> Path:
 def resolve_fs_yaml(repo_path: Path, fs_yaml: str | Path | None) -> Path:
     """The feature store file: ``fs_yaml`` (relative to the cwd, then the repository)
     or the repository's ``feature_store.yaml``."""
-    if not fs_yaml:  # None or '' (an empty CLI option)
-        candidates = [repo_path / DEFAULT_FS_YAML]
-    else:
-        chosen = Path(fs_yaml).expanduser()
-        candidates = [chosen] if chosen.is_absolute() else [Path.cwd() / chosen,
-                                                            repo_path / chosen,
-                                                            PROJECT_ROOT / chosen]
+    # None or '' (an empty CLI option): the repository's own file.
+    candidates = search_paths(fs_yaml, repo_path) if fs_yaml else [repo_path / DEFAULT_FS_YAML]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
