@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from deployments.repository import ModelSpec
 
@@ -22,7 +22,8 @@ class RequestInput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
-    shape: list[int]
+    #: Strict: JSON integers only (no true for 1, no 1e9 or "4" coerced to an integer).
+    shape: list[StrictInt]
     datatype: str
     parameters: dict[str, Any] | None = None
     #: Row-major flattened (nested lists are accepted too); absent when the

@@ -17,19 +17,32 @@ class KeelError(Exception):
     """Base of every error Keel reports to a client."""
 
     status: int = 500
+    #: The step of the request path that failed ("features", "model", ...), where known;
+    #: answered as ``{"error": ..., "stage": ...}`` so a client and an operator can tell
+    #: a slow feature store from a slow model.
+    stage: str | None = None
 
     def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
 
+    def at(self, stage: str) -> KeelError:
+        """This error, marked with the stage it happened in (kept if already set)."""
+        if self.stage is None:
+            self.stage = stage
+        return self
+
     def __reduce__(self) -> tuple[object, ...]:
-        # Errors cross Ray process boundaries; keep the keyword argument on the way.
-        return (_rebuild, (type(self), self.message, self.retry_after_s))
+        # Errors cross Ray process boundaries; keep the keyword arguments on the way.
+        return (_rebuild, (type(self), self.message, self.retry_after_s, self.stage))
 
 
-def _rebuild(cls: type[KeelError], message: str, retry_after_s: int | None) -> KeelError:
-    return cls(message, retry_after_s=retry_after_s)
+def _rebuild(cls: type[KeelError], message: str, retry_after_s: int | None,
+             stage: str | None = None) -> KeelError:
+    error = cls(message, retry_after_s=retry_after_s)
+    error.stage = stage
+    return error
 
 
 class InvalidInput(KeelError):
@@ -93,7 +106,8 @@ class BadGateway(KeelError):
 
 
 class UpstreamTimeout(KeelError):
-    """A downstream call took longer than the configured timeout."""
+    """A stage of the request (feature lookup, model call, upstream) did not answer within
+    the request's time budget; the work behind it is cancelled."""
 
     status = 504
 
@@ -134,3 +148,23 @@ class Forbidden(KeelError):
     """A valid API key without access to the model it asked for."""
 
     status = 403
+
+
+class UnsupportedMediaType(InvalidInput):
+    """A body in a Content-Type or Content-Encoding the route does not read (415)."""
+
+    status = 415
+
+
+#: Longest client-given value echoed back in an error message.
+ECHO_CHARS = 80
+
+
+def quoted(value: object) -> str:
+    """A client-given name or id for an error message: ``repr`` (control and bidi
+    characters escaped, so a message cannot hide or reorder text), cut to ``ECHO_CHARS``
+    so that a huge value is not sent back."""
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        return f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= 2 * ECHO_CHARS else f"{text[:2 * ECHO_CHARS]}..."

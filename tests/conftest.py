@@ -178,6 +178,10 @@ def serve_client() -> Iterator[Any]:
     # The mode `make demo` runs in (see README): Ray reads these when its processes start.
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    # HAProxy's metrics and stats ports are fixed by default (9101, 8404): free ones let
+    # a second test session (or a running demo) share the machine.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
     metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},

@@ -466,7 +466,11 @@ class PredictionCache:
                 await self._set_many(fresh)
         except BaseException as exc:
             for future in owned.values():
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()  # this request went away: its waiters compute themselves
+                else:
                     future.set_exception(exc)
                     future.exception()  # retrieved here: waiters re-raise it themselves
             raise
@@ -474,11 +478,28 @@ class PredictionCache:
             for key, future in owned.items():
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
-        for future, rows in waits.values():
-            outputs = await asyncio.shield(future)
+        abandoned: dict[str, list[int]] = {}
+        for key, (future, rows) in waits.items():
+            try:
+                outputs = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not future.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request itself was cancelled
+                abandoned[key] = rows
+                continue
             for i in rows:
                 results[i] = outputs
                 statuses[i] = "shared"
+        if abandoned:
+            # The request computing these rows was cancelled (its client left, or its time
+            # ran out): compute them here rather than fail a second request with it.
+            computed = await compute([rows[0] for rows in abandoned.values()])
+            for rows, outputs in zip(abandoned.values(), computed, strict=True):
+                for i in rows:
+                    results[i] = outputs
+            await self._set_many({key: encode_row(outputs)
+                                  for key, outputs in zip(abandoned, computed, strict=True)})
         hits, misses, shared = (statuses.count("hit"), statuses.count("miss"),
                                 statuses.count("shared"))
         self.counters.add(self.counters.hits, model, hits)

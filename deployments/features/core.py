@@ -37,6 +37,7 @@ from deployments.errors import (
     EntityNotFound,
     InvalidInput,
     KeelError,
+    quoted,
 )
 from deployments.paths import search_paths
 
@@ -230,7 +231,8 @@ class FeatureFetcher:
         try:
             views = self.store.list_feature_views(allow_cache=True)
         except Exception as exc:
-            raise DependencyUnavailable(f"feature registry unreadable: {exc}") from exc
+            raise DependencyUnavailable(f"feature registry unreadable: {exc}",
+                                        retry_after_s=1) from exc
         loaded: dict[str, _View] = {}
         for fv in views:
             loaded[fv.name] = _View(
@@ -388,7 +390,7 @@ class FeatureFetcher:
             logger.warning("feature store lookup failed: %s: %s", type(exc).__name__, exc)
             raise DependencyUnavailable(
                 f"feature store unavailable ({self.online_store_type}): "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {exc}", retry_after_s=1
             ) from exc
         return _FetchedTable.parse(response.proto, features, views)
 
@@ -463,7 +465,7 @@ class _FetchedTable:
 
 
 def _describe(entity: dict[str, Any], view: _View) -> str:
-    return ", ".join(f"{key} {entity.get(key)!r}" for key in view.join_keys)
+    return ", ".join(f"{key} {quoted(entity.get(key))}" for key in view.join_keys)
 
 
 # Python types accepted for a Feast value type; bool is an int subclass, so it is
@@ -500,8 +502,10 @@ def _validate_entities(entities: list[dict[str, Any]], keys: dict[str, str]) -> 
                                    f"got {type(value).__name__}")
         for key in entity:
             if key not in keys:
-                raise InvalidInput(f"entities[{i}].{key}: not an entity key of the requested "
-                                   f"features (expected {sorted(keys)})")
+                # A plain name as is; anything else quoted (escaped and cut short).
+                shown = key if key.isidentifier() and len(key) <= 64 else quoted(key)
+                raise InvalidInput(f"entities[{i}].{shown}: not an entity key of the "
+                                   f"requested features (expected {sorted(keys)})")
 
 
 def _strings(node: Any) -> Sequence[str]:

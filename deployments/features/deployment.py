@@ -18,7 +18,12 @@ from typing import Any
 
 from ray import serve
 
-from deployments.errors import DependencyUnavailable, KeelError, parse_user_config
+from deployments.errors import (
+    DependencyUnavailable,
+    KeelError,
+    UpstreamTimeout,
+    parse_user_config,
+)
 from deployments.features.core import FeatureFetcher, FeatureRows, FeatureServiceConfig
 from deployments.observability import catalog, tracing
 from deployments.observability.ray_metrics import make
@@ -88,8 +93,8 @@ class FeatureService:
                 results = await asyncio.wait_for(call, timeout)
         except TimeoutError:
             self._failures += 1
-            error = DependencyUnavailable(f"the feature store did not answer within {timeout} s",
-                                          retry_after_s=1)
+            error = UpstreamTimeout(f"the feature store did not answer within {timeout} s "
+                                    f"(lookup_timeout_s)").at("features")
             return [error] * len(requests)
         except Exception as exc:  # the store failed outside lookup_many's own handling
             self._failures += 1

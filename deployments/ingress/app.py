@@ -30,7 +30,11 @@ from deployments.contracts import (
     DecideResponse,
     DecideTimings,
     Decision,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
     ModelStatus,
+    ServerMetadata,
 )
 from deployments.errors import (
     DependencyUnavailable,
@@ -40,9 +44,12 @@ from deployments.errors import (
     ModelNotReady,
     PayloadTooLarge,
     Unauthorized,
+    UnsupportedMediaType,
+    UpstreamTimeout,
     field_errors,
+    quoted,
 )
-from deployments.ingress import codec
+from deployments.ingress import codec, openapi
 from deployments.ingress.auth import (
     API_KEY_SCOPE_KEY,
     EXEMPT_ROUTES,
@@ -51,7 +58,8 @@ from deployments.ingress.auth import (
     authorize,
     key_of,
 )
-from deployments.ingress.scoring import ModelBackend, Predictor, summarise
+from deployments.ingress.scoring import ModelBackend, Predictor, remaining, summarise
+from deployments.llm.core import ChatRequest
 from deployments.llm.routes import LLMBackend, add_llm_routes
 from deployments.observability.slo import SloReport
 from deployments.repository import ModelSpec, TensorSpec
@@ -75,7 +83,9 @@ class IngressConfig(BaseModel):
 
     #: Larger bodies get 413 before they are read in full.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
-    #: Longest wait for a model's answer before 504.
+    #: A request's time budget in the ingress: each stage (feature lookup, model call)
+    #: gets what is left of it; past it the request answers 504 naming the stage, and the
+    #: stage's work is cancelled. Keep it below ``http_options.request_timeout_s``.
     request_timeout_s: float = Field(default=30.0, gt=0, le=600)
     #: How long the ingress trusts its copy of a model's status (served version, spec).
     status_ttl_s: float = Field(default=1.0, ge=0, le=300)
@@ -182,7 +192,7 @@ class ModelCatalog:
     def require(self, name: str) -> None:
         """404 for a model this ingress does not serve (before any body is read)."""
         if name not in self.backend.model_names():
-            raise ModelNotFound(f"model {name!r} is not served here "
+            raise ModelNotFound(f"model {quoted(name)} is not served here "
                                 f"(models: {self.backend.model_names()})")
 
     async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
@@ -219,9 +229,10 @@ class ModelCatalog:
             spec = status.loaded.get(version)
         if spec is None:
             if version in status.available_versions:
-                raise ModelNotFound(f"model {name!r} version {version!r} is in the repository "
-                                    f"but not loaded (serving {status.served_version!r})")
-            raise ModelNotFound(f"model {name!r} has no version {version!r} "
+                raise ModelNotFound(f"model {name!r} version {quoted(version)} is in the "
+                                    f"repository but not loaded (serving "
+                                    f"{status.served_version!r})")
+            raise ModelNotFound(f"model {name!r} has no version {quoted(version)} "
                                 f"(versions: {status.available_versions})")
         return spec
 
@@ -231,14 +242,41 @@ class ModelCatalog:
             self._cache.pop(name, None)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) anything over ``limit`` without reading it all."""
+#: What a JSON route reads: JSON, or a body with no Content-Type (tritonclient's sync
+#: client sends none).
+JSON_ONLY = (openapi.JSON,)
+#: What the inference routes read: JSON, or the binary tensor data extension.
+JSON_OR_BINARY = (openapi.JSON, openapi.OCTET_STREAM)
+def check_media_type(request: Request, accepted: tuple[str, ...]) -> None:
+    """415 naming the header for a body the route cannot read as sent: another Content-Type,
+    or any Content-Encoding (compressed bodies are refused, never inflated: a small gzip
+    body can expand past every limit)."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {quoted(encoding)} is not accepted; "
+                                   f"send the body uncompressed")
+    raw = request.headers.get("content-type")
+    if raw is None:
+        return
+    media_type = raw.split(";", 1)[0].strip().lower()
+    if media_type not in accepted:
+        raise UnsupportedMediaType(f"Content-Type {quoted(media_type)} is not accepted here; "
+                                   f"send {' or '.join(accepted)}")
+
+
+async def read_body(request: Request, limit: int,
+                    media_types: tuple[str, ...] = JSON_ONLY) -> bytes:
+    """Read the body, refusing (415) one in another media type or encoding and (413)
+    anything over ``limit`` without reading it all."""
+    check_media_type(request, media_types)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             length = int(declared)
         except ValueError as exc:
             raise InvalidInput("content-length header is not an integer") from exc
+        if length < 0:
+            raise InvalidInput("content-length header is negative")
         if length > limit:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
     chunks: list[bytes] = []
@@ -251,9 +289,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def error_response(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
+def error_response(status: int, message: str, retry_after_s: int | None = None,
+                   stage: str | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body = {"error": message} if stage is None else {"error": message, "stage": stage}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
@@ -309,7 +349,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
     async def _keel_error(_: Request, exc: KeelError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        response = error_response(exc.status, exc.message, exc.retry_after_s)
+        response = error_response(exc.status, exc.message, exc.retry_after_s, exc.stage)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="keel"'
         return response
@@ -327,7 +367,8 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         log.exception("unexpected error")
         return error_response(500, f"internal error ({type(exc).__name__})")
 
-    @app.get("/v2", summary="Server metadata")
+    @app.get("/v2", summary="Server metadata", response_model=None,
+             responses={200: openapi.response(ServerMetadata, "Name, version, extensions")})
     async def server_metadata() -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": _server_version(),
                 "extensions": ["binary_tensor_data"]}
@@ -336,7 +377,10 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="Readiness: every model has a version loaded")
+    @app.get("/v2/health/ready", summary="Readiness: every model has a version loaded",
+             responses={200: openapi.response(openapi.ServerReadiness, "Every model is ready"),
+                        503: openapi.response(openapi.ServerReadiness,
+                                              "A model is not ready; each says why")})
     async def ready() -> JSONResponse:
         names = backend.model_names()
         timeout = config().ready_timeout_s
@@ -355,11 +399,13 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         return JSONResponse({"ready": is_ready, "models": models},
                             status_code=200 if is_ready else 503)
 
-    @app.get("/v2/models/{name}", summary="Model metadata (served version)")
+    @app.get("/v2/models/{name}", summary="Model metadata (served version)",
+             response_model=None, responses=_METADATA_RESPONSES)
     async def model_metadata(name: str) -> dict[str, Any]:
         return await _metadata(name, None)
 
-    @app.get("/v2/models/{name}/versions/{version}", summary="Model metadata (one version)")
+    @app.get("/v2/models/{name}/versions/{version}", summary="Model metadata (one version)",
+             response_model=None, responses=_METADATA_RESPONSES)
     async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
         return await _metadata(name, version)
 
@@ -377,11 +423,13 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         }
         return document
 
-    @app.get("/v2/models/{name}/ready", summary="Model readiness (served version)")
+    @app.get("/v2/models/{name}/ready", summary="Model readiness (served version)",
+             responses=_READY_RESPONSES)
     async def model_ready(name: str) -> JSONResponse:
         return await _model_ready(name, None)
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model readiness (version)")
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model readiness (version)",
+             responses=_READY_RESPONSES)
     async def model_version_ready(name: str, version: str) -> JSONResponse:
         return await _model_ready(name, version)
 
@@ -395,7 +443,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                                 status_code=503)
         if version is not None and version not in status.available_versions \
                 and version not in status.loaded:
-            raise ModelNotFound(f"model {name!r} has no version {version!r} "
+            raise ModelNotFound(f"model {name!r} has no version {quoted(version)} "
                                 f"(versions: {status.available_versions})")
         is_ready = (status.served_version is not None if version is None
                     else version in status.loaded)
@@ -404,24 +452,27 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
             body["version"] = version
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
-    @app.post("/v2/models/{name}/infer", summary="Inference (served version)")
+    @app.post("/v2/models/{name}/infer", summary="Inference (served version)",
+              responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
     async def infer(name: str, request: Request) -> Response:
         return await _infer(name, None, request)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)")
+    @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)",
+              responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
     async def infer_version(name: str, version: str, request: Request) -> Response:
         return await _infer(name, version, request)
 
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         settings = config()
+        deadline = time.monotonic() + settings.request_timeout_s
         catalog.require(name)
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, JSON_OR_BINARY)
         json_length = _json_length(request)
         parsed, binary = codec.parse_request(body, json_length)
         spec = await catalog.spec(name, version)
         inputs = codec.decode_inputs(parsed, spec, binary)
         outputs = codec.requested_outputs(parsed, spec)
-        prediction = await predictor.predict(name, version, inputs, outputs)
+        prediction = await predictor.predict(name, version, inputs, outputs, deadline=deadline)
         content, header_length = codec.encode_response(parsed, prediction.spec,
                                                        prediction.version, prediction.outputs)
         headers = {"X-Keel-Cache": summarise(prediction.cache)}
@@ -435,12 +486,11 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
               # The body is read within max_body_bytes and parsed here; document its schema.
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": DecideRequest.model_json_schema()}}}},
-              responses={400: {"description": "Bad request; the message names the field"},
-                         404: {"description": "Unknown model, or an entity not in the store"},
-                         503: {"description": "Feature store or model unavailable"}})
+              responses=openapi.errors(400, 404, 413, 415, 503, 504))
     async def decide(request: Request) -> Response:
         started = time.perf_counter()
         settings = config()
+        deadline = time.monotonic() + settings.request_timeout_s
         body = await read_body(request, settings.max_body_bytes)
         try:
             ask = DecideRequest.model_validate_json(body)
@@ -460,11 +510,10 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         began = time.perf_counter()
         try:
             table = await asyncio.wait_for(features.lookup(ask.entities, columns),
-                                           settings.request_timeout_s)
+                                           remaining(deadline, "features"))
         except TimeoutError as exc:
-            raise DependencyUnavailable(f"the feature store did not answer within "
-                                        f"{settings.request_timeout_s} s",
-                                        retry_after_s=1) from exc
+            raise UpstreamTimeout(f"the feature store did not answer within the request's "
+                                  f"{settings.request_timeout_s} s").at("features") from exc
         features_ms = (time.perf_counter() - began) * 1000
         values = np.asarray(table.values, dtype=tensor.numpy_dtype)
         if values.shape != (len(ask.entities), len(columns)):
@@ -475,7 +524,8 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
             row = int(np.argwhere(~np.isfinite(values))[0][0])
             raise InvalidInput(f"entities[{row}]: a feature value is not finite and model "
                                f"{spec.name!r} does not allow NaN")
-        prediction = await predictor.predict(ask.model, spec.version, {tensor.name: values})
+        prediction = await predictor.predict(ask.model, spec.version, {tensor.name: values},
+                                             deadline=deadline)
         timings = DecideTimings(features=round(features_ms, 3),
                                 cache=round(prediction.cache_ms, 3),
                                 model=round(prediction.model_ms, 3),
@@ -495,7 +545,7 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
                         headers={"X-Keel-Cache": summarise(prediction.cache)})
 
     @app.get("/v1/slo", summary="SLOs of the whole application over rolling windows",
-             response_model=SloReport)
+             response_model=SloReport, responses=openapi.errors(503))
     async def slo_report() -> SloReport:
         if slo is None:
             raise DependencyUnavailable("no SLO monitor is configured")
@@ -525,7 +575,22 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         }
 
     add_llm_routes(app, llm, lambda: config().max_body_bytes, read_body)
+    openapi.install(app, [InferenceRequest, ChatRequest], auth_exempt=EXEMPT_ROUTES)
     return app
+
+
+#: What the documented routes answer (openapi.py; Keel never answers FastAPI's 422).
+_Responses = dict[int | str, dict[str, Any]]
+_METADATA_RESPONSES: _Responses = {
+    200: openapi.response(ModelMetadata, "The model's metadata"), **openapi.errors(404, 503)}
+_READY_RESPONSES: _Responses = {
+    200: openapi.response(openapi.ModelReady, "Ready"),
+    404: {"model": openapi.ErrorBody, "description": "Unknown model or version"},
+    503: openapi.response(openapi.ModelReady, "Not ready; 'error' says why")}
+_INFER_RESPONSES: _Responses = {
+    200: {"model": InferenceResponse, **openapi.INFER_OK},
+    **openapi.errors(400, 404, 413, 415, 503, 504)}
+_INFER_BODY = openapi.json_body(InferenceRequest, binary=True)
 
 
 def decision_input(spec: ModelSpec) -> TensorSpec:

@@ -19,6 +19,8 @@ from deployments.repository import NUMPY_DTYPES, ModelSpec, TensorSpec
 
 #: Header of the binary tensor data extension (Triton's, which tritonclient speaks).
 BINARY_HEADER = "inference-header-content-length"
+#: Most dimensions a tensor may have (numpy's own limit); deeper data is refused.
+MAX_RANK = 64
 _INT_KINDS = "iu"
 _NUMERIC_KINDS = "biuf"
 
@@ -102,6 +104,9 @@ def _check_header(item: RequestInput, tensor: TensorSpec) -> tuple[int, ...]:
         raise InvalidInput(f"input {item.name!r}: datatype {item.datatype} does not match the "
                            f"model's {tensor.datatype}")
     shape = tuple(item.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {item.name!r}: shape has {len(shape)} dimensions; the "
+                           f"model's {tensor.shape} has {len(tensor.shape)}")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input {item.name!r}: shape {list(shape)} has a negative dimension")
     if len(shape) != len(tensor.shape) or any(
@@ -160,19 +165,27 @@ def _decode_json(item: RequestInput, tensor: TensorSpec) -> np.ndarray:
 
 
 def _flatten_bytes(item: RequestInput) -> list[bytes]:
+    # Iterative, not recursive: JSON nested nearly to the decoder's depth limit would
+    # otherwise overflow the stack here (RecursionError, a 500) instead of being a 400.
     out: list[bytes] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, list):
-            for v in value:
-                walk(v)
+    stack: list[Any] = [iter([item.data])]
+    while stack:
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+        elif isinstance(value, list):
+            if len(stack) > MAX_RANK:
+                raise InvalidInput(f"input {item.name!r}: data is nested more than "
+                                   f"{MAX_RANK} deep")
+            stack.append(iter(value))
         elif isinstance(value, str):
             out.append(value.encode())
         else:
             raise InvalidInput(f"input {item.name!r}: BYTES data must be strings")
-
-    walk(item.data)
     return out
+
+
+_END = object()
 
 
 def _decode_binary(item: RequestInput, tensor: TensorSpec, chunk: bytes) -> np.ndarray:

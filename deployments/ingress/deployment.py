@@ -68,7 +68,8 @@ class HandleBackend:
         return handle
 
     async def status(self, name: str) -> ModelStatus:
-        result: ModelStatus = await _call(f"model {name!r}", self._handle(name).status.remote())
+        result: ModelStatus = await _call(f"model {name!r}", self._handle(name).status.remote(),
+                                          "model")
         return result
 
     async def infer(self, name: str, call: InferCall) -> InferResult:
@@ -77,7 +78,7 @@ class HandleBackend:
         with tracing.span("keel.model.call", {"keel.model": name}, kind=SpanKind.CLIENT):
             call.trace = tracing.carrier()
             result: InferResult = await _call(f"model {name!r}",
-                                              self._handle(name).infer.remote(call))
+                                              self._handle(name).infer.remote(call), "model")
         return result
 
 
@@ -88,14 +89,14 @@ class HandleFeatures:
         self._handle = handle
 
     async def warm_up(self) -> None:
-        await _call("the feature store", self._handle.stats.remote())
+        await _call("the feature store", self._handle.stats.remote(), "features")
 
     async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
         with tracing.span("keel.features.lookup",
                           {"keel.entities": len(entities), "keel.features": len(features)},
                           kind=SpanKind.CLIENT):
             rows: FeatureRows = await _call("the feature store", self._handle.lookup.remote(
-                entities, features, trace=tracing.carrier()))
+                entities, features, trace=tracing.carrier()), "features")
         return rows
 
 
@@ -109,7 +110,7 @@ class HandleLLM:
         self._streaming = handle.options(stream=True)
 
     async def complete(self, call: ChatCall) -> ChatAnswer:
-        answer: ChatAnswer = await _call(self.WHAT, self._handle.complete.remote(call))
+        answer: ChatAnswer = await _call(self.WHAT, self._handle.complete.remote(call), "llm")
         return answer
 
     async def stream(self, call: ChatCall) -> AsyncIterator[str]:
@@ -118,24 +119,40 @@ class HandleLLM:
             async for item in events:
                 yield item
         except Exception as exc:
-            raise _as_keel_error(self.WHAT, exc) from exc
+            raise _as_keel_error(self.WHAT, exc, "llm") from exc
 
     async def usage(self) -> dict[str, Any]:
-        summary: dict[str, Any] = await _call(self.WHAT, self._handle.usage.remote())
+        summary: dict[str, Any] = await _call(self.WHAT, self._handle.usage.remote(), "llm")
         return summary
 
 
-async def _call(what: str, response: Awaitable[Any]) -> Any:
-    """Await a handle call; a Ray error becomes the Keel error the client should see."""
+async def _call(what: str, response: Any, stage: str) -> Any:
+    """Await a handle call; a Ray error becomes the Keel error the client should see.
+
+    If the awaiting task is cancelled (the request's time budget ran out, or the client
+    went away), the call is cancelled too: a request still queued for a batch leaves
+    it, one running has its own downstream calls cancelled by Serve. Nothing keeps
+    working for an answer no one will read. ``response`` is a ``DeploymentResponse``
+    (Ray types ``.remote()`` as a union with the streaming generator).
+    """
     try:
         return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
     except TimeoutError:
         raise
     except Exception as exc:
-        raise _as_keel_error(what, exc) from exc
+        raise _as_keel_error(what, exc, stage) from exc
 
 
-def _as_keel_error(what: str, exc: Exception) -> KeelError:
+def _as_keel_error(what: str, exc: Exception, stage: str) -> KeelError:
+    """The Keel error for a failed handle call; server-side failures name ``stage``."""
+    error = _keel_error_of(what, exc)
+    return error.at(stage) if error.status >= 500 else error
+
+
+def _keel_error_of(what: str, exc: Exception) -> KeelError:
     if isinstance(exc, KeelError) and not isinstance(exc, RayTaskError):
         return exc
     if isinstance(exc, RayTaskError):

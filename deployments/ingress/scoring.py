@@ -89,32 +89,39 @@ class Predictor:
         self._timeout_s = timeout_s
 
     async def predict(self, name: str, version: str | None, inputs: dict[str, np.ndarray],
-                      outputs: list[str] | None = None) -> Prediction:
+                      outputs: list[str] | None = None, *,
+                      deadline: float | None = None) -> Prediction:
         """Every row's outputs (only ``outputs`` if given) from the version asked for or served.
 
-        ``inputs`` must already be validated against that version's spec.
+        ``inputs`` must already be validated against that version's spec. ``deadline``
+        (``time.monotonic()``) bounds the model call; without it the call gets the whole
+        configured timeout.
         """
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout_s()
         spec = await self.catalog.spec(name, version)
         cache = self.cache
         if cache is None or not cache.config.enabled or not cacheable(spec, inputs):
-            return await self._uncached(name, version, spec, inputs, outputs)
+            return await self._uncached(name, version, spec, inputs, outputs, deadline)
         try:
-            prediction = await self._cached(cache, name, spec, inputs)
+            prediction = await self._cached(cache, name, spec, inputs, deadline)
         except ModelNotFound:
             if version is not None:
                 raise
             # The served version moved on and the one we keyed with was unloaded: key again.
             await self.catalog.status(name, fresh=True)
             spec = await self.catalog.spec(name, None)
-            prediction = await self._cached(cache, name, spec, inputs)
+            prediction = await self._cached(cache, name, spec, inputs, deadline)
         if outputs:
             prediction.outputs = {k: v for k, v in prediction.outputs.items() if k in outputs}
         return prediction
 
     async def _uncached(self, name: str, version: str | None, spec: ModelSpec,
-                        inputs: dict[str, np.ndarray], outputs: list[str] | None) -> Prediction:
+                        inputs: dict[str, np.ndarray], outputs: list[str] | None,
+                        deadline: float) -> Prediction:
         started = time.perf_counter()
-        result = await self._call(name, InferCall(inputs=inputs, version=version, outputs=outputs))
+        result = await self._call(name, InferCall(inputs=inputs, version=version, outputs=outputs),
+                                  deadline)
         self.catalog.saw_version(name, result.model_version)
         if result.model_version != spec.version:
             spec = await self.catalog.spec(name, result.model_version)
@@ -124,7 +131,7 @@ class Predictor:
                           batch_size=result.batch_size)
 
     async def _cached(self, cache: PredictionCache, name: str, spec: ModelSpec,
-                      inputs: dict[str, np.ndarray]) -> Prediction:
+                      inputs: dict[str, np.ndarray], deadline: float) -> Prediction:
         started = time.perf_counter()
         keys = cache.keys(name, spec.version, inputs)
         model_ms = 0.0
@@ -135,7 +142,8 @@ class Predictor:
             began = time.perf_counter()
             index = np.asarray(rows, dtype=np.intp)
             subset = {k: v[index] for k, v in inputs.items()}
-            result = await self._call(name, InferCall(inputs=subset, version=spec.version))
+            result = await self._call(name, InferCall(inputs=subset, version=spec.version),
+                                      deadline)
             model_ms += (time.perf_counter() - began) * 1000
             batch_size = max(batch_size, result.batch_size)
             return [{k: v[i] for k, v in result.outputs.items()} for i in range(len(rows))]
@@ -154,19 +162,30 @@ class Predictor:
                           cache_ms=max(0.0, total_ms - model_ms), model_ms=model_ms,
                           batch_size=batch_size)
 
-    async def _call(self, name: str, call: InferCall) -> InferResult:
-        timeout = self._timeout_s()
+    async def _call(self, name: str, call: InferCall, deadline: float) -> InferResult:
         started = time.perf_counter()
         ok = False
         try:
-            result = await asyncio.wait_for(self.backend.infer(name, call), timeout)
+            # On timeout wait_for cancels the call; the backend cancels the replica's work.
+            result = await asyncio.wait_for(self.backend.infer(name, call),
+                                            remaining(deadline, "model"))
             ok = True
             return result
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"model {name!r} did not answer within {timeout} s") from exc
+            raise UpstreamTimeout(f"model {name!r} did not answer within the request's "
+                                  f"{self._timeout_s()} s").at("model") from exc
         finally:
             if self.observer is not None:
                 self.observer.model_call(name, (time.perf_counter() - started) * 1000, ok)
+
+
+def remaining(deadline: float, stage: str) -> float:
+    """Seconds left of a request's budget (a ``time.monotonic()`` deadline) for ``stage``;
+    504 naming the stage when nothing is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise UpstreamTimeout(f"no time left for the {stage} stage of the request").at(stage)
+    return left
 
 
 def _n_rows(inputs: dict[str, np.ndarray]) -> int:

@@ -41,7 +41,8 @@ def chat_call(request: Request, body: bytes) -> ChatCall:
     overrides ``X-Keel-Tenant`` (a client cannot bill another tenant)."""
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    # RecursionError: nesting past the decoder's depth is malformed input, not a 500.
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"body: not valid JSON ({exc})") from exc
     if not isinstance(payload, dict):
         raise InvalidInput("body: expected a JSON object")
@@ -55,6 +56,28 @@ def chat_call(request: Request, body: bytes) -> ChatCall:
                     cache_control=request.headers.get("cache-control", ""))
 
 
+#: The chat route's body (ChatRequest, which the ingress adds to the document's components)
+#: and the headers it reads.
+_CHAT_DOCUMENT: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ChatRequest"}}}},
+    "parameters": [
+        {"name": "X-Keel-Tenant", "in": "header", "required": False,
+         "description": "The tenant billed (1-64 of A-Z a-z 0-9 _ . -; overridden by an "
+                        "API key's tenant)",
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"}},
+        {"name": "X-Keel-User", "in": "header", "required": False,
+         "description": "The end user, for monthly active users", "schema": {"type": "string"}},
+    ],
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    """A documented error answer: Keel's ``{"error": ...}`` body (ErrorBody)."""
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+
+
 def add_llm_routes(app: FastAPI, llm: LLMBackend | None, max_body_bytes: Callable[[], int],
                    read_body: Any) -> None:
     """Register the routes on ``app`` (503 for each when ``llm`` is ``None``)."""
@@ -66,13 +89,18 @@ def add_llm_routes(app: FastAPI, llm: LLMBackend | None, max_body_bytes: Callabl
 
     @app.post("/v1/chat/completions",
               summary="OpenAI-compatible chat completions through the prompt cache",
-              responses={400: {"description": "Bad request; the message names the field"},
-                         404: {"description": "Unknown model"},
-                         413: {"description": "Prompt over max_prompt_chars"},
-                         429: {"description": "Upstream rate limit (Retry-After passed on)"},
-                         502: {"description": "Upstream failed or unreachable"},
-                         503: {"description": "Upstream at its concurrency limit"},
-                         504: {"description": "Upstream timed out"}})
+              responses={400: _error("Bad request; the message names the field"),
+                         404: _error("Unknown model"),
+                         413: _error("Body over max_body_bytes, or prompt over "
+                                     "max_prompt_chars"),
+                         415: _error("Content-Type other than application/json, or a "
+                                     "Content-Encoding"),
+                         429: _error("Upstream rate limit (Retry-After passed on)"),
+                         502: _error("Upstream failed or unreachable"),
+                         503: _error("Upstream at its concurrency limit, or no gateway"),
+                         504: _error("Upstream timed out")},
+              # The body is read by hand within max_body_bytes; document what it must be.
+              openapi_extra=_CHAT_DOCUMENT)
     async def chat_completions(request: Request) -> Response:
         gateway = backend()
         call = chat_call(request, await read_body(request, max_body_bytes()))
@@ -90,6 +118,7 @@ def add_llm_routes(app: FastAPI, llm: LLMBackend | None, max_body_bytes: Callabl
         return JSONResponse(answer.body, headers={"X-Keel-Cache": answer.cache})
 
     @app.get("/v1/llm/usage", summary="LLM usage this month per tenant: requests, cache "
-                                      "hits, tokens, cost, cost avoided, MAU, cost per MAU")
+                                      "hits, tokens, cost, cost avoided, MAU, cost per MAU",
+             responses={503: _error("No LLM gateway, or it does not answer")})
     async def llm_usage() -> dict[str, Any]:
         return await backend().usage()

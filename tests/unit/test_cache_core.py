@@ -223,6 +223,49 @@ async def test_a_failed_computation_reaches_every_waiter_and_caches_nothing(
     await client.delete(*keys)
 
 
+async def test_a_cancelled_leader_leaves_its_waiters_to_compute_for_themselves(
+        client: Any) -> None:
+    """A client that disconnects (or runs out of time) while computing rows that another
+    request waits on must not fail that other request."""
+    cache = PredictionCache(RedisStore(client), _config())
+    x = _x(3)
+    keys = cache.keys("m", "1", {"features": x})
+    slow, fast = Model(delay_s=5.0), Model()
+    leader = asyncio.create_task(cache.fetch("m", keys[:2], slow.compute_for(x[:2])))
+    await asyncio.sleep(0.05)  # the leader is computing rows 0 and 1
+    waiter = asyncio.create_task(cache.fetch("m", keys, fast.compute_for(x)))
+    await asyncio.sleep(0.05)  # the waiter computes row 2 and waits on rows 0 and 1
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    values, statuses = await asyncio.wait_for(waiter, 5)
+    assert statuses == ["miss"] * 3
+    assert fast.calls == [[2], [0, 1]]  # its own row, then the two the leader abandoned
+    for i in range(3):
+        assert values[i]["score"][0] == pytest.approx(float(x[i].sum()))
+        np.testing.assert_array_equal(decode_row(await client.get(keys[i]))["score"],
+                                      values[i]["score"])
+    assert not cache._inflight
+    await client.delete(*keys)
+
+
+async def test_a_cancelled_waiter_is_cancelled_and_the_leader_finishes(client: Any) -> None:
+    cache = PredictionCache(RedisStore(client), _config())
+    x = _x(1)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model(delay_s=0.3)
+    leader = asyncio.create_task(cache.fetch("m", keys, model.compute_for(x)))
+    await asyncio.sleep(0.05)
+    waiter = asyncio.create_task(cache.fetch("m", keys, model.compute_for(x)))
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    _, statuses = await leader
+    assert statuses == ["miss"] and model.calls == [[0]]
+    await client.delete(*keys)
+
+
 async def test_poisoned_entry_is_a_miss_and_is_overwritten(client: Any) -> None:
     cache = PredictionCache(RedisStore(client), _config())
     x = _x(1)

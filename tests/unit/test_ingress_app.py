@@ -539,7 +539,10 @@ def test_model_slower_than_the_timeout_is_504(repository: Any) -> None:
 
     config = MutableIngressConfig(IngressConfig(request_timeout_s=0.05))
     with TestClient(create_app(_SlowModels(repository), config)) as c:
-        _assert_error(c.post("/v2/models/linear/infer", json=_body()), 504, "'linear'", "0.05")
+        answer = c.post("/v2/models/linear/infer", json=_body())
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["stage"] == "model"  # which step of the request ran out of time
+        assert "'linear'" in answer.json()["error"] and "0.05" in answer.json()["error"]
         config.value = IngressConfig(request_timeout_s=5)
         assert c.post("/v2/models/linear/infer", json=_body()).status_code == 200
 

@@ -1,0 +1,157 @@
+"""Time budgets and cancellation on the real application: a stage that runs out of time
+answers 504 naming the stage, and neither a timeout nor a client that goes away leaves
+work running behind it (the cancelled request never reaches a batch)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+
+from tests.conftest import APP_NAME, KeelApp
+
+pytestmark = pytest.mark.slow
+
+#: Longer than the ingress's budget in these tests: a request waits that long for its batch.
+SLOW_BATCH_S = 1.0
+BUDGET_S = 0.4
+
+
+def stats(deployment: str) -> dict[str, Any]:
+    handle = serve.get_deployment_handle(deployment, app_name=APP_NAME)
+    return handle.stats.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+
+
+def served_rows(deployment: str) -> int:
+    """Rows (model) or lookups (features) that reached a batch so far."""
+    return sum(int(size) * count for size, count in stats(deployment)["batch_sizes"].items())
+
+
+@contextmanager
+def changed(keel_app: KeelApp, **user_configs: dict[str, Any]) -> Iterator[None]:
+    """Deploy with some deployments' user_config keys changed; restore afterwards."""
+    original = keel_app.modified()
+    config = keel_app.modified()
+    for name, values in user_configs.items():
+        dep = keel_app.deployment(name, config)
+        dep["user_config"] = {**dep.get("user_config", {}), **values}
+    keel_app.deploy(config)
+    try:
+        yield
+    finally:
+        keel_app.deploy(original)
+
+
+def infer_row(seed: int) -> dict[str, Any]:
+    x = np.random.default_rng(seed).normal(size=(1, 4)).astype(np.float32)
+    return {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}]}
+
+
+def wait_until_batches_would_have_run() -> None:
+    time.sleep(SLOW_BATCH_S * 2.5)
+
+
+def test_a_slow_model_is_504_naming_the_stage_and_its_work_is_cancelled(
+        keel_app: KeelApp) -> None:
+    with changed(keel_app, Ingress={"request_timeout_s": BUDGET_S},
+                 linear={"batch_wait_timeout_s": SLOW_BATCH_S}):
+        before = served_rows("linear")
+        started = time.monotonic()
+        answer = httpx.post(f"{keel_app.base_url}/v2/models/linear/infer", json=infer_row(1),
+                            timeout=30)
+        elapsed = time.monotonic() - started
+        assert answer.status_code == 504, answer.text
+        body = answer.json()
+        assert body["stage"] == "model" and "'linear'" in body["error"], body
+        assert elapsed < SLOW_BATCH_S + 5  # answered at the budget, not the batch or 30 s
+        wait_until_batches_would_have_run()
+        assert served_rows("linear") == before, "the timed-out request still ran"
+    # The budget back at its default: the same kind of request is fine.
+    ok = httpx.post(f"{keel_app.base_url}/v2/models/linear/infer", json=infer_row(2), timeout=30)
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_client_that_goes_away_cancels_the_downstream_work(keel_app: KeelApp) -> None:
+    """The client gives up after 1 s while its lookup waits 3 s for a FeatureService batch:
+    the ingress request is cancelled, and Serve cancels its call to the FeatureService."""
+    with changed(keel_app, FeatureService={"batch_wait_timeout_s": 3.0}):
+        before = served_rows("FeatureService")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(9),
+                       timeout=httpx.Timeout(10, read=1.0))
+        time.sleep(4.5)  # past the batch the lookup was waiting for
+        assert served_rows("FeatureService") == before, "the abandoned lookup still ran"
+        # Another client is served meanwhile, in a batch of its own.
+        ok = httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(10), timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert served_rows("FeatureService") == before + 1
+
+
+def decide_body(account: int) -> dict[str, Any]:
+    return {"model": "risk_gbdt",
+            "entities": [{"symbol": "SYM001", "account_id": f"ACC{account:04d}"}]}
+
+
+def test_a_slow_feature_lookup_is_504_naming_the_stage_and_is_cancelled(
+        keel_app: KeelApp) -> None:
+    with changed(keel_app, Ingress={"request_timeout_s": BUDGET_S},
+                 FeatureService={"batch_wait_timeout_s": SLOW_BATCH_S}):
+        before = served_rows("FeatureService")
+        answer = httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(7), timeout=30)
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["stage"] == "features", answer.text
+        wait_until_batches_would_have_run()
+        assert served_rows("FeatureService") == before, "the timed-out lookup still ran"
+
+
+def test_the_feature_services_own_lookup_timeout_is_504_naming_the_stage(
+        keel_app: KeelApp) -> None:
+    with changed(keel_app, FeatureService={"lookup_timeout_s": 1e-6}):
+        answer = httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(8), timeout=30)
+        assert answer.status_code == 504, answer.text
+        body = answer.json()
+        assert body["stage"] == "features" and "lookup_timeout_s" in body["error"], body
+    answer = httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(8), timeout=30)
+    assert answer.status_code == 200, answer.text
+
+
+def test_an_overloaded_ingress_answers_503_with_retry_after(keel_app: KeelApp) -> None:
+    """More requests than the ingress takes (max_ongoing_requests + max_queued_requests)
+    are turned away at once with 503 and Retry-After; the admitted ones are answered."""
+    config = keel_app.modified()
+    ingress = keel_app.deployment("Ingress", config)
+    original = {k: ingress.get(k) for k in ("max_ongoing_requests", "max_queued_requests")}
+    ingress.update(max_ongoing_requests=2, max_queued_requests=2)
+    linear = keel_app.deployment("linear", config)
+    linear["user_config"] = {**linear["user_config"], "batch_wait_timeout_s": SLOW_BATCH_S}
+    keel_app.deploy(config)
+    try:
+        def one(i: int) -> httpx.Response:
+            return httpx.post(f"{keel_app.base_url}/v2/models/linear/infer",
+                              json=infer_row(100 + i), timeout=60)
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16)))
+    finally:
+        restore = keel_app.modified()
+        restore_ingress = keel_app.deployment("Ingress", restore)
+        restore_ingress.update({k: v for k, v in original.items() if v is not None})
+        for key in [k for k, v in original.items() if v is None]:
+            restore_ingress.pop(key, None)
+        keel_app.deployment("linear", restore)["user_config"]["batch_wait_timeout_s"] = 0.005
+        keel_app.deploy(restore)
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    turned_away = [a for a in answers if a.status_code == 503]
+    assert turned_away, "16 at once against 2 running + 2 queued must overflow"
+    assert all(a.headers.get("retry-after") for a in turned_away), \
+        [dict(a.headers) for a in turned_away]
+    assert statuses.count(200) >= 4
