@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import threading
@@ -55,15 +54,9 @@ WIDTH = 12
 
 def quiet_port() -> int:
     """A free port below the ephemeral range, where port-0 binds cannot take it."""
-    for _ in range(200):
-        port = random.randint(20000, 29999)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-29999")
+    from run_bench import free_port_block
+
+    return free_port_block(20000, 30000, 1)
 
 
 def model_repository(temp_dir: Path) -> Path:
