@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +31,22 @@ class Answer:
     status: int  # NO_ANSWER when the request got no HTTP answer
     body: Any  # parsed JSON for 200, else the text or the exception's repr
     retried: bool = False  # the first try failed (503 or no answer) and this is the retry
+    retry_after: str | None = None  # the Retry-After header, if any
 
     @property
     def ok(self) -> bool:
         return self.status == 200
+
+    @property
+    def error(self) -> str:
+        """The error body (or the exception) of a failed answer; empty when ok."""
+        return "" if self.ok else str(self.body)
+
+    @property
+    def version(self) -> str | None:
+        """The ``model_version`` of an answered inference."""
+        return self.body.get("model_version") if self.ok and isinstance(self.body, dict) \
+            else None
 
 
 Request = Callable[[httpx.Client, int], httpx.Response]
@@ -57,6 +70,12 @@ class SteadyLoad:
 
     def now(self) -> float:
         return time.monotonic() - self.clock
+
+    def __enter__(self) -> SteadyLoad:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def start(self, route: str, request: Request, clients: int = 1) -> threading.Event:
         """Start ``clients`` threads on ``request``; set the returned event to stop them."""
@@ -89,13 +108,15 @@ class SteadyLoad:
 
     def _send(self, client: httpx.Client, route: str, request: Request, i: int,
               retried: bool) -> Answer:
+        retry_after = None
         try:
             response = request(client, i)
             status = response.status_code
             body: Any = response.json() if status == 200 else response.text[:300]
+            retry_after = response.headers.get("retry-after")
         except httpx.HTTPError as exc:
             status, body = NO_ANSWER, repr(exc)[:300]
-        answer = Answer(self.now(), route, status, body, retried)
+        answer = Answer(self.now(), route, status, body, retried, retry_after)
         self.answers.append(answer)  # list.append is atomic under the GIL
         return answer
 
@@ -103,14 +124,43 @@ class SteadyLoad:
         return [a for a in self.answers
                 if start <= a.t < end and (route is None or a.route == route)]
 
-    def failures(self, *, after_retry: bool = False) -> list[Answer]:
+    def within(self, route: str | None = None, since: float = float("-inf"),
+               until: float = float("inf")) -> list[Answer]:
+        """The answers (to ``route``) that came between ``since`` and ``until`` (inclusive,
+        on this load's clock, see ``now``)."""
+        return [a for a in list(self.answers)
+                if since <= a.t <= until and (route is None or a.route == route)]
+
+    def accepted(self, route: str | None = None, since: float = float("-inf"),
+                 until: float = float("inf")) -> int:
+        return sum(a.ok for a in self.within(route, since, until))
+
+    def failures(self, route: str | None = None, since: float = float("-inf"),
+                 until: float = float("inf"), *, after_retry: bool = False) -> list[Answer]:
         """Failed answers; ``after_retry``: only those the client's retry did not save
         (a failed retry, or a failed first try that was not retried)."""
-        failed = [a for a in self.answers if not a.ok]
+        failed = [a for a in self.within(route, since, until) if not a.ok]
         if not after_retry:
             return failed
         return [a for a in failed
                 if a.retried or not self.retry_once or a.status not in (503, NO_ANSWER)]
+
+    def summary(self, route: str | None = None, since: float = float("-inf"),
+                until: float = float("inf")) -> dict[str, Any]:
+        failures = self.failures(route, since, until)
+        return {"accepted": self.accepted(route, since, until), "failed": len(failures),
+                "failed_statuses": dict(Counter(a.status for a in failures))}
+
+    def wait_accepted(self, more: int, route: str | None = None,
+                      timeout_s: float = 60) -> None:
+        """Block until ``more`` further requests (to ``route``) were answered 200."""
+        target = self.accepted(route) + more
+        deadline = time.monotonic() + timeout_s
+        while self.accepted(route) < target:
+            assert time.monotonic() < deadline, (
+                f"{more} more accepted {route or 'requests'} not within {timeout_s} s "
+                f"(failures: {Counter(a.status for a in self.failures(route))})")
+            time.sleep(0.1)
 
 
 def per_second(load: SteadyLoad, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,11 +21,10 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from ray import serve
 from tests.conftest import KeelApp, serve_test_config
 from tests.modelkit import write_linear_model
 from tests.serve.test_decide import entities
+from tests.steadyload import Request, SteadyLoad
 
 pytestmark = pytest.mark.slow
 
@@ -68,91 +68,13 @@ def record_fault(fault: str, accepted: int, failed: int, recovery_s: float | Non
 
 # -- load -----------------------------------------------------------------------------------
 
-Request = Callable[[httpx.Client, int], httpx.Response]
 
-
-@dataclass(frozen=True)
-class Answer:
-    """One request of the load: when it ended (monotonic), what came back."""
-
-    kind: str
-    ended: float
-    status: int  # 0: no HTTP answer (connection error, client timeout)
-    retry_after: str | None
-    error: str
-    version: str | None = None  # model_version of an accepted inference
-
-
-@dataclass
-class SteadyLoad:
-    """Client threads that post continuously until stopped (one client each)."""
-
-    base_url: str
-    requests: dict[str, Request]
-    threads_per_kind: int = 2
-    answers: list[Answer] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> SteadyLoad:
-        for kind in self.requests:
-            for n in range(self.threads_per_kind):
-                thread = threading.Thread(target=self._run, args=(kind, n), daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    def _run(self, kind: str, n: int) -> None:
-        send = self.requests[kind]
-        i = n * 1_000_000
-        with httpx.Client(base_url=self.base_url, timeout=60) as client:
-            while not self._stop.is_set():
-                i += 1
-                try:
-                    response = send(client, i)
-                    version = (response.json().get("model_version")
-                               if response.is_success and kind == "infer" else None)
-                    answer = Answer(kind, time.monotonic(), response.status_code,
-                                    response.headers.get("retry-after"),
-                                    "" if response.is_success else response.text[:300], version)
-                except httpx.HTTPError as exc:
-                    answer = Answer(kind, time.monotonic(), 0, None, repr(exc)[:300])
-                with self._lock:
-                    self.answers.append(answer)
-
-    def snapshot(self, kind: str | None = None, since: float = float("-inf"),
-                 until: float = float("inf")) -> list[Answer]:
-        """The answers (of ``kind``) that ended between ``since`` and ``until``."""
-        with self._lock:
-            return [a for a in self.answers
-                    if (kind is None or a.kind == kind) and since <= a.ended <= until]
-
-    def accepted(self, kind: str | None = None, since: float = float("-inf"),
-                 until: float = float("inf")) -> int:
-        return sum(1 for a in self.snapshot(kind, since, until) if 200 <= a.status < 300)
-
-    def failures(self, kind: str | None = None, since: float = float("-inf"),
-                 until: float = float("inf")) -> list[Answer]:
-        return [a for a in self.snapshot(kind, since, until) if not 200 <= a.status < 300]
-
-    def wait_accepted(self, more: int, kind: str | None = None, timeout_s: float = 60) -> None:
-        """Block until ``more`` further requests (of ``kind``) were accepted."""
-        target = self.accepted(kind) + more
-        wait_until(lambda: self.accepted(kind) >= target, timeout_s,
-                   f"{more} more accepted {kind or 'requests'} (failures: "
-                   f"{Counter(a.status for a in self.failures(kind))})")
-
-    def summary(self, kind: str | None = None, since: float = float("-inf"),
-                until: float = float("inf")) -> dict[str, Any]:
-        failures = self.failures(kind, since, until)
-        return {"accepted": self.accepted(kind, since, until), "failed": len(failures),
-                "failed_statuses": dict(Counter(a.status for a in failures))}
+def steady(url: str, requests: dict[str, Request], clients: int) -> SteadyLoad:
+    """``clients`` client threads per route, posting until the ``with`` block ends."""
+    load = SteadyLoad(url)
+    for route, request in requests.items():
+        load.start(route, request, clients)
+    return load
 
 
 def infer_request(client: httpx.Client, i: int) -> httpx.Response:
@@ -169,14 +91,13 @@ def decide_request(client: httpx.Client, i: int) -> httpx.Response:
                                            "entities": entities(1, offset=i % 97)})
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``condition``; the monotonic time it first held. Generous timeouts only."""
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds. Generous timeouts only."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, (
             f"timed out after {timeout_s} s waiting for {what}: {getattr(condition, 'last', '')}")
         time.sleep(0.2)
-    return time.monotonic()
 
 
 # -- the second application and its replicas --------------------------------------------------
@@ -257,11 +178,12 @@ def test_a_killed_model_replica_is_replaced_and_requests_recover(faults_app: Fau
     before = replicas()
     assert len(before) == 2, before
     victim = sorted(before)[0]
-    with SteadyLoad(faults_app.url, {"infer": infer_request}, threads_per_kind=3) as load:
+    with steady(faults_app.url, {"infer": infer_request}, 3) as load:
         load.wait_accepted(30)
-        killed_at = time.monotonic()
+        killed_at = load.now()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        back_at = wait_until(healthy_with(before), 120, "a replacement replica")
+        wait_until(healthy_with(before), 120, "a replacement replica")
+        back_at = load.now()
         load.wait_accepted(30)
     figures = load.summary()
     failures = load.failures()
@@ -285,13 +207,14 @@ def test_e_a_hung_replica_fails_its_health_checks_and_is_replaced(
     assert len(before) == 2, before
     victim = sorted(before)[0]
     pid = replica_pid(victim)
-    with SteadyLoad(faults_app.url, {"infer": infer_request}, threads_per_kind=3) as load:
+    with steady(faults_app.url, {"infer": infer_request}, 3) as load:
         load.wait_accepted(30)
-        stopped_at = time.monotonic()
+        stopped_at = load.now()
         os.kill(pid, signal.SIGSTOP)  # hung: alive, but answers nothing, health checks too
         try:
-            back_at = wait_until(healthy_with(before), 120,
-                                 "Serve to replace the replica failing its health checks")
+            wait_until(healthy_with(before), 120,
+                       "Serve to replace the replica failing its health checks")
+            back_at = load.now()
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)  # Serve killed it; if not, never leave it hung
@@ -321,10 +244,10 @@ def test_d_an_unreadable_online_store_is_503_for_decide_and_tensors_still_work(
     with db.open("rb") as original:
         header = original.read(100)
     requests: dict[str, Request] = {"decide": decide_request, "infer": infer_request}
-    with SteadyLoad(faults_app.url, requests, threads_per_kind=2) as load:
+    with steady(faults_app.url, requests, 2) as load:
         load.wait_accepted(10, "decide")
         load.wait_accepted(10, "infer")
-        broken_at = time.monotonic()
+        broken_at = load.now()
         with db.open("r+b") as target:
             target.write(b"this is not a SQLite database".ljust(100, b"\0"))
         try:
@@ -334,9 +257,10 @@ def test_d_an_unreadable_online_store_is_503_for_decide_and_tensors_still_work(
         finally:
             with db.open("r+b") as target:
                 target.write(header)
-        restored_at = time.monotonic()
-        back_at = wait_until(lambda: load.accepted("decide", since=restored_at) > 0, 60,
-                             "/v1/decide to recover once the store is readable")
+        restored_at = load.now()
+        wait_until(lambda: load.accepted("decide", since=restored_at) > 0, 60,
+                   "/v1/decide to recover once the store is readable")
+        back_at = load.now()
         load.wait_accepted(10, "decide")
     decide, infer = load.summary("decide"), load.summary("infer")
     record_fault("feature store unreadable (SQLite online DB corrupted, then restored)",
@@ -349,7 +273,7 @@ def test_d_an_unreadable_online_store_is_503_for_decide_and_tensors_still_work(
     assert failures, "the corrupted store never failed a lookup"
     assert all(a.status == 503 and "feature store" in a.error for a in failures), failures
     # Nothing failed outside the window in which the file was unreadable.
-    assert all(broken_at <= a.ended <= back_at for a in failures), failures
+    assert all(broken_at <= a.t <= back_at for a in failures), failures
 
 
 # -- b. a new version whose model file is garbage -------------------------------------------
@@ -385,23 +309,24 @@ def test_b_a_corrupt_model_file_fails_the_rollout_and_the_old_version_keeps_serv
         # Only user_config changes: Serve calls reconfigure() on the running replicas.
         _linear(config)["user_config"]["version"] = "2"
 
-    with SteadyLoad(faults_app.url, {"infer": infer_request}, threads_per_kind=3) as load:
+    with steady(faults_app.url, {"infer": infer_request}, 3) as load:
         load.wait_accepted(20)
         for path, change in (("new replicas", new_replicas), ("in-place reconfigure", in_place)):
             config = keel_app.modified()
             change(config)
-            started = time.monotonic()
+            started = load.now()
             keel_app.deploy(config, wait=False)
             wait_until(lambda: _app_status() == "DEPLOY_FAILED", 180,
                        f"the {path} rollout of a corrupt model file to fail")
             status, message = model_status()
             load.wait_accepted(20)  # still served, by the previous version
             # Roll back: the previous config comes up again, the broken file still there.
-            rolled_back = time.monotonic()
+            rolled_back = load.now()
             keel_app.deploy(good, wait=False)
-            back_at = wait_until(lambda: _app_status() == "RUNNING"
-                                 and model_status()[0] == "HEALTHY", 180,
-                                 f"the rollback after the {path} rollout")
+            wait_until(lambda: _app_status() == "RUNNING"
+                       and model_status()[0] == "HEALTHY", 180,
+                       f"the rollback after the {path} rollout")
+            back_at = load.now()
             load.wait_accepted(20)
             figures = load.summary(since=started, until=back_at)
             record_fault(f"corrupt model.onnx rolled out ({path})", figures["accepted"],
@@ -411,5 +336,5 @@ def test_b_a_corrupt_model_file_fails_the_rollout_and_the_old_version_keeps_serv
             assert status == "DEPLOY_FAILED", (status, message)
             assert str(broken) in message and "'linear'" in message, message
             assert figures["failed"] == 0, (path, load.failures(since=started)[:5])
-    versions = Counter(a.version for a in load.snapshot())
+    versions = Counter(a.version for a in load.answers if a.ok)
     assert set(versions) == {"1"}, versions
