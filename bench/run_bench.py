@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -515,37 +515,55 @@ def run_target(target: Target, repeat: int, args: argparse.Namespace, bodies: li
     return run
 
 
-def summarise(runs: list[dict[str, Any]], targets: list[str],
-              concurrencies: list[int]) -> dict[str, Any]:
-    """Medians per (target, concurrency) over the repeats, and Keel's ratios."""
+def median_or_none(values: Iterable[Any]) -> float | None:
+    """The median of the values that are not None; None when there are none."""
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def ratio(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | None]:
+    """``row`` over ``reference`` for throughput and the latency percentiles."""
+    return {m: (row[m] / reference[m] if row[m] is not None and reference[m] else None)
+            for m in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+
+
+def median_rows(runs: list[dict[str, Any]], run_key: str, names: list[str],
+                concurrencies: list[int], metrics: list[str]
+                ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per name (a run's ``run_key``) and concurrency: the number of repeats, the errors
+    summed, and the median of each metric over the repeats."""
     medians: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in targets:
+    for name in names:
         medians[name] = {}
         for concurrency in concurrencies:
-            points = [p for r in runs if r["target"] == name for p in r["points"]
+            points = [p for r in runs if r[run_key] == name for p in r["points"]
                       if p["concurrency"] == concurrency]
             if not points:
                 continue
-            row: dict[str, Any] = {"n": len(points)}
-            for metric in METRICS:
-                values = [p[metric] for p in points if p[metric] is not None]
-                row[metric] = statistics.median(values) if values else None
-            row["errors"] = sum(p["errors"] for p in points)
-            batches = [p["mean_batch"] for p in points if p.get("mean_batch")]
-            row["mean_batch"] = statistics.median(batches) if batches else None
+            row: dict[str, Any] = {"n": len(points),
+                                   "errors": sum(p["errors"] for p in points)}
+            for metric in metrics:
+                row[metric] = median_or_none(p.get(metric) for p in points)
             medians[name][str(concurrency)] = row
-    ratios: dict[str, dict[str, dict[str, Any]]] = {}
-    for keel in (t for t in targets if TARGETS[t].kind == "keel"):
-        for reference in (t for t in REFERENCES if t in targets and t != keel):
-            key = f"{keel}/{reference}"
-            ratios[key] = {}
-            for concurrency, row in medians.get(keel, {}).items():
-                ref = medians.get(reference, {}).get(concurrency)
-                if not ref:
-                    continue
-                ratios[key][concurrency] = {
-                    m: (row[m] / ref[m] if row[m] is not None and ref[m] else None)
-                    for m in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    return medians
+
+
+def ratios_against(medians: dict[str, dict[str, dict[str, Any]]], name: str,
+                   reference: str) -> dict[str, dict[str, float | None]]:
+    """``ratio`` per concurrency that both ``name`` and ``reference`` measured."""
+    return {concurrency: ratio(row, medians[reference][concurrency])
+            for concurrency, row in medians.get(name, {}).items()
+            if medians.get(reference, {}).get(concurrency)}
+
+
+def summarise(runs: list[dict[str, Any]], targets: list[str],
+              concurrencies: list[int]) -> dict[str, Any]:
+    """Medians per (target, concurrency) over the repeats, and Keel's ratios."""
+    # mean_batch is None where no batch was seen (the references), never 0.
+    medians = median_rows(runs, "target", targets, concurrencies, [*METRICS, "mean_batch"])
+    ratios = {f"{keel}/{reference}": ratios_against(medians, keel, reference)
+              for keel in targets if TARGETS[keel].kind == "keel"
+              for reference in REFERENCES if reference in targets and reference != keel}
     return {"medians": medians, "ratios": ratios}
 
 

@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 import urllib.error
@@ -56,6 +55,8 @@ from run_bench import (
     environment,
     http_get,
     log,
+    median_or_none,
+    ratios_against,
 )
 
 HA = {**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
@@ -283,11 +284,6 @@ def run_server(target: Target, repeat: int, args: argparse.Namespace, client: An
 def summarise(runs: list[dict[str, Any]], servers: list[str],
               points: list[tuple[str, int, int]]) -> dict[str, Any]:
     """Medians per (server, point) over the repeats; Keel / baseline ratios; verdicts."""
-
-    def median(values: list[Any]) -> float | None:
-        kept = [v for v in values if v is not None]
-        return statistics.median(kept) if kept else None
-
     medians: dict[str, dict[str, dict[str, Any]]] = {}
     for name in servers:
         medians[name] = {}
@@ -300,25 +296,21 @@ def summarise(runs: list[dict[str, Any]], servers: list[str],
             row: dict[str, Any] = {"n": len(found), "workload": workload, "batch": batch,
                                    "concurrency": concurrency}
             for metric in METRICS:
-                row[metric] = median([p.get(metric) for p in found])
+                row[metric] = median_or_none([p.get(metric) for p in found])
             row["errors"] = sum(p["errors"] for p in found)
             # Redis commands that failed (socket timeout 0.1 s): the in-process fallback
             # answered for the next retry_after_s, so those rows were misses.
             row["redis_errors"] = sum((p.get("server_cache") or {}).get("errors", 0)
                                       for p in found)
-            row["timings_p50"] = {s: median([p["timings_p50"].get(s) for p in found])
+            row["timings_p50"] = {s: median_or_none([p["timings_p50"].get(s) for p in found])
                                   for s in STAGES}
-            row["timings_p95"] = {s: median([p["timings_p95"].get(s) for p in found])
+            row["timings_p95"] = {s: median_or_none([p["timings_p95"].get(s) for p in found])
                                   for s in STAGES}
             row["wrapped"] = any(p["bodies_sent"] > p["bodies_available"] for p in found)
             medians[name][point_key(workload, batch, concurrency)] = row
     ratios: dict[str, dict[str, Any]] = {}
     if "keel" in medians and "baseline_decide" in medians:
-        for key, row in medians["keel"].items():
-            ref = medians["baseline_decide"].get(key)
-            if ref:
-                ratios[key] = {m: (row[m] / ref[m] if row[m] is not None and ref[m] else None)
-                               for m in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+        ratios = ratios_against(medians, "keel", "baseline_decide")
     return {"medians": medians, "ratios": ratios,
             "verdicts": verdicts(medians, servers, points)}
 

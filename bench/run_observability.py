@@ -68,7 +68,9 @@ from run_bench import (
     free_port,
     log,
     mean_batch,
+    median_rows,
     plot,
+    ratios_against,
 )
 
 from deployments.observability.catalog import LATENCY_BUCKETS_MS
@@ -487,30 +489,10 @@ def run_config(target: Target, repeat: int, args: argparse.Namespace, bodies: li
 
 def summarise(runs: list[dict[str, Any]], configs: list[str],
               concurrencies: list[int]) -> dict[str, Any]:
-    medians: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in configs:
-        medians[name] = {}
-        for concurrency in concurrencies:
-            points = [p for r in runs if r["config"] == name for p in r["points"]
-                      if p["concurrency"] == concurrency]
-            if not points:
-                continue
-            row: dict[str, Any] = {"n": len(points),
-                                   "errors": sum(p["errors"] for p in points)}
-            for metric in METRICS:
-                values = [p[metric] for p in points if p.get(metric) is not None]
-                row[metric] = statistics.median(values) if values else None
-            medians[name][str(concurrency)] = row
-    ratios: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in (c for c in configs if c != "off"):
-        key = f"{name}/off"
-        ratios[key] = {}
-        for concurrency, row in medians.get(name, {}).items():
-            ref = medians.get("off", {}).get(concurrency)
-            if ref:
-                ratios[key][concurrency] = {
-                    m: (row[m] / ref[m] if row[m] is not None and ref[m] else None)
-                    for m in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    """Medians per (config, concurrency) over the repeats, and each config over "off"."""
+    medians = median_rows(runs, "config", configs, concurrencies, METRICS)
+    ratios = {f"{name}/off": ratios_against(medians, name, "off")
+              for name in configs if name != "off"}
     return {"medians": medians, "ratios": ratios}
 
 
