@@ -5,9 +5,9 @@ except the hops: it IS Keel's ingress app (``create_app``: body limit, pydantic
 contract, entity checks, the same Feast repository, input assembly in the model's
 column order, the prediction cache over Redis, ``DecideResponse`` with the same
 ``X-Keel-Cache`` header and ``timings_ms``), over in-process backends: the
-``FeatureFetcher`` called in-line instead of the FeatureService deployment, and
-``ModelVersions`` (the core of the ``OnnxModel`` deployment) instead of a model
-replica. (Until 2026-11-27 16:30 this file held a copy of the route; the
+``FeatureFetcher`` called in-line instead of the FeatureService deployment, and every
+model placed in the process (``EmbeddedModels``, as Keel's ingress runs its in-ingress
+models). (Until 2026-11-27 16:30 this file held a copy of the route; the
 2026-11-27 figures were measured with that copy, which did the same steps.)
 
 What differs is only how it is served: one process, one event loop, the feature
@@ -22,6 +22,7 @@ empty this server's keys without touching Keel's.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +30,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from deployments.cache.core import CacheConfig, PredictionCache, redis_store_from_env
-from deployments.contracts import InferCall, InferResult, ModelStatus
-from deployments.errors import KeelError, ModelNotFound
+from deployments.errors import KeelError
 from deployments.features.core import FeatureFetcher, FeatureRows
 from deployments.ingress.app import IngressConfig
 from deployments.ingress.app import create_app as create_ingress_app
-from deployments.onnx.core import ModelVersions, OnnxModelConfig, RuntimeOptions
+from deployments.ingress.models import EmbeddedModels, ModelPool
+from deployments.onnx.core import OnnxModelConfig, RuntimeOptions
 from deployments.repository import ModelRepository
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class LocalModels:
-    """Keel's ``ModelBackend`` over in-process ``ModelVersions``."""
-
-    def __init__(self, repository: ModelRepository, names: list[str]) -> None:
-        # The same runtime options as serve_config.yaml gives every OnnxModel replica.
-        config = OnnxModelConfig(runtime=RuntimeOptions(intra_op_num_threads=1))
-        self.versions: dict[str, ModelVersions] = {}
-        for name in names:
-            versions = ModelVersions(repository, name)
-            versions.apply(config)
-            self.versions[name] = versions
-
-    def _model(self, name: str) -> ModelVersions:
-        versions = self.versions.get(name)
-        if versions is None:
-            raise ModelNotFound(f"model {name!r} is not served here "
-                                f"(models: {sorted(self.versions)})")
-        return versions
-
-    # ModelBackend
-    def model_names(self) -> list[str]:
-        return sorted(self.versions)
-
-    async def status(self, name: str) -> ModelStatus:
-        return self._model(name).status()
-
-    async def infer(self, name: str, call: InferCall) -> InferResult:
-        result = self._model(name).infer_batch([call])[0]
-        if isinstance(result, KeelError):
-            raise result
-        return result
 
 
 class LocalFeatures:
@@ -80,9 +48,10 @@ class LocalFeatures:
     def __init__(self, fetcher: FeatureFetcher) -> None:
         self.fetcher = fetcher
 
-    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
-        self.fetcher.validate(entities, features)
-        return self.fetcher.lookup(entities, features)
+    async def lookup_many(self, lookups: list[tuple[list[dict[str, Any]], list[str]]],
+                          traces: list[dict[str, str] | None]
+                          ) -> Sequence[FeatureRows | KeelError]:
+        return self.fetcher.lookup_many(lookups)
 
 
 def create_app(models_root: Path, feature_repo: str, fs_yaml: str | None,
@@ -90,11 +59,16 @@ def create_app(models_root: Path, feature_repo: str, fs_yaml: str | None,
     """Keel's own ingress app (``deployments.ingress.app.create_app``: the same routes,
     validation, cache and answer) over in-process models and features."""
     repository = ModelRepository(models_root)
-    models = LocalModels(repository, repository.model_names())
+    # Every model in this process, as Keel's ingress runs the models placed in it, with the
+    # same runtime options serve_config.yaml gives them.
+    embedded = EmbeddedModels(repository, repository.model_names())
+    runtime = OnnxModelConfig(runtime=RuntimeOptions(intra_op_num_threads=1))
+    embedded.apply({name: runtime for name in embedded.model_names()})
     features = LocalFeatures(FeatureFetcher(feature_repo, fs_yaml))
     config = IngressConfig(cache=CacheConfig(key_prefix=key_prefix))
     cache = PredictionCache(redis_store_from_env(), config.cache)
-    app = create_ingress_app(models, lambda: config, cache=cache, features=features)
+    app = create_ingress_app(ModelPool(embedded, None), lambda: config, cache=cache,
+                             features=features)
     app.title = "baseline /v1/decide"
     return app
 

@@ -42,12 +42,15 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
 
 def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
                  model_user_config: dict[str, Any] | None = None,
-                 ingress_user_config: dict[str, Any] | None = None) -> Path:
+                 ingress_user_config: dict[str, Any] | None = None,
+                 deployment_options: dict[str, dict[str, Any]] | None = None) -> Path:
     """A copy of ``source`` that listens on ``host:port`` (gRPC on ``grpc_port``).
 
     ``model_user_config`` is merged into every model deployment's user_config
     (e.g. ``{"max_batch_size": 1}`` turns batching off); ``ingress_user_config``
-    is merged, recursively, into the Ingress's (e.g. ``{"cache": {"key_prefix": ...}}``).
+    is merged, recursively, into the Ingress's (e.g. ``{"cache": {"key_prefix": ...}}``);
+    ``deployment_options`` is merged into the named deployments' entries (e.g.
+    ``{"Ingress": {"num_replicas": 2}}``).
     """
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=host, port=port)
@@ -62,6 +65,11 @@ def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
             for dep in app.get("deployments", []):
                 if dep["name"] == "Ingress":
                     _merge(dep.setdefault("user_config", {}), ingress_user_config)
+    for name, options in (deployment_options or {}).items():
+        for app in config["applications"]:
+            for dep in app.get("deployments", []):
+                if dep["name"] == name:
+                    _merge(dep, options)
     target = into / "serve_config.bench.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
@@ -148,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingress-user-config", type=json.loads, default=None,
                         help='JSON merged into the Ingress\'s user_config, e.g. '
                              '\'{"cache": {"key_prefix": "keelbench:keel:"}}\'')
+    parser.add_argument("--deployment-options", type=json.loads, default=None,
+                        help='JSON merged into deployments by name, e.g. '
+                             '\'{"Ingress": {"num_replicas": 2}}\'')
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="shorthand for --model-user-config '{\"max_batch_size\": N}'")
     args = parser.parse_args(argv)
@@ -157,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
-                               temp_dir, args.model_user_config, args.ingress_user_config)
+                               temp_dir, args.model_user_config, args.ingress_user_config,
+                               args.deployment_options)
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port,
                     metrics_export_port=args.metrics_export_port)
 

@@ -8,6 +8,10 @@ counted. Throughput is ``completed / duration_s``.
 
 Request bodies come from a fixed pool of seeded random rows, so requests differ
 (no cache or batch sees the same row twice in a row) and runs are repeatable.
+``make_row_bodies`` builds bodies of N distinct rows each, ``make_zipf_bodies``
+a sequence whose rows repeat by a Zipf law over a small pool (so a cache can hit);
+with ``shared_sequence=True`` the workers take the bodies in order from one
+sequence, so every server sees the same rows in the same order.
 
 Usable as a library (``run_load``) or from the command line::
 
@@ -47,6 +51,49 @@ def make_bodies(input_name: str = "features", width: int = 12, pool: int = 512,
     return bodies
 
 
+def _oip_body(input_name: str, rows: int, width: int, values: list[float]) -> bytes:
+    """One OIP JSON body: FP32 ``[rows, width]``, ``data`` flat in row-major order."""
+    head = (f'{{"inputs":[{{"name":"{input_name}","shape":[{rows},{width}],'
+            f'"datatype":"FP32","data":[')
+    return (head + ",".join(map(repr, values)) + "]}]}").encode()
+
+
+def make_row_bodies(count: int, rows: int = 1, *, input_name: str = "features",
+                    width: int = 12, seed: int = 20240611) -> list[bytes]:
+    """``count`` OIP bodies of ``rows`` rows ``[rows, width]`` each, every row drawn anew
+    (seeded standard normal values, 6 decimals): no row repeats, within a body or across
+    bodies, so a prediction cache never hits (numpy: fast enough for millions of rows)."""
+    if count < 1 or rows < 1:
+        raise ValueError("count and rows must be >= 1")
+    generator = np.random.default_rng(seed)
+    values = np.round(generator.standard_normal((count, rows * width)), 6)
+    return [_oip_body(input_name, rows, width, body) for body in values.tolist()]
+
+
+def zipf_indices(generator: np.random.Generator, n: int, size: int, s: float) -> np.ndarray:
+    """``size`` draws of an index in ``0..n-1`` with P(k) proportional to (k+1)^-s."""
+    weights = np.arange(1, n + 1, dtype=np.float64) ** -s
+    return generator.choice(n, size=size, p=weights / weights.sum())
+
+
+def make_zipf_bodies(count: int, pool: int = 2000, s: float = 1.1, rows: int = 1, *,
+                     input_name: str = "features", width: int = 12,
+                     seed: int = 20240611) -> tuple[list[bytes], int]:
+    """``count`` bodies of ``rows`` rows each, every row drawn from a pool of ``pool``
+    distinct seeded rows by a truncated Zipf law (row k with P proportional to
+    (k+1)^-s): a repeating mix where a prediction cache can hit. Returns the bodies and
+    the number of distinct rows they contain."""
+    if count < 1 or rows < 1 or pool < 1:
+        raise ValueError("count, rows and pool must be >= 1")
+    generator = np.random.default_rng(seed)
+    table = np.round(generator.standard_normal((pool, width)), 6).tolist()
+    picks = zipf_indices(generator, pool, count * rows, s).reshape(count, rows)
+    bodies = [_oip_body(input_name, rows, width,
+                        [value for k in body for value in table[k]])
+              for body in picks.tolist()]
+    return bodies, int(np.unique(picks).size)
+
+
 @dataclass
 class LoadResult:
     """Figures of one load run at one concurrency."""
@@ -72,24 +119,45 @@ class LoadResult:
     #: Requests sent during warm-up / drained after the window (not counted).
     warmup_requests: int = 0
     drained_requests: int = 0
+    #: Bodies sent in all (warm-up and drained included) out of the pool's size: with a
+    #: shared sequence, ``bodies_sent > bodies_available`` means the pool wrapped.
+    bodies_sent: int = 0
+    bodies_available: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-async def _worker(session: aiohttp.ClientSession, url: str, bodies: list[bytes], offset: int,
-                  stride: int, window: tuple[float, float], latencies: list[float],
+class _Bodies:
+    """Where the workers take their next body: strided (worker i sends bodies i, i+c, ...,
+    so concurrent requests differ) or from one shared sequence in order."""
+
+    def __init__(self, bodies: list[bytes], stride: int, shared: bool) -> None:
+        self.bodies = bodies
+        self.stride = stride
+        self.shared = shared
+        self.sent = 0
+        self._next = [0] if shared else list(range(stride))
+
+    def take(self, worker: int) -> bytes:
+        slot = 0 if self.shared else worker
+        index = self._next[slot]
+        self._next[slot] += 1 if self.shared else self.stride
+        self.sent += 1
+        return self.bodies[index % len(self.bodies)]
+
+
+async def _worker(session: aiohttp.ClientSession, url: str, bodies: _Bodies, worker: int,
+                  window: tuple[float, float], latencies: list[float],
                   statuses: Counter[str], samples: list[list[str]],
                   counts: Counter[str], timeout: aiohttp.ClientTimeout) -> None:
     start, end = window
-    index = offset
     headers = {"Content-Type": "application/json"}
     while True:
         sent = time.perf_counter()
         if sent >= end:
             return
-        body = bodies[index % len(bodies)]
-        index += stride
+        body = bodies.take(worker)
         status: str
         detail = ""
         try:
@@ -120,8 +188,13 @@ async def _worker(session: aiohttp.ClientSession, url: str, bodies: list[bytes],
 
 async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: float = 2.0,
                    bodies: list[bytes] | None = None,
-                   request_timeout_s: float = 30.0) -> LoadResult:
-    """Run ``concurrency`` closed-loop workers against ``url`` and summarise the window."""
+                   request_timeout_s: float = 30.0, *,
+                   shared_sequence: bool = False) -> LoadResult:
+    """Run ``concurrency`` closed-loop workers against ``url`` and summarise the window.
+
+    ``shared_sequence``: the workers take the bodies in order from one sequence (each
+    body once until the pool wraps) instead of each worker its own stride of the pool.
+    """
     if concurrency < 1 or duration_s <= 0 or warmup_s < 0:
         raise ValueError("concurrency >= 1, duration_s > 0 and warmup_s >= 0 are required")
     pool = bodies if bodies is not None else make_bodies()
@@ -137,9 +210,9 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
         begin = time.perf_counter()
         window = (begin + warmup_s, begin + warmup_s + duration_s)
         # Workers start at different points of the pool so concurrent requests differ.
-        stride = max(1, concurrency)
+        sequence = _Bodies(pool, max(1, concurrency), shared_sequence)
         await asyncio.gather(*(
-            _worker(session, url, pool, i, stride, window, latencies, statuses, samples,
+            _worker(session, url, sequence, i, window, latencies, statuses, samples,
                     counts, timeout)
             for i in range(concurrency)))
     result = LoadResult(url=url, concurrency=concurrency, duration_s=duration_s,
@@ -153,6 +226,8 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
     result.error_samples = samples
     result.warmup_requests = counts["warmup"]
     result.drained_requests = counts["drained"]
+    result.bodies_sent = sequence.sent
+    result.bodies_available = len(pool)
     if latencies:
         ms = np.asarray(latencies) * 1000.0
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])

@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -66,6 +66,8 @@ class Target:
     direct_port: bool = False
     #: Keel only: merged into every model's user_config (e.g. max_batch_size 1: no batching).
     model_user_config: dict[str, Any] = field(default_factory=dict)
+    #: Keel only: merged into deployments by name (e.g. {"Ingress": {"num_replicas": 1}}).
+    deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 TP = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -208,6 +210,10 @@ class Server:
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(self.temp_dir / "haproxy-m.sock"),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                # Serve's fallback proxy (8500/9500 by default): HAProxy sends requests there
+                # while no replica is up, so a shared default would reach ANOTHER instance.
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
             })
         env.update(self.target.env)
         return env
@@ -221,6 +227,8 @@ class Server:
         if self.target.kind == "keel":
             extra = (["--model-user-config", json.dumps(self.target.model_user_config)]
                      if self.target.model_user_config else [])
+            if self.target.deployment_options:
+                extra += ["--deployment-options", json.dumps(self.target.deployment_options)]
             return [PYTHON, str(BENCH_DIR / "keel_server.py"), "--config", str(a.config),
                     "--grpc-port", str(free_port()), *common, *ray_common, *extra]
         if self.target.kind == "naive":
@@ -528,16 +536,17 @@ def ratio(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | N
 
 
 def median_rows(runs: list[dict[str, Any]], run_key: str, names: list[str],
-                concurrencies: list[int], metrics: list[str]
-                ) -> dict[str, dict[str, dict[str, Any]]]:
+                concurrencies: Sequence[int | str], metrics: list[str], *,
+                point_key: str = "concurrency") -> dict[str, dict[str, dict[str, Any]]]:
     """Per name (a run's ``run_key``) and concurrency: the number of repeats, the errors
-    summed, and the median of each metric over the repeats."""
+    summed, and the median of each metric over the repeats. ``point_key`` names the
+    field of a point that ``concurrencies`` are values of (e.g. a point's name)."""
     medians: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
         medians[name] = {}
         for concurrency in concurrencies:
             points = [p for r in runs if r[run_key] == name for p in r["points"]
-                      if p["concurrency"] == concurrency]
+                      if p[point_key] == concurrency]
             if not points:
                 continue
             row: dict[str, Any] = {"n": len(points),
@@ -646,7 +655,7 @@ def plot(summary: dict[str, Any], targets: list[str], path: Path, title: str, *,
 def environment() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in ("ray", "onnxruntime", "fastapi", "uvicorn", "aiohttp", "numpy", "keel"):
         try:
             packages[name] = version(name)

@@ -21,6 +21,7 @@ from ray.serve import Application, Deployment
 from deployments.errors import ConfigError
 from deployments.features.deployment import FeatureService
 from deployments.ingress.deployment import Ingress
+from deployments.ingress.models import Placement
 from deployments.llm.deployment import LLMGateway
 from deployments.observability.deployment import SloMonitor
 from deployments.onnx.deployment import OnnxModel
@@ -47,6 +48,12 @@ class AppArgs(BaseModel):
     #: The LLM gateway behind ``/v1/chat/completions`` (its upstreams are the
     #: ``LLMGateway`` deployment's user_config). ``False``: those routes answer 503.
     llm: bool = True
+    #: Where each model runs: ``deployment`` (the default: its own replicated, autoscaled
+    #: ``OnnxModel`` deployment, named after the model) or ``ingress`` (its ONNX session in
+    #: every Ingress replica, batched there, scaled with the ingress, configured by the
+    #: Ingress's ``user_config.models.<name>``). Place a model in the ingress only when it
+    #: costs less than a hop (a CPU model answering a batch in well under a millisecond).
+    placement: dict[str, Placement] = Field(default_factory=dict)
 
 
 def resolve_repository(path: str, *, env: str = "KEEL_MODEL_REPOSITORY",
@@ -76,7 +83,7 @@ def resolve_feature_store(args: AppArgs) -> tuple[Path, Path] | None:
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    """Bind the ingress and one ``OnnxModel`` deployment per model."""
+    """Bind the ingress and one ``OnnxModel`` deployment per model not placed in it."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     root = resolve_repository(parsed.model_repository)
     repository = ModelRepository(root)
@@ -91,16 +98,22 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
                           f"(it has {available})")
     for name in names:
         repository.spec(name)  # a broken model.yaml fails the deploy, naming the file
+    stray = sorted(set(parsed.placement) - set(available))
+    if stray:
+        raise ConfigError(f"args.placement: {stray} are not in the repository {str(root)!r} "
+                          f"(it has {available})")
+    embedded = [n for n in names if parsed.placement.get(n) == "ingress"]
     # @serve.deployment returns a Deployment; Ray's stubs type it as the class.
     model_deployment, ingress = cast(Deployment, OnnxModel), cast(Deployment, Ingress)
     models = {
         # user_config={} makes Serve call reconfigure(), which checks the batch limits.
         name: model_deployment.options(name=name, user_config={}).bind(name, str(root))
-        for name in names
+        for name in names if name not in embedded
     }
     store = resolve_feature_store(parsed)
     features = None if store is None else cast(Deployment, FeatureService).options(
         user_config={}).bind(str(store[0]), str(store[1]))
     slo_monitor = cast(Deployment, SloMonitor).options(user_config={}).bind()
     llm = cast(Deployment, LLMGateway).options(user_config={}).bind() if parsed.llm else None
-    return ingress.options(user_config={}).bind(models, features, slo_monitor, llm)
+    return ingress.options(user_config={}).bind(models, features, slo_monitor, llm,
+                                                embedded, str(root))

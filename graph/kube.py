@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import KeelError, field_errors
+from graph.config_check import check_serve_config
 
 SERVE_CONFIG = "serve_config.yaml"
 OVERLAY = "configs/serve/overlays/production.yaml"
@@ -152,8 +153,6 @@ def apply_overlay(config: dict[str, Any], overlay: ProductionOverlay,
 
 def check_merged(config: dict[str, Any], label: str) -> list[str]:
     """``keel check-config``'s problems for an in-memory config, reported under ``label``."""
-    from graph.cli import check_serve_config
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))

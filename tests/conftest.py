@@ -80,12 +80,20 @@ def serve_test_config(model_repo: Path, feature_repo: Path | None = None,
     config: dict[str, Any] = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["model_repository"] = str(model_repo)
+    # Placements only for the models this repository holds (build_app refuses others).
+    app["args"]["placement"] = {name: place for name, place in app["args"]["placement"].items()
+                                if (model_repo / name).is_dir()}
     app["args"]["feature_repo"] = str(feature_repo) if feature_repo else None
     if feature_repo is None:
         app["deployments"] = [d for d in app["deployments"] if d["name"] != "FeatureService"]
     if redis_url is not None:
         app["runtime_env"] = {"env_vars": {"KEEL_REDIS_URL": redis_url}}
     for dep in app["deployments"]:
+        if dep["name"] == "Ingress":
+            # risk_mlp (in the ingress) always goes through the prediction cache, so the
+            # cache's behaviour is tested on both placements; the other models keep the
+            # shipped "auto" policy.
+            dep["user_config"]["cache"]["models"] = {"risk_mlp": "always"}
         dep["ray_actor_options"] = {"num_cpus": 0}
         dep.pop("autoscaling_config", None)
         dep["num_replicas"] = 1

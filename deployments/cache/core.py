@@ -27,12 +27,14 @@ import blake3
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.background import AfterAnswer
 from deployments.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
 HashName = Literal["blake3", "sha256"]
 CacheStatus = Literal["hit", "miss", "shared"]
+CachePolicy = Literal["auto", "always", "never"]
 
 
 class CacheConfig(BaseModel):
@@ -52,6 +54,17 @@ class CacheConfig(BaseModel):
     retry_after_s: float = Field(default=2.0, ge=0, le=600)
     #: At most one "Redis unreachable" log line per this interval.
     log_interval_s: float = Field(default=30.0, ge=0)
+    #: When a model's rows go through the cache: ``auto`` only while a lookup is measured
+    #: to cost less than computing them (a model cheaper than a Redis round trip skips
+    #: it), ``always``, or ``never``. ``models`` sets it per model.
+    policy: CachePolicy = "auto"
+    models: dict[str, CachePolicy] = Field(default_factory=dict)
+    #: Under ``auto``, how often a skipping model sends one request through the cache
+    #: anyway, to measure the lookup again.
+    probe_interval_s: float = Field(default=10.0, gt=0, le=3600)
+
+    def policy_of(self, model: str) -> CachePolicy:
+        return self.models.get(model, self.policy)
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -61,9 +74,10 @@ def row_keys(model: str, version: str, inputs: dict[str, np.ndarray], *,
              hash_name: HashName = "blake3", prefix: str = "") -> list[str]:
     """One key per row of the first axis, over everything that decides the answer.
 
-    Inputs are taken in name order; each contributes its name, dtype (little-endian),
-    per-row shape and the row's bytes, each length-prefixed so no two different
-    requests can produce the same byte stream.
+    The head (model, version, and per input in name order: its name, little-endian
+    dtype and per-row shape, each length-prefixed) fixes every row's byte length, so
+    head + the row's bytes of every input can never be produced by another request.
+    The rows' bytes are laid out as one matrix; the only per-row work is the hash.
     """
     if not inputs:
         raise ValueError("no inputs")
@@ -73,27 +87,28 @@ def row_keys(model: str, version: str, inputs: dict[str, np.ndarray], *,
         raise ValueError(f"inputs disagree on the number of rows: {sorted(rows)}")
     n_rows = rows.pop()
     head = _frame(model.encode()) + _frame(version.encode())
-    prepared = []
+    parts = []
     for name in names:
         array = inputs[name]
         if array.ndim == 0:
             array = array.reshape(1)
         if array.dtype.kind == "O":
             raise ValueError(f"input {name!r}: object arrays are not cacheable")
-        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        little = np.ascontiguousarray(little)
-        meta = _frame(name.encode()) + _frame(little.dtype.str.encode()) + _frame(
+        little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        head += _frame(name.encode()) + _frame(little.dtype.str.encode()) + _frame(
             json.dumps(list(little.shape[1:])).encode())
-        prepared.append((meta, little))
-    keys = []
-    for i in range(n_rows):
-        digest = hasher(hash_name)
-        digest.update(head)
-        for meta, little in prepared:
-            digest.update(meta)
-            digest.update(_frame(little[i].tobytes()))
-        keys.append(prefix + digest.hexdigest())
-    return keys
+        parts.append(little.reshape(n_rows, -1).view(np.uint8))
+    matrix = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    if hash_name == "blake3":
+        return [prefix + blake3.blake3(head + row).hexdigest() for row in _row_bytes(matrix)]
+    return [prefix + hashlib.sha256(head + row).hexdigest() for row in _row_bytes(matrix)]
+
+
+def _row_bytes(matrix: np.ndarray) -> list[bytes]:
+    """Each row of a C-contiguous 2-D uint8 matrix as bytes (one slice of one buffer)."""
+    data = np.ascontiguousarray(matrix).tobytes()
+    width = matrix.shape[1] if matrix.ndim == 2 else 0
+    return [data[i * width:(i + 1) * width] for i in range(matrix.shape[0])]
 
 
 def _frame(data: bytes) -> bytes:
@@ -119,19 +134,65 @@ def encode_row(outputs: dict[str, np.ndarray]) -> bytes:
 
     Never pickle: a cache that anyone can write to must not be able to run code here.
     """
+    return encode_rows({name: np.asarray(value)[None] for name, value in outputs.items()})[0]
+
+
+def encode_rows(outputs: dict[str, np.ndarray]) -> list[bytes]:
+    """Every row (first axis) of ``outputs`` encoded as ``encode_row`` would: the header is
+    built once, the rows' data laid out as one matrix."""
     header = []
-    blobs = []
+    parts = []
+    n_rows = None
     for name, value in outputs.items():
         if value.dtype.kind == "O":
             raise ValueError(f"output {name!r}: object arrays are not cacheable")
-        # astype(order="C") keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
-        little = value.astype(value.dtype.newbyteorder("<"), order="C", copy=False)
-        blob = little.tobytes()
-        header.append({"n": name, "d": little.dtype.str, "s": list(little.shape),
-                       "b": len(blob)})
-        blobs.append(blob)
+        n_rows = value.shape[0] if n_rows is None else n_rows
+        if value.shape[0] != n_rows:
+            raise ValueError("outputs disagree on the number of rows")
+        little = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<"), copy=False))
+        header.append({"n": name, "d": little.dtype.str, "s": list(little.shape[1:]),
+                       "b": little[0:1].nbytes if n_rows else 0})
+        parts.append(little.reshape(n_rows, -1).view(np.uint8))
+    if n_rows is None:
+        raise ValueError("no outputs")
     head = json.dumps(header, separators=(",", ":")).encode()
-    return _MAGIC + struct.pack("<I", len(head)) + head + b"".join(blobs)
+    prefix = _MAGIC + struct.pack("<I", len(head)) + head
+    matrix = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    return [prefix + row for row in _row_bytes(matrix)]
+
+
+_Layout = list[tuple[str, np.dtype[Any], tuple[int, ...], int]]
+#: Parsed headers by their bytes: every row of one model version shares one.
+_LAYOUTS: dict[bytes, _Layout] = {}
+
+
+def _layout(head: bytes) -> _Layout:
+    layout = _LAYOUTS.get(head)
+    if layout is not None:
+        return layout
+    try:
+        header = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"damaged cache entry header: {exc}") from exc
+    if not isinstance(header, list):
+        raise ValueError("damaged cache entry header")
+    layout = []
+    try:
+        for entry in header:
+            dtype = np.dtype(entry["d"])
+            if dtype.kind == "O":
+                raise ValueError("object dtype in a cache entry")
+            shape = tuple(int(d) for d in entry["s"])
+            size = int(entry["b"])
+            if size != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise ValueError("cache entry sizes disagree")
+            layout.append((str(entry["n"]), dtype, shape, size))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"damaged cache entry: {exc}") from exc
+    if len(_LAYOUTS) >= 1024:
+        _LAYOUTS.clear()
+    _LAYOUTS[head] = layout
+    return layout
 
 
 def decode_row(data: bytes) -> dict[str, np.ndarray]:
@@ -140,28 +201,16 @@ def decode_row(data: bytes) -> dict[str, np.ndarray]:
         raise ValueError("not a Keel cache entry")
     (head_len,) = struct.unpack_from("<I", data, len(_MAGIC))
     start = len(_MAGIC) + 4
-    try:
-        header = json.loads(data[start:start + head_len])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"damaged cache entry header: {exc}") from exc
-    if not isinstance(header, list):
-        raise ValueError("damaged cache entry header")
+    layout = _layout(bytes(data[start:start + head_len]))
     pos = start + head_len
     outputs: dict[str, np.ndarray] = {}
-    try:
-        for entry in header:
-            size = int(entry["b"])
-            dtype = np.dtype(entry["d"])
-            if dtype.kind == "O":
-                raise ValueError("object dtype in a cache entry")
-            blob = data[pos:pos + size]
-            if len(blob) != size:
-                raise ValueError("truncated cache entry")
-            pos += size
-            outputs[str(entry["n"])] = np.frombuffer(blob, dtype=dtype).reshape(
-                [int(d) for d in entry["s"]]).astype(dtype.newbyteorder("="))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"damaged cache entry: {exc}") from exc
+    for name, dtype, shape, size in layout:
+        blob = data[pos:pos + size]
+        if len(blob) != size:
+            raise ValueError("truncated cache entry")
+        pos += size
+        outputs[name] = np.frombuffer(blob, dtype=dtype).reshape(shape).astype(
+            dtype.newbyteorder("="))
     if pos != len(data):
         raise ValueError("trailing bytes in a cache entry")
     return outputs
@@ -294,7 +343,8 @@ class CacheCounters:
         return hits / total if total else None
 
 
-Compute = Callable[[list[int]], Awaitable[list[dict[str, np.ndarray]]]]
+#: Computes the rows at the given indices: every output with those rows, in that order.
+Compute = Callable[[list[int]], Awaitable[dict[str, np.ndarray]]]
 
 
 class CacheObserver:
@@ -318,8 +368,12 @@ class ByteCache:
     def __init__(self, remote: RemoteStore | None, *, local_max_entries: int = 10_000,
                  retry_after_s: float = 2.0, log_interval_s: float = 30.0,
                  name: str = "cache", clock: Callable[[], float] = time.monotonic,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None,
+                 local_first: bool = False) -> None:
         self.remote = remote
+        #: Ask the in-process LRU before Redis, and keep what Redis answers there too
+        #: (safe for entries that never change under their key, like version-keyed rows).
+        self.local_first = local_first
         self.local = LocalStore(local_max_entries, clock)
         self.retry_after_s = retry_after_s
         self.log_interval_s = log_interval_s
@@ -341,7 +395,26 @@ class ByteCache:
     def remote_available(self) -> bool:
         return self.remote is not None and self._clock() >= self._remote_down_until
 
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+    async def get_many(self, keys: list[str], ttl_s: float | None = None
+                       ) -> list[bytes | None]:
+        """Values of ``keys`` (``None`` for a miss). ``ttl_s``: how long a value Redis
+        answered stays in the in-process layer (``local_first`` only)."""
+        if not self.local_first or not self.remote_available:
+            return await self._remote_then_local(keys)
+        values = self.local.get_many(keys)
+        missing = [i for i, v in enumerate(values) if v is None]
+        if not missing:
+            return values
+        remote = await self._remote_then_local([keys[i] for i in missing])
+        found: dict[str, bytes] = {}
+        for i, value in zip(missing, remote, strict=True):
+            if value is not None:
+                values[i] = found[keys[i]] = value
+        if found and ttl_s is not None:
+            self.local.set_many(found, ttl_s)
+        return values
+
+    async def _remote_then_local(self, keys: list[str]) -> list[bytes | None]:
         if self.remote_available:
             assert self.remote is not None
             try:
@@ -353,6 +426,13 @@ class ByteCache:
     async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None:
         if not items:
             return
+        if self.local_first:
+            self.local.set_many(items, ttl_s)
+        await self.set_remote(items, ttl_s)
+
+    async def set_remote(self, items: dict[str, bytes], ttl_s: float) -> None:
+        """Write to Redis only (the in-process layer when Redis fails and it is a
+        fallback, not a front)."""
         if self.remote_available:
             assert self.remote is not None
             try:
@@ -360,7 +440,8 @@ class ByteCache:
                 return
             except Exception as exc:  # see get_many
                 self.remote_failed("SET", exc)
-        self.local.set_many(items, ttl_s)
+        if not self.local_first:
+            self.local.set_many(items, ttl_s)
 
     def remote_failed(self, what: str, exc: Exception) -> None:
         """Count a Redis failure, log it (rate-limited) and stop asking for a while."""
@@ -376,19 +457,76 @@ class ByteCache:
                         type(exc).__name__, exc, self.retry_after_s, self.errors)
 
 
+class CacheCosts:
+    """Per model, what a cache lookup and a computation cost (exponential moving averages
+    of milliseconds per request), and whether the cache pays for that model now."""
+
+    ALPHA = 0.1
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.lookup_ms: dict[str, float] = {}
+        self.compute_ms: dict[str, float] = {}
+        self._last_probe: dict[str, float] = {}
+
+    def _update(self, table: dict[str, float], model: str, ms: float) -> None:
+        old = table.get(model)
+        table[model] = ms if old is None else old + self.ALPHA * (ms - old)
+
+    def lookup(self, model: str, ms: float) -> None:
+        self._update(self.lookup_ms, model, ms)
+
+    def compute(self, model: str, ms: float) -> None:
+        self._update(self.compute_ms, model, ms)
+
+    def use_cache(self, model: str, policy: CachePolicy, probe_interval_s: float) -> bool:
+        """``always``/``never`` as said; ``auto``: while either cost is unknown, while a
+        lookup is cheaper than the computation, and once per ``probe_interval_s``."""
+        if policy != "auto":
+            return policy == "always"
+        lookup, compute = self.lookup_ms.get(model), self.compute_ms.get(model)
+        if lookup is None or compute is None or lookup < compute:
+            return True
+        now = self._clock()
+        if now - self._last_probe.get(model, float("-inf")) >= probe_interval_s:
+            self._last_probe[model] = now
+            return True
+        return False
+
+    def snapshot(self, model: str, policy: CachePolicy, probe_interval_s: float
+                 ) -> dict[str, Any]:
+        lookup, compute = self.lookup_ms.get(model), self.compute_ms.get(model)
+        pays = None if lookup is None or compute is None else lookup < compute
+        return {"policy": policy, "lookup_ms": _rounded(lookup), "compute_ms": _rounded(compute),
+                "in_use": policy == "always" or (policy == "auto" and pays is not False)}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+#: What a concurrent identical miss waits for: the leader's computed block and its row.
+_Shared = tuple[dict[str, np.ndarray], int]
+
+
 class PredictionCache:
-    """Per-row answers in Redis (or the in-process fallback), with single-flight misses."""
+    """Per-row answers: an in-process LRU in front of Redis (which other replicas share),
+    single-flight misses, and write-backs after the answer."""
 
     def __init__(self, remote: RemoteStore | None, config: CacheConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 background: AfterAnswer | None = None) -> None:
         self.config = config or CacheConfig()
         self.store = ByteCache(remote, local_max_entries=self.config.local_max_entries,
                                retry_after_s=self.config.retry_after_s,
                                log_interval_s=self.config.log_interval_s,
                                name="prediction cache", clock=clock,
-                               on_failure=self._remote_failed)
+                               on_failure=self._remote_failed, local_first=True)
         self.counters = CacheCounters()
-        self._inflight: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        self.costs = CacheCosts(clock)
+        #: Where write-backs run once the rows are answered (bounded; dropped and counted).
+        self.background = background or AfterAnswer()
+        self._inflight: dict[str, asyncio.Future[_Shared]] = {}
         self.observer = CacheObserver()
 
     @property
@@ -409,35 +547,46 @@ class PredictionCache:
     def remote_available(self) -> bool:
         return self.store.remote_available
 
+    def use_for(self, model: str) -> bool:
+        """Whether this request's rows for ``model`` should go through the cache."""
+        config = self.config
+        return config.enabled and self.costs.use_cache(model, config.policy_of(model),
+                                                       config.probe_interval_s)
+
     def keys(self, model: str, version: str, inputs: dict[str, np.ndarray]) -> list[str]:
         return row_keys(model, version, inputs, hash_name=self.config.hash,
                         prefix=self.config.key_prefix)
 
-    async def fetch(self, model: str, keys: list[str],
-                    compute: Compute) -> tuple[list[dict[str, np.ndarray]], list[CacheStatus]]:
-        """Each row's outputs, from the cache where possible; ``compute`` gets the rest.
+    async def settled(self, timeout_s: float = 5.0) -> None:
+        """Wait for the write-backs started so far (tests, shutdown)."""
+        await self.background.drain(timeout_s)
 
-        ``compute`` receives the row indices to compute and returns their outputs in
-        that order. Rows another request is already computing are awaited, not
-        recomputed. An exception from ``compute`` reaches every request waiting on it.
+    async def fetch(self, model: str, keys: list[str], compute: Compute
+                    ) -> tuple[dict[str, np.ndarray], list[CacheStatus]]:
+        """Every row's outputs (arrays over all rows, in order), from the cache where
+        possible; ``compute`` gets the rest, as one call.
+
+        Rows another request is already computing are awaited, not recomputed. An
+        exception from ``compute`` reaches every request waiting on it. Computed rows are
+        written back after this returns (``background``), under the keys given.
         """
         n = len(keys)
         if not self.config.enabled:
             return await compute(list(range(n))), ["miss"] * n
-        results: list[dict[str, np.ndarray] | None] = [None] * n
+        hits: dict[int, dict[str, np.ndarray]] = {}
         statuses: list[CacheStatus] = ["miss"] * n
-        for i, raw in enumerate(await self._get_many(keys)):
+        for i, raw in enumerate(await self.store.get_many(keys, self.config.ttl_s)):
             if raw is None:
                 continue
             try:
-                results[i] = decode_row(raw)
+                hits[i] = decode_row(raw)
                 statuses[i] = "hit"
             except ValueError:
                 self.counters.corrupt += 1  # a poisoned entry is a miss and gets overwritten
         leaders: dict[str, list[int]] = {}
-        waits: dict[str, tuple[asyncio.Future[dict[str, np.ndarray]], list[int]]] = {}
+        waits: dict[str, tuple[asyncio.Future[_Shared], list[int]]] = {}
         for i, key in enumerate(keys):
-            if results[i] is not None:
+            if i in hits:
                 continue
             if key in leaders:
                 leaders[key].append(i)
@@ -447,23 +596,52 @@ class PredictionCache:
                 waits[key] = (self._inflight[key], [i])
             else:
                 leaders[key] = [i]
-        owned: dict[str, asyncio.Future[dict[str, np.ndarray]]] = {}
+        blocks: list[tuple[dict[str, np.ndarray], list[list[int]]]] = []
+        if leaders:
+            blocks.append((await self._lead(leaders, compute), list(leaders.values())))
+        shared: dict[int, _Shared] = {}
+        abandoned: dict[str, list[int]] = {}
+        for key, (future, rows) in waits.items():
+            try:
+                outcome = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not future.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request itself was cancelled
+                abandoned[key] = rows
+                continue
+            for i in rows:
+                shared[i] = outcome
+                statuses[i] = "shared"
+        if abandoned:
+            # The request computing these rows was cancelled (its client left, or its time
+            # ran out): compute them here rather than fail a second request with it.
+            blocks.append((await self._lead(abandoned, compute), list(abandoned.values())))
+        outputs = _assemble(n, hits, shared, blocks)
+        hit_n, miss_n, shared_n = (statuses.count("hit"), statuses.count("miss"),
+                                   statuses.count("shared"))
+        self.counters.add(self.counters.hits, model, hit_n)
+        self.counters.add(self.counters.misses, model, miss_n)
+        self.counters.add(self.counters.shared, model, shared_n)
+        self.observer.rows(model, hit_n, miss_n, shared_n)
+        return outputs, statuses
+
+    async def _lead(self, leaders: dict[str, list[int]], compute: Compute
+                    ) -> dict[str, np.ndarray]:
+        """Compute the first row of each key in ``leaders`` as one block, hand it to
+        concurrent requests waiting on those keys, and write it back afterwards."""
+        owned: dict[str, asyncio.Future[_Shared]] = {}
         loop = asyncio.get_running_loop()
         for key in leaders:
-            owned[key] = self._inflight[key] = loop.create_future()
+            if key not in self._inflight:
+                owned[key] = self._inflight[key] = loop.create_future()
         try:
-            if leaders:
-                first_rows = [rows[0] for rows in leaders.values()]
-                computed = await compute(first_rows)
-                if len(computed) != len(first_rows):
-                    raise RuntimeError("compute returned the wrong number of rows")
-                fresh: dict[str, bytes] = {}
-                for (key, rows), outputs in zip(leaders.items(), computed, strict=True):
-                    for i in rows:
-                        results[i] = outputs
-                    owned[key].set_result(outputs)
-                    fresh[key] = encode_row(outputs)
-                await self._set_many(fresh)
+            block = await compute([rows[0] for rows in leaders.values()])
+            if any(len(v) != len(leaders) for v in block.values()):
+                raise RuntimeError("compute returned the wrong number of rows")
+            for j, key in enumerate(leaders):
+                if key in owned:
+                    owned[key].set_result((block, j))
         except BaseException as exc:
             for future in owned.values():
                 if future.done():
@@ -478,42 +656,41 @@ class PredictionCache:
             for key, future in owned.items():
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
-        abandoned: dict[str, list[int]] = {}
-        for key, (future, rows) in waits.items():
-            try:
-                outputs = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not future.cancelled() or (task is not None and task.cancelling()):
-                    raise  # this request itself was cancelled
-                abandoned[key] = rows
-                continue
-            for i in rows:
-                results[i] = outputs
-                statuses[i] = "shared"
-        if abandoned:
-            # The request computing these rows was cancelled (its client left, or its time
-            # ran out): compute them here rather than fail a second request with it.
-            computed = await compute([rows[0] for rows in abandoned.values()])
-            for rows, outputs in zip(abandoned.values(), computed, strict=True):
-                for i in rows:
-                    results[i] = outputs
-            await self._set_many({key: encode_row(outputs)
-                                  for key, outputs in zip(abandoned, computed, strict=True)})
-        hits, misses, shared = (statuses.count("hit"), statuses.count("miss"),
-                                statuses.count("shared"))
-        self.counters.add(self.counters.hits, model, hits)
-        self.counters.add(self.counters.misses, model, misses)
-        self.counters.add(self.counters.shared, model, shared)
-        self.observer.rows(model, hits, misses, shared)
-        return [r for r in results if r is not None], statuses
-
-    async def _get_many(self, keys: list[str]) -> list[bytes | None]:
-        return await self.store.get_many(keys)
-
-    async def _set_many(self, items: dict[str, bytes]) -> None:
-        await self.store.set_many(items, self.config.ttl_s)
+        # This replica sees the rows at once; Redis (the other replicas) after the answer.
+        items = dict(zip(leaders, encode_rows(block), strict=True))
+        self.store.local.set_many(items, self.config.ttl_s)
+        self.background.spawn(self.store.set_remote(items, self.config.ttl_s), "cache_write")
+        return block
 
     def _remote_failed(self, what: str) -> None:
         self.counters.errors += 1
         self.observer.remote_failed(what)
+
+
+def _assemble(n: int, hits: dict[int, dict[str, np.ndarray]], shared: dict[int, _Shared],
+              blocks: list[tuple[dict[str, np.ndarray], list[list[int]]]]
+              ) -> dict[str, np.ndarray]:
+    """Arrays over all ``n`` rows from decoded hits, shared rows and computed blocks."""
+    if blocks:
+        sample = {k: v[0] for k, v in blocks[0][0].items()}
+    elif shared:
+        block, j = next(iter(shared.values()))
+        sample = {k: v[j] for k, v in block.items()}
+    else:
+        sample = next(iter(hits.values()))
+    out = {k: np.empty((n, *np.shape(v)), dtype=np.asarray(v).dtype) for k, v in sample.items()}
+    for block, groups in blocks:
+        firsts = [rows[0] for rows in groups]
+        for name, array in out.items():
+            array[firsts] = block[name]
+        for j, rows in enumerate(groups):
+            if len(rows) > 1:  # the same row more than once in one request
+                for name, array in out.items():
+                    array[rows[1:]] = block[name][j]
+    for i, (block, j) in shared.items():
+        for name, array in out.items():
+            array[i] = block[name][j]
+    for i, row in hits.items():
+        for name, array in out.items():
+            array[i] = row[name]
+    return out

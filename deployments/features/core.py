@@ -64,7 +64,7 @@ class FeatureServiceConfig(BaseModel):
     #: Lookups merged into one ``get_online_features`` call.
     max_batch_size: int = Field(default=64, ge=1)
     #: How long a batch waits to fill; at low load this is pure latency.
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0)
     #: A store that does not answer within this is DependencyUnavailable (503), never a hang.
     lookup_timeout_s: float = Field(default=2.0, gt=0.0)
 

@@ -70,39 +70,54 @@ class FeatureService:
         carries the parent context itself).
         """
         self._fetcher.validate(entities, features)
-        result = await self._lookup_batch(((entities, features), trace))
+        [result] = await self._lookup_batch(([(entities, features)], [trace]))
         if isinstance(result, KeelError):
             raise result
         return result
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-    async def _lookup_batch(self, items: list[tuple[Lookup, dict[str, str] | None]]
-                            ) -> list[FeatureRows | KeelError]:
-        requests = [lookup for lookup, _ in items]
+    async def lookup_many(self, lookups: list[Lookup],
+                          traces: list[dict[str, str] | None] | None = None
+                          ) -> list[FeatureRows | KeelError]:
+        """Many lookups an ingress coalesced into one call: each gets its rows or its own
+        error (an invalid one, or one naming an unknown entity, fails alone)."""
+        return await self._lookup_batch((lookups, traces or [None] * len(lookups)))
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _lookup_batch(self, items: list[tuple[list[Lookup], list[dict[str, str] | None]]]
+                            ) -> list[list[FeatureRows | KeelError]]:
+        # Each item is one handle call's lookups (one for lookup(), many for lookup_many()).
+        requests = [lookup for lookups, _ in items for lookup in lookups]
+        traces = [trace for _, item_traces in items for trace in item_traces]
         self._batch_sizes[len(requests)] += 1
         self._batch_metric.observe(len(requests))
         timeout = self._config.lookup_timeout_s
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(self._pool, self._fetcher.lookup_many, requests)
+        results: list[FeatureRows | KeelError]
         try:
             # A child of the batch's first request (Serve's choice), linking every request.
             with tracing.span("keel.features.batch",
                               {"keel.batch.size": len(requests),
                                "keel.entities": sum(len(e) for e, _ in requests)},
-                              links=tracing.links([t for _, t in items])):
+                              links=tracing.links(traces)):
                 results = await asyncio.wait_for(call, timeout)
+            self._record_ages(results)
         except TimeoutError:
             self._failures += 1
             error = UpstreamTimeout(f"the feature store did not answer within {timeout} s "
                                     f"(lookup_timeout_s)").at("features")
-            return [error] * len(requests)
+            results = [error] * len(requests)
         except Exception as exc:  # the store failed outside lookup_many's own handling
             self._failures += 1
             log.error("feature lookup failed: %r", exc)
-            return [DependencyUnavailable(f"the feature store failed: {type(exc).__name__}",
-                                          retry_after_s=1)] * len(requests)
-        self._record_ages(results)
-        return results
+            results = [DependencyUnavailable(f"the feature store failed: {type(exc).__name__}",
+                                             retry_after_s=1)] * len(requests)
+        split: list[list[FeatureRows | KeelError]] = []
+        start = 0
+        for lookups, _ in items:
+            split.append(results[start:start + len(lookups)])
+            start += len(lookups)
+        return split
 
     def _record_ages(self, results: list[FeatureRows | KeelError]) -> None:
         now = time.time()

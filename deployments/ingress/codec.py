@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
 from deployments.contracts import InferenceRequest, RequestInput
@@ -35,14 +36,26 @@ def parse_request(body: bytes, json_length: int | None = None) -> tuple[Inferenc
         head, tail = body[:json_length], body[json_length:]
     else:
         head, tail = body, b""
+    # orjson first (the fast path). It refuses the NaN/Infinity literals Python's json and
+    # Triton accept, and reads integers past 64 bits as floats: those bodies, and any body
+    # that does not validate, are read again with Python's json, so every answer (and every
+    # error, naming the tensor) is the same as before orjson.
+    try:
+        return _validated(orjson.loads(head)), tail
+    except (ValueError, UnicodeDecodeError, RecursionError, InvalidInput):
+        pass
     try:
         payload = json.loads(head)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+    return _validated(payload), tail
+
+
+def _validated(payload: Any) -> InferenceRequest:
     if not isinstance(payload, dict):
         raise InvalidInput("request body must be a JSON object")
     try:
-        return InferenceRequest.model_validate(payload), tail
+        return InferenceRequest.model_validate(payload)
     except ValidationError as exc:
         raise InvalidInput(describe_validation_error(exc)) from exc
 
@@ -268,16 +281,24 @@ def encode_response(request: InferenceRequest, spec: ModelSpec, version: str,
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _to_json_list(value, datatype)
+            entry["data"] = _json_data(value, datatype)
         encoded.append(entry)
     response: dict[str, Any] = {"model_name": spec.name, "model_version": version,
                                 "outputs": encoded}
     if request.id is not None:
         response["id"] = request.id
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
+
+
+def _json_data(value: np.ndarray, datatype: str) -> np.ndarray | list[Any]:
+    """The flat data as orjson writes it without a Python list (numeric tensors; NaN and
+    inf become null), or as a list where it cannot (BYTES, float16)."""
+    if datatype != "BYTES" and value.dtype.kind in "biuf" and value.dtype.itemsize > 2:
+        return np.ascontiguousarray(value.reshape(-1))
+    return _to_json_list(value, datatype)
 
 
 def _to_json_list(value: np.ndarray, datatype: str) -> list[Any]:

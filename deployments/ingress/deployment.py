@@ -1,4 +1,10 @@
-"""``Ingress``: the Ray Serve shell around the FastAPI app (handles, reconfigure)."""
+"""``Ingress``: the Ray Serve shell around the ingress's data plane: wiring only.
+
+It builds the data plane (deployments/ingress/dataplane.py) over the models placed
+in the ingress (``args.placement``) and the handles of the others, the prediction
+cache, the FeatureService handle and the SLO pusher; ``reconfigure`` applies the
+live knobs; ``__serve_build_asgi_app__`` hands Serve the REST application.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI
-from opentelemetry.trace import SpanKind
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from deployments.cache.core import (
     CacheConfig,
@@ -29,146 +28,20 @@ from deployments.cache.core import (
     redacted,
     redis_store_from_env,
 )
-from deployments.contracts import InferCall, InferResult, ModelStatus
-from deployments.errors import (
-    DependencyUnavailable,
-    KeelError,
-    ModelNotFound,
-    Overloaded,
-    parse_user_config,
-)
-from deployments.features.core import FeatureRows
-from deployments.ingress.app import IngressConfig, create_app
+from deployments.errors import parse_user_config
+from deployments.ingress.app import build_plane, create_rest_app
 from deployments.ingress.auth import announce, load_auth
-from deployments.llm.core import ChatAnswer, ChatCall
-from deployments.observability import catalog, tracing
-from deployments.observability.asgi import RequestSpans
+from deployments.ingress.dataplane import DataPlane, IngressConfig
+from deployments.ingress.models import EmbeddedModels, ModelPool
+from deployments.ingress.ray_adapters import HandleFeatures, HandleLLM, HandleModels
+from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
 from deployments.observability.replica import observe_replica
 from deployments.observability.slo import SloObserver, SloReport, process_recorder
+from deployments.repository import ModelRepository
 from deployments.settings import RedisSettings
 
 log = logging.getLogger(__name__)
-
-
-class HandleBackend:
-    """Calls ``OnnxModel`` deployments through their handles; maps Ray's errors to Keel's."""
-
-    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
-        self._models = models
-        self._names = sorted(models)
-
-    def model_names(self) -> list[str]:
-        return self._names
-
-    def _handle(self, name: str) -> DeploymentHandle:
-        handle = self._models.get(name)
-        if handle is None:
-            raise ModelNotFound(f"model {name!r} is not served here (models: {self._names})")
-        return handle
-
-    async def status(self, name: str) -> ModelStatus:
-        result: ModelStatus = await _call(f"model {name!r}", self._handle(name).status.remote(),
-                                          "model")
-        return result
-
-    async def infer(self, name: str, call: InferCall) -> InferResult:
-        # Ray Serve carries the span's context to the replica; call.trace lets the batch
-        # span there link this request too (see deployments/observability/tracing.py).
-        with tracing.span("keel.model.call", {"keel.model": name}, kind=SpanKind.CLIENT):
-            call.trace = tracing.carrier()
-            result: InferResult = await _call(f"model {name!r}",
-                                              self._handle(name).infer.remote(call), "model")
-        return result
-
-
-class HandleFeatures:
-    """Calls the ``FeatureService`` deployment; maps Ray's errors to Keel's."""
-
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self._handle = handle
-
-    async def warm_up(self) -> None:
-        await _call("the feature store", self._handle.stats.remote(), "features")
-
-    async def lookup(self, entities: list[dict[str, Any]], features: list[str]) -> FeatureRows:
-        with tracing.span("keel.features.lookup",
-                          {"keel.entities": len(entities), "keel.features": len(features)},
-                          kind=SpanKind.CLIENT):
-            rows: FeatureRows = await _call("the feature store", self._handle.lookup.remote(
-                entities, features, trace=tracing.carrier()), "features")
-        return rows
-
-
-class HandleLLM:
-    """Calls the ``LLMGateway`` deployment (streams through a streaming handle)."""
-
-    WHAT = "the LLM gateway"
-
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self._handle = handle
-        self._streaming = handle.options(stream=True)
-
-    async def complete(self, call: ChatCall) -> ChatAnswer:
-        answer: ChatAnswer = await _call(self.WHAT, self._handle.complete.remote(call), "llm")
-        return answer
-
-    async def stream(self, call: ChatCall) -> AsyncIterator[str]:
-        try:
-            events = cast(DeploymentResponseGenerator, self._streaming.stream.remote(call))
-            async for item in events:
-                yield item
-        except Exception as exc:
-            raise _as_keel_error(self.WHAT, exc, "llm") from exc
-
-    async def usage(self) -> dict[str, Any]:
-        summary: dict[str, Any] = await _call(self.WHAT, self._handle.usage.remote(), "llm")
-        return summary
-
-
-async def _call(what: str, response: Any, stage: str) -> Any:
-    """Await a handle call; a Ray error becomes the Keel error the client should see.
-
-    If the awaiting task is cancelled (the request's time budget ran out, or the client
-    went away), the call is cancelled too: a request still queued for a batch leaves
-    it, one running has its own downstream calls cancelled by Serve. Nothing keeps
-    working for an answer no one will read. ``response`` is a ``DeploymentResponse``
-    (Ray types ``.remote()`` as a union with the streaming generator).
-    """
-    try:
-        return await response
-    except asyncio.CancelledError:
-        response.cancel()
-        raise
-    except TimeoutError:
-        raise
-    except Exception as exc:
-        raise _as_keel_error(what, exc, stage) from exc
-
-
-def _as_keel_error(what: str, exc: Exception, stage: str) -> KeelError:
-    """The Keel error for a failed handle call; server-side failures name ``stage``."""
-    error = _keel_error_of(what, exc)
-    return error.at(stage) if error.status >= 500 else error
-
-
-def _keel_error_of(what: str, exc: Exception) -> KeelError:
-    if isinstance(exc, KeelError) and not isinstance(exc, RayTaskError):
-        return exc
-    if isinstance(exc, RayTaskError):
-        cause = exc.cause
-        if isinstance(cause, KeelError):
-            return cause
-        log.error("%s failed: %s", what, exc)
-        return DependencyUnavailable(f"{what} failed: {type(cause).__name__}")
-    if isinstance(exc, BackPressureError):
-        return Overloaded(f"{what} is overloaded; retry shortly")
-    if isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError
-                  | DeploymentUnavailableError | ReplicaUnavailableError):
-        return DependencyUnavailable(f"{what} is unavailable: {type(exc).__name__}",
-                                     retry_after_s=1)
-    log.error("%s call failed: %r", what, exc)
-    return DependencyUnavailable(f"{what} call failed: {type(exc).__name__}")
 
 
 class CacheMetrics(CacheObserver):
@@ -209,6 +82,8 @@ class IngressMetrics(SloObserver):
         self._requests = make(catalog.REQUESTS)
         self._latency = make(catalog.REQUEST_LATENCY)
         self._model_latency = make(catalog.MODEL_LATENCY)
+        self._batch = make(catalog.MODEL_BATCH_SIZE)
+        self._feature_age = make(catalog.FEATURE_AGE)
 
     def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
         if not self._enabled():
@@ -231,6 +106,17 @@ class IngressMetrics(SloObserver):
     def cache_rows(self, model: str, hits: int, misses: int, shared: int) -> None:
         if self._enabled() and self._slo_events:
             super().cache_rows(model, hits, misses, shared)
+
+    def model_batch(self, model: str, size: int) -> None:
+        """A coalesced call's size (for ingress-placed models, the ONNX Runtime batch)."""
+        if self._enabled():
+            self._batch.observe(size, tags={"model": model})
+
+    def feature_ages(self, ages: dict[str, float]) -> None:
+        """How old (event time) the feature rows a decision used were, per feature view."""
+        if self._enabled():
+            for view, age in ages.items():
+                self._feature_age.set(age, tags={"feature_view": view})
 
 
 class SloPusher:
@@ -266,6 +152,10 @@ class SloPusher:
                 if self._failures in (1, 10) or self._failures % 100 == 0:
                     log.warning("SLO push failed (%d so far): %r", self._failures, exc)
 
+    async def warm_up(self) -> None:
+        """One empty push: sets up the handle's path to the monitor."""
+        await asyncio.wait_for(self._monitor.push.remote({}, self._source), 10)
+
     async def report(self) -> SloReport:
         await self.flush()  # this replica's latest events count too
         report: SloReport = await self._monitor.report.remote()
@@ -287,53 +177,96 @@ def build_cache(config: CacheConfig, slo: SloObserver) -> PredictionCache:
     return cache
 
 
+def _replica_user_config() -> dict[str, Any]:
+    """This replica's ``user_config`` as Serve deploys it; empty outside a replica."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # not running inside Serve
+        return {}
+    config = getattr(context, "_deployment_config", None)
+    value = getattr(config, "user_config", None)
+    return value if isinstance(value, dict) else {}
+
+
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
-    """The HTTP entry point: Open Inference Protocol and ``/v1/decide`` over the handles,
-    with the prediction cache in front of the models."""
+    """The HTTP entry point: Open Inference Protocol, ``/v1/decide``, the LLM gateway and
+    the admin routes, over the data plane; models placed here run in this replica."""
 
     def __init__(self, models: dict[str, DeploymentHandle],
                  features: DeploymentHandle | None = None,
                  slo_monitor: DeploymentHandle | None = None,
-                 llm: DeploymentHandle | None = None) -> None:
+                 llm: DeploymentHandle | None = None,
+                 embedded: list[str] | None = None,
+                 repository: str | None = None) -> None:
         observe_replica()  # span attributes, Pyroscope (after the replica started)
         self._auth = load_auth()  # KEEL_AUTH, KEEL_API_KEYS(_FILE); malformed: no start
         announce(self._auth)
-        self._backend = HandleBackend(models)
-        self._features = HandleFeatures(features) if features is not None else None
-        self._config = IngressConfig()
+        # Load the ingress-placed models on the versions user_config pins before the first
+        # request (reconfigure() then finds them loaded), as an OnnxModel replica does.
+        self._config = parse_user_config(IngressConfig, _replica_user_config(), "Ingress")
+        self._embedded = (EmbeddedModels(ModelRepository(repository), embedded)
+                          if embedded and repository else None)
+        if self._embedded is not None:
+            self._embedded.apply(self._config.models)
         self._pusher = (SloPusher(slo_monitor, lambda: self._config.slo_push_interval_s)
                         if slo_monitor is not None else None)
         self._metrics = IngressMetrics(self._pusher, lambda: self._config.metrics)
         self._cache = build_cache(self._config.cache, self._metrics)
-        self._warming: asyncio.Task[None] | None = None
-        # Serve builds replicas inside their event loop: warm the handles there, in the
-        # background (no loop: the first requests pay for it instead).
-        with contextlib.suppress(RuntimeError):
-            self._warming = asyncio.get_running_loop().create_task(self._warm_handles())
+        self._features = HandleFeatures(features) if features is not None else None
+        self._handles = HandleModels(models) if models else None
+        pool = ModelPool(self._embedded, self._handles,
+                         max_batch_size=self._max_batch_size,
+                         max_in_flight=lambda: self._config.calls_in_flight,
+                         observer=self._metrics)
+        self._plane: DataPlane = build_plane(pool, lambda: self._config, cache=self._cache,
+                                             features=self._features, observer=self._metrics,
+                                             slo=self._pusher, warm_up=self._warm_up)
         self._llm = HandleLLM(llm) if llm is not None else None
+        # Serve builds replicas inside their event loop: warm every hop there, in the
+        # background; /v2/health/ready answers 503 until it is done.
+        with contextlib.suppress(RuntimeError):
+            self._plane.start_warming()
 
-    async def _warm_handles(self) -> None:
-        """Call every downstream deployment once: a handle's first call sets up its router
-        (measured in the demo: the first /v1/decide spent 4 s in its feature hop)."""
+    def _max_batch_size(self, model: str) -> int:
+        if self._embedded is not None and model in self._embedded.model_names():
+            return self._embedded.config(model).max_batch_size
+        return self._config.max_batch_size
+
+    async def _warm_up(self) -> None:
+        """Call every downstream deployment through the methods requests use: a handle's
+        first call sets up its router (measured in the demo: the first /v1/decide spent
+        seconds in its feature hop)."""
         started = time.perf_counter()
-        calls: list[Awaitable[Any]] = [self._backend.status(name)
-                                       for name in self._backend.model_names()]
+        calls: list[Awaitable[Any]] = []
+        if self._handles is not None:
+            calls += [self._handles.status(name) for name in self._handles.model_names()]
+            calls += [self._handles.infer_many(name, []) for name in self._handles.model_names()]
         if self._features is not None:
             calls.append(self._features.warm_up())
+        if self._pusher is not None:
+            calls.append(self._pusher.warm_up())
         results = await asyncio.gather(*calls, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
-        log.info("downstream handles warmed up in %.2f s (%d of %d answered)",
+        for failure in failed:
+            log.warning("warm-up call failed: %r", failure)
+        log.info("downstream hops warmed up in %.2f s (%d of %d answered)",
                  time.perf_counter() - started, len(results) - len(failed), len(results))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self._config = parse_user_config(IngressConfig, user_config, "Ingress")
-        self._cache.reconfigure(self._config.cache)
+        config = parse_user_config(IngressConfig, user_config, "Ingress")
+        if self._embedded is not None:
+            changed = self._embedded.apply(config.models)
+            if changed:
+                log.info("ingress models reloaded: %s", changed)
+        elif config.models:
+            log.warning("user_config.models %s ignored: no model is placed in the ingress",
+                        sorted(config.models))
+        self._config = config
+        self._plane.catalog.forget()
+        self._plane.reconfigured()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self._backend, lambda: self._config, cache=self._cache,
-                         features=self._features, observer=self._metrics, slo=self._pusher,
-                         llm=self._llm, auth=self._auth)
-        app.add_middleware(RequestSpans)  # keel.request spans; a no-op when tracing is off
-        return app
+        return create_rest_app(self._plane, observer=self._metrics, llm=self._llm,
+                               auth=self._auth)

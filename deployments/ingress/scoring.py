@@ -27,8 +27,9 @@ from deployments.repository import ModelSpec
 T = TypeVar("T")
 
 
-class ModelBackend(Protocol):
-    """Where the ingress sends validated calls: one model deployment per name."""
+class ModelCaller(Protocol):
+    """Where the predictor sends validated calls (``models.ModelPool``: coalesced, in the
+    ingress or through a handle)."""
 
     def model_names(self) -> list[str]: ...
 
@@ -81,7 +82,7 @@ def cacheable(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> bool:
 class Predictor:
     """Rows in, outputs out: cache first, the model for the rest (see module docstring)."""
 
-    def __init__(self, backend: ModelBackend, catalog: SpecSource,
+    def __init__(self, backend: ModelCaller, catalog: SpecSource,
                  cache: PredictionCache | None, timeout_s: Callable[[], float],
                  observer: CallObserver | None = None) -> None:
         self.backend = backend
@@ -103,7 +104,7 @@ class Predictor:
             deadline = time.monotonic() + self._timeout_s()
         spec = await self.catalog.spec(name, version)
         cache = self.cache
-        if cache is None or not cache.config.enabled or not cacheable(spec, inputs):
+        if cache is None or not cacheable(spec, inputs) or not cache.use_for(name):
             return await self._uncached(name, version, spec, inputs, outputs, deadline)
         try:
             prediction = await self._cached(cache, name, spec, inputs, deadline)
@@ -124,6 +125,8 @@ class Predictor:
         started = time.perf_counter()
         result = await self._call(name, InferCall(inputs=inputs, version=version, outputs=outputs),
                                   deadline)
+        if self.cache is not None:
+            self.cache.costs.compute(name, (time.perf_counter() - started) * 1000)
         self.catalog.saw_version(name, result.model_version)
         if result.model_version != spec.version:
             spec = await self.catalog.spec(name, result.model_version)
@@ -139,7 +142,7 @@ class Predictor:
         model_ms = 0.0
         batch_size = 0
 
-        async def compute(rows: list[int]) -> list[dict[str, np.ndarray]]:
+        async def compute(rows: list[int]) -> dict[str, np.ndarray]:
             nonlocal model_ms, batch_size
             began = time.perf_counter()
             index = np.asarray(rows, dtype=np.intp)
@@ -148,25 +151,28 @@ class Predictor:
                                       deadline)
             model_ms += (time.perf_counter() - began) * 1000
             batch_size = max(batch_size, result.batch_size)
-            return [{k: v[i] for k, v in result.outputs.items()} for i in range(len(rows))]
+            return result.outputs
 
-        # One span for the MGET, the model call for the misses (a child) and the write-back.
+        # One span for the lookup, the model call for the misses (a child) and the merge.
         with tracing.span("keel.cache.fetch", {"keel.model": name,
                                                "keel.model.version": spec.version,
                                                "keel.rows": len(keys)}) as span:
-            rows, statuses = await cache.fetch(name, keys, compute)
+            outputs, statuses = await cache.fetch(name, keys, compute)
             if span is not None:
                 span.set_attribute("keel.cache.result", summarise(list[str](statuses)))
                 span.set_attribute("keel.cache.hits", statuses.count("hit"))
         total_ms = (time.perf_counter() - started) * 1000
-        stacked = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
-        return Prediction(spec=spec, outputs=stacked, cache=list[str](statuses),
-                          cache_ms=max(0.0, total_ms - model_ms), model_ms=model_ms,
-                          batch_size=batch_size)
+        cache_ms = max(0.0, total_ms - model_ms)
+        cache.costs.lookup(name, cache_ms)
+        if model_ms:
+            cache.costs.compute(name, model_ms)
+        return Prediction(spec=spec, outputs=outputs, cache=list[str](statuses),
+                          cache_ms=cache_ms, model_ms=model_ms, batch_size=batch_size)
 
     async def _call(self, name: str, call: InferCall, deadline: float) -> InferResult:
         started = time.perf_counter()
         ok = False
+        call.trace = tracing.carrier()  # the model's batch span links this request
         try:
             result = await within_budget(self.backend.infer(name, call), deadline, "model",
                                          f"model {name!r}", self._timeout_s())

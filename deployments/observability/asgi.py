@@ -1,55 +1,95 @@
-"""``keel.request``: one span per HTTP request on the ingress (pure ASGI; no Ray here).
+"""One ASGI middleware for the ingress's telemetry: request metrics and ``keel.request``
+spans (pure ASGI, no Ray here).
 
-It is a child of the span Ray Serve opens for the request it hands to the replica
-(``replica_handle_request Ingress ...``, itself continuing an incoming ``traceparent``),
-and the parent of everything Keel does for the request. Its name stays ``keel.request``;
-the matched route template (``/v1/decide``) is its ``http.route`` attribute.
+Once each answer is sent, its route template, model, status and latency go to the
+``RequestObserver`` (metrics and SLO events: after the answer, never before it); an
+observer that fails is logged once, never the request's problem. When tracing is on,
+the request runs inside a ``keel.request`` span: a child of the span Ray Serve opened
+for it (itself continuing an incoming ``traceparent``), and the parent of everything
+Keel does for it; its ``http.route`` attribute is the matched route template.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from typing import Any, Protocol
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from deployments.observability import tracing
 
+log = logging.getLogger(__name__)
+
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
 
+#: Where a route that learns its model from the body leaves it (deployments/ingress/http.py).
+MODEL_SCOPE_KEY = "keel.model"
 
-class RequestSpans:
-    """ASGI middleware: ``keel.request`` around each HTTP request when tracing is on."""
 
-    def __init__(self, app: Any) -> None:
+class RequestObserver(Protocol):
+    """Told about every answered HTTP request (metrics, SLOs)."""
+
+    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None: ...
+
+
+class Telemetry:
+    """ASGI middleware: request metrics (when an observer is given) and spans (when
+    tracing is on), wrapping ``send`` once for both."""
+
+    def __init__(self, app: Any, observer: RequestObserver | None = None) -> None:
         self.app = app
+        self.observer = observer
+        self._failed_once = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http" or not tracing.enabled():
+        if scope.get("type") != "http" or (self.observer is None and not tracing.enabled()):
             await self.app(scope, receive, send)
             return
-        method = scope.get("method", "")
-        with tracing.span("keel.request", {"http.request.method": method,
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises past every handler
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            if tracing.enabled():
+                await self._traced(scope, receive, send_and_note, lambda: status)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            if self.observer is not None:
+                self._observe(scope, status, (time.perf_counter() - started) * 1000)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send,
+                      status: Any) -> None:
+        with tracing.span("keel.request", {"http.request.method": scope.get("method", ""),
                                            "url.path": scope.get("path", "")},
                           kind=SpanKind.SERVER) as span:
-            if span is None:
-                await self.app(scope, receive, send)
-                return
-            status: list[int] = []
-
-            async def send_and_record(message: dict[str, Any]) -> None:
-                if message.get("type") == "http.response.start":
-                    status.append(int(message.get("status", 0)))
-                await send(message)
-
             try:
-                await self.app(scope, receive, send_and_record)
+                await self.app(scope, receive, send)
             finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route:
-                    span.set_attribute("http.route", route)
-                if status:
-                    span.set_attribute("http.response.status_code", status[0])
-                    if status[0] >= 500:
+                if span is not None:
+                    route = getattr(scope.get("route"), "path", None)
+                    if route:
+                        span.set_attribute("http.route", route)
+                    code = status()
+                    span.set_attribute("http.response.status_code", code)
+                    if code >= 500:
                         span.set_status(Status(StatusCode.ERROR))
+
+    def _observe(self, scope: Scope, status: int, latency_ms: float) -> None:
+        assert self.observer is not None
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        model = scope.get(MODEL_SCOPE_KEY) or scope.get("path_params", {}).get("name", "")
+        try:
+            self.observer.request(route, str(model), status, latency_ms)
+        except Exception:
+            if not self._failed_once:
+                self._failed_once = True
+                log.exception("request observer failed (logged once)")

@@ -56,7 +56,7 @@ class OnnxModelConfig(BaseModel):
     version: str | None = None
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     #: How long a batch waits to fill. At low load this is pure latency: size it to the SLO.
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
     runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
 
     @model_validator(mode="after")

@@ -90,21 +90,40 @@ class OnnxModel:
 
     async def infer(self, call: InferCall) -> InferResult:
         """Answer one request; it shares an ONNX Runtime call with concurrent ones."""
-        result = await self._infer_batch(call)
+        [result] = await self._infer_batch([call])
         if isinstance(result, KeelError):
             raise result
         return result
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _infer_batch(self, calls: list[InferCall]) -> list[InferResult | KeelError]:
-        self._batch_sizes[len(calls)] += 1
-        self._batch_metric.observe(len(calls), tags={"model": self._name})
-        # Serve runs the batch in its first request's context: the span is that request's
-        # child and links every request it answers (each call's trace carrier).
-        with tracing.span("keel.model.batch",
-                          {"keel.model": self._name, "keel.batch.size": len(calls)},
-                          links=tracing.links([c.trace for c in calls])):
-            return self._versions.infer_batch(calls)
+    async def infer_many(self, calls: list[InferCall]) -> list[InferResult | KeelError]:
+        """Answer the requests an ingress coalesced into one handle call, each with its own
+        result or its own error; they share ONNX Runtime calls with concurrent callers."""
+        return await self._infer_batch(calls)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _infer_batch(self, groups: list[list[InferCall]]
+                           ) -> list[list[InferResult | KeelError]]:
+        # Each item is one handle call's requests (one for infer(), many for infer_many()).
+        # max_batch_size bounds the requests of one ONNX Runtime call, however many arrived.
+        calls = [call for group in groups for call in group]
+        size = self._config.max_batch_size
+        chunks = [calls[start:start + size] for start in range(0, len(calls), size)]
+        answers: list[InferResult | KeelError] = []
+        for chunk in chunks:
+            self._batch_sizes[len(chunk)] += 1
+            self._batch_metric.observe(len(chunk), tags={"model": self._name})
+            # Serve runs the batch in its first request's context: the span is that
+            # request's child and links every request it answers (each call's carrier).
+            with tracing.span("keel.model.batch",
+                              {"keel.model": self._name, "keel.batch.size": len(chunk)},
+                              links=tracing.links([c.trace for c in chunk])):
+                answers += self._versions.infer_batch(chunk)
+        split: list[list[InferResult | KeelError]] = []
+        start = 0
+        for group in groups:
+            split.append(answers[start:start + len(group)])
+            start += len(group)
+        return split
 
     async def status(self) -> ModelStatus:
         """What is loaded and served; the ingress validates requests against it."""

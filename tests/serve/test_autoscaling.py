@@ -38,7 +38,9 @@ WIDTH = 4  # the linear test model's input width
 AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 3,
-    "target_ongoing_requests": 2,
+    # Ongoing handle calls: the ingress coalesces requests into at most calls_in_flight (4)
+    # calls per model, so 4 busy calls / target 1 wants 4 replicas, capped at 3.
+    "target_ongoing_requests": 1,
     "upscale_delay_s": 1,
     "downscale_delay_s": 3,
     "look_back_period_s": 2,
@@ -46,7 +48,7 @@ AUTOSCALING = {
 }
 #: A request waits this long for its batch to fill (it never does at this load).
 SLOW_BATCH_WAIT_S = 0.2
-HEAVY_CLIENTS = 8  # ~8 ongoing requests / target 2 → wants 4 replicas, capped at 3
+HEAVY_CLIENTS = 8  # 8 requests in 4 coalesced calls / target 1 → wants 4, capped at 3
 
 
 def scale_app(model_repo: Path, redis_url: str) -> dict[str, Any]:
@@ -60,6 +62,7 @@ def scale_app(model_repo: Path, redis_url: str) -> dict[str, Any]:
         if dep["name"] == "Ingress":
             # Every request must reach the model: the load is what the autoscaler sees.
             dep["user_config"]["cache"] = {**dep["user_config"]["cache"], "enabled": False}
+            dep["user_config"]["calls_in_flight"] = 4
         if dep["name"] == "linear":
             dep.pop("num_replicas")
             dep["autoscaling_config"] = dict(AUTOSCALING)

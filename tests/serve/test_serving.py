@@ -151,15 +151,43 @@ def _load(base_url: str, path: str, x: np.ndarray, n: int, workers: int) -> list
         return list(pool.map(one, range(n)))
 
 
+def _coalescing(base_url: str, model: str) -> dict[str, Any]:
+    answer = httpx.get(f"{base_url}/v2/models/{model}", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["parameters"]["coalescing"]  # type: ignore[no-any-return]
+
+
 def test_concurrent_requests_form_batches(keel_app: KeelApp) -> None:
-    before = stats("risk_mlp")["batch_sizes"]
+    """risk_gbdt has its own deployment: concurrent requests leave the ingress in fewer
+    handle calls than requests, and the model replica batches them."""
+    before, calls_before = stats("risk_gbdt")["batch_sizes"], _coalescing(keel_app.base_url,
+                                                                         "risk_gbdt")
     x = rows(96, seed=106)  # all distinct: the prediction cache must not answer any
-    answers = _load(keel_app.base_url, "/v2/models/risk_mlp/infer", x, n=96, workers=24)
+    answers = _load(keel_app.base_url, "/v2/models/risk_gbdt/infer", x, n=96, workers=24)
     assert all(a.status_code == 200 for a in answers)
-    after = stats("risk_mlp")["batch_sizes"]
+    after, calls_after = stats("risk_gbdt")["batch_sizes"], _coalescing(keel_app.base_url,
+                                                                       "risk_gbdt")
     new = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     assert sum(int(k) * v for k, v in new.items()) == 96
     assert max(new) > 1, f"no batch formed: {new}"
+    requests = calls_after["items"] - calls_before["items"]
+    handle_calls = calls_after["batches"] - calls_before["batches"]
+    assert requests == 96 and handle_calls < 96, (requests, handle_calls)
+
+
+def test_ingress_placed_model_batches_in_the_ingress(keel_app: KeelApp) -> None:
+    """risk_mlp runs in the ingress (args.placement): no deployment of its own, and
+    concurrent requests share ONNX Runtime runs there; answers are the model's own."""
+    assert "risk_mlp" not in serve.status().applications[APP_NAME].deployments
+    metadata = httpx.get(f"{keel_app.base_url}/v2/models/risk_mlp", timeout=30).json()
+    assert metadata["parameters"]["placement"] == "ingress"
+    before = _coalescing(keel_app.base_url, "risk_mlp")
+    x = rows(96, seed=116)
+    answers = _load(keel_app.base_url, "/v2/models/risk_mlp/infer", x, n=96, workers=24)
+    assert all(a.status_code == 200 for a in answers)
+    after = _coalescing(keel_app.base_url, "risk_mlp")
+    assert after["items"] - before["items"] == 96
+    assert after["batches"] - before["batches"] < 96
 
 
 def test_reconfigure_batch_size_live(keel_app: KeelApp) -> None:
@@ -252,6 +280,8 @@ def test_max_ongoing_requests_below_batch_size_is_refused(keel_app: KeelApp,
     refused["deployments"] = [d for d in refused["deployments"]
                               if d["name"] in ("Ingress", "linear")]
     refused["args"]["models"] = ["linear"]
+    refused["args"].pop("placement")  # this repository holds only linear
+    next(d for d in refused["deployments"] if d["name"] == "Ingress")["user_config"].pop("models")
     linear = next(d for d in refused["deployments"] if d["name"] == "linear")
     linear["max_ongoing_requests"] = 4
     linear["user_config"]["max_batch_size"] = 16
@@ -271,21 +301,29 @@ def test_model_errors_cross_the_handle_as_keel_errors(keel_app: KeelApp) -> None
     """An error raised inside the model replica reaches the ingress as the same KeelError."""
     import asyncio
 
-    from deployments.contracts import InferCall
+    from deployments.contracts import InferCall, InferResult
     from deployments.errors import InvalidInput, ModelNotFound
-    from deployments.ingress.deployment import HandleBackend
+    from deployments.ingress.ray_adapters import HandleModels
 
-    backend = HandleBackend({"linear": serve.get_deployment_handle("linear", APP_NAME)})
+    backend = HandleModels({"linear": serve.get_deployment_handle("linear", APP_NAME)})
     wrong_dtype = InferCall(inputs={"features": np.zeros((1, 4), dtype=np.float64)})
-    with pytest.raises(InvalidInput, match="'features': expected FP32"):
-        asyncio.run(backend.infer("linear", wrong_dtype))
     unknown = InferCall(inputs={"features": np.zeros((1, 4), dtype=np.float32)}, version="7")
-    with pytest.raises(ModelNotFound, match="no version '7'"):
-        asyncio.run(backend.infer("linear", unknown))
+    good = InferCall(inputs={"features": np.zeros((2, 4), dtype=np.float32)})
+    # One handle call for three requests: each gets its own answer or its own error.
+    answers = asyncio.run(backend.infer_many("linear", [wrong_dtype, unknown, good]))
+    assert isinstance(answers[0], InvalidInput)
+    assert "'features': expected FP32" in answers[0].message
+    assert isinstance(answers[1], ModelNotFound) and "no version '7'" in answers[1].message
+    assert isinstance(answers[2], InferResult) and answers[2].outputs["label"].shape == (2,)
 
 
 def test_overload_is_503_with_retry_after_and_loses_nothing_else(keel_app: KeelApp) -> None:
     config = keel_app.modified()
+    original = dict(keel_app.deployment("Ingress")["user_config"])
+    # One request per handle call, all at once (no coalescing in the ingress), so that the
+    # model deployment itself overflows and its back-pressure must reach the client.
+    ingress = keel_app.deployment("Ingress", config)["user_config"]
+    ingress.update(max_batch_size=1, calls_in_flight=64)
     dep = keel_app.deployment("linear", config)
     dep["max_queued_requests"] = 2
     # A long batch wait keeps the replica's 16 slots busy, so the queue overflows.
@@ -297,6 +335,7 @@ def test_overload_is_503_with_retry_after_and_loses_nothing_else(keel_app: KeelA
                         workers=48)
     finally:
         restore = keel_app.modified()
+        keel_app.deployment("Ingress", restore)["user_config"] = original
         keel_app.deployment("linear", restore).pop("max_queued_requests")
         keel_app.deployment("linear", restore)["user_config"]["batch_wait_timeout_s"] = 0.005
         keel_app.deploy(restore)

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 
 APP = "keel-tracing"
 PREFIX = "/tracing"
-OTHER_MODELS = ("risk_gbdt", "risk_mlp_int8", "linear")
+# risk_gbdt has its own deployment (the MLPs run in the ingress): a trace crosses the hop.
+OTHER_MODELS = ("risk_mlp", "risk_mlp_int8", "linear")
 
 
 @dataclass
@@ -153,7 +154,7 @@ def tracing_app(keel_app: KeelApp, model_repo: Path, feature_repo: Path,
     }
     app = serve_test_config(model_repo, feature_repo)["applications"][0]
     app.update(name=APP, route_prefix=PREFIX, runtime_env={"env_vars": env})
-    app["args"].update(models=["risk_mlp"])
+    app["args"].update(models=["risk_gbdt"])
     app["deployments"] = [d for d in app["deployments"] if d["name"] not in OTHER_MODELS]
     with keel_app.alongside(app) as url:
         yield url
@@ -203,13 +204,13 @@ def test_one_trace_per_request_across_deployments(tracing_app: str, keel_app: Ke
     # The main application has no tracing: a sampled traceparent sent to it goes nowhere.
     quiet_trace, quiet_parent = _traceparent()
     answer = httpx.post(f"{keel_app.base_url}/v1/decide", timeout=30,
-                        json={"model": "risk_mlp", "entities": items},
+                        json={"model": "risk_gbdt", "entities": items},
                         headers={"traceparent": quiet_parent})
     assert answer.status_code == 200, answer.text
 
     # No traceparent: the trace starts at Serve's span for the ingress replica.
     answer = httpx.post(f"{tracing_app}/v1/decide", timeout=30,
-                        json={"model": "risk_mlp", "entities": items})
+                        json={"model": "risk_gbdt", "entities": items})
     assert answer.status_code == 200, answer.text  # Pyroscope's server is down: still served
     assert [r["cache"] for r in answer.json()["results"]] == ["miss", "miss"]
 
@@ -244,7 +245,7 @@ def test_one_trace_per_request_across_deployments(tracing_app: str, keel_app: Ke
     batch = _stage(trace, "keel.model.batch")
     assert "keel.model.call" in _ancestors(batch, by_id)
     assert (trace_id, model_call.span_id) in batch.links
-    assert batch.attributes["keel.model"] == "risk_mlp"
+    assert batch.attributes["keel.model"] == "risk_gbdt"
     assert batch.attributes["keel.batch.size"] >= 1
     fetch = _stage(trace, "keel.cache.fetch")
     assert fetch.attributes["keel.cache.result"] == "miss"
@@ -254,14 +255,14 @@ def test_one_trace_per_request_across_deployments(tracing_app: str, keel_app: Ke
     pids = {s.resource.get("process.pid") for s in trace}
     assert len(pids) >= 3, pids
     services = {s.resource.get("service.name") for s in trace}
-    assert {"keel.Ingress", "keel.FeatureService", "keel.risk_mlp"} <= services, services
+    assert {"keel.Ingress", "keel.FeatureService", "keel.risk_gbdt"} <= services, services
     assert {s.resource.get("keel.application") for s in trace} == {APP}
-    assert batch.resource["keel.deployment"] == "risk_mlp"
+    assert batch.resource["keel.deployment"] == "risk_gbdt"
 
     # A tensor request is a trace of its own, through the cache and the model.
     x = np.random.default_rng(5).normal(size=(1, 12)).astype(np.float32)
     infer_trace, infer_parent = _traceparent()
-    answer = httpx.post(f"{tracing_app}/v2/models/risk_mlp/infer", timeout=30,
+    answer = httpx.post(f"{tracing_app}/v2/models/risk_gbdt/infer", timeout=30,
                         headers={"traceparent": infer_parent}, json={
                             "inputs": [{"name": "features", "shape": [1, 12],
                                         "datatype": "FP32", "data": x.reshape(-1).tolist()}]})

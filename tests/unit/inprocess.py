@@ -1,11 +1,12 @@
 """An in-process ``ModelBackend``: real ``ModelVersions`` objects, no Ray, nothing mocked.
 
 It answers the ingress the way ``deployments/onnx/deployment.py``'s ``OnnxModel``
-does, minus ``@serve.batch``: one ``predict_batch`` call per request.
+does, minus ``@serve.batch``: one ``infer_batch`` call per coalesced batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
@@ -44,11 +45,10 @@ class InProcessModels:
     async def status(self, name: str) -> ModelStatus:
         return self._versions(name).status()
 
-    async def infer(self, name: str, call: InferCall) -> InferResult:
-        [answer] = self._versions(name).infer_batch([call])
-        if isinstance(answer, KeelError):
-            raise answer
-        return answer
+    async def infer_many(self, name: str, calls: list[InferCall]
+                         ) -> Sequence[InferResult | KeelError]:
+        """What ``OnnxModel.infer_many`` answers: one result or error per call."""
+        return self._versions(name).infer_batch(calls)
 
 
 @dataclass

@@ -152,11 +152,11 @@ class Model:
         self.delay_s = delay_s
 
     def compute_for(self, x: np.ndarray) -> Any:
-        async def compute(rows: list[int]) -> list[dict[str, np.ndarray]]:
+        async def compute(rows: list[int]) -> dict[str, np.ndarray]:
             self.calls.append(list(rows))
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            return [{"score": np.array([x[i].sum()], dtype=np.float32)} for i in rows]
+            return {"score": np.array([[x[i].sum()] for i in rows], dtype=np.float32)}
         return compute
 
 
@@ -170,8 +170,8 @@ async def test_miss_then_hit_with_one_mget_and_ttl(client: Any) -> None:
     assert statuses == ["miss"] * 4 and model.calls == [[0, 1, 2, 3]]
     second, statuses = await cache.fetch("m", keys, model.compute_for(x))
     assert statuses == ["hit"] * 4 and len(model.calls) == 1
-    for a, b in zip(first, second, strict=True):
-        np.testing.assert_array_equal(a["score"], b["score"])
+    np.testing.assert_array_equal(first["score"], second["score"])
+    await cache.settled()  # written back after the answer
     ttl_ms = await client.pttl(keys[0])
     assert 0 < ttl_ms <= 30_000
     assert cache.counters.hits == {"m": 4} and cache.counters.misses == {"m": 4}
@@ -185,7 +185,9 @@ async def test_duplicate_rows_in_one_request_compute_once(client: Any) -> None:
     keys = cache.keys("m", "1", {"features": x})
     model = Model()
     values, statuses = await cache.fetch("m", keys, model.compute_for(x))
-    assert model.calls == [[0]] and len(values) == 3 and statuses == ["miss"] * 3
+    assert model.calls == [[0]] and len(values["score"]) == 3 and statuses == ["miss"] * 3
+    np.testing.assert_array_equal(values["score"], np.repeat(values["score"][:1], 3, axis=0))
+    await cache.settled()
     await client.delete(*set(keys))
 
 
@@ -198,8 +200,8 @@ async def test_concurrent_identical_misses_compute_once(client: Any) -> None:
                                             cache.fetch("m", keys, model.compute_for(x)))
     assert model.calls == [[0, 1]]
     assert sorted([sa, sb]) == [["miss", "miss"], ["shared", "shared"]]
-    for u, v in zip(a, b, strict=True):
-        np.testing.assert_array_equal(u["score"], v["score"])
+    np.testing.assert_array_equal(a["score"], b["score"])
+    await cache.settled()
     await client.delete(*keys)
 
 
@@ -209,7 +211,7 @@ async def test_a_failed_computation_reaches_every_waiter_and_caches_nothing(
     x = _x(1)
     keys = cache.keys("m", "1", {"features": x})
 
-    async def broken(rows: list[int]) -> list[dict[str, np.ndarray]]:
+    async def broken(rows: list[int]) -> dict[str, np.ndarray]:
         await asyncio.sleep(0.1)
         raise RuntimeError("model failed")
 
@@ -241,10 +243,11 @@ async def test_a_cancelled_leader_leaves_its_waiters_to_compute_for_themselves(
     values, statuses = await asyncio.wait_for(waiter, 5)
     assert statuses == ["miss"] * 3
     assert fast.calls == [[2], [0, 1]]  # its own row, then the two the leader abandoned
+    await cache.settled()
     for i in range(3):
-        assert values[i]["score"][0] == pytest.approx(float(x[i].sum()))
+        assert values["score"][i][0] == pytest.approx(float(x[i].sum()))
         np.testing.assert_array_equal(decode_row(await client.get(keys[i]))["score"],
-                                      values[i]["score"])
+                                      values["score"][i])
     assert not cache._inflight
     await client.delete(*keys)
 
@@ -274,8 +277,9 @@ async def test_poisoned_entry_is_a_miss_and_is_overwritten(client: Any) -> None:
     model = Model()
     values, statuses = await cache.fetch("m", keys, model.compute_for(x))
     assert statuses == ["miss"] and model.calls == [[0]] and cache.counters.corrupt == 1
+    await cache.settled()
     np.testing.assert_array_equal(decode_row(await client.get(keys[0]))["score"],
-                                  values[0]["score"])
+                                  values["score"][0])
     await client.delete(*keys)
 
 
@@ -326,12 +330,13 @@ async def test_redis_dies_mid_traffic_and_comes_back(second_redis: tuple[int, An
     # Redis is gone: answers keep coming, from the model and the in-process fallback.
     for _ in range(3):
         values, _ = await cache.fetch("m", keys[1:2], model.compute_for(x[1:2]))
-        assert values[0]["score"].shape == (1,)
+        assert values["score"].shape == (1, 1)
     assert cache.counters.errors >= 1
     start()
     await asyncio.sleep(0.3)  # past retry_after_s: Redis is tried again
     _, statuses = await cache.fetch("m", keys[2:], model.compute_for(x[2:]))
     assert statuses == ["miss"] and cache.remote_available
+    await cache.settled()
     check = redis.Redis(port=port)
     assert check.exists(keys[2]) == 1  # written to the Redis that came back
     check.close()
@@ -361,6 +366,7 @@ async def test_tls_and_password_from_the_environment(tmp_path: Path,
         assert statuses == ["miss", "miss"] and cache.counters.errors == 0
         _, statuses = await cache.fetch("m", keys, model.compute_for(x))
         assert statuses == ["hit", "hit"] and len(model.calls) == 1
+        await cache.settled()
         with server.client() as check:
             assert check.exists(*keys) == 2  # really stored over TLS
         await store.client.aclose()

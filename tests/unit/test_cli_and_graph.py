@@ -11,7 +11,8 @@ import yaml
 
 from deployments.errors import ConfigError
 from graph.app import AppArgs, build_app, resolve_repository
-from graph.cli import check_serve_config, main
+from graph.cli import main
+from graph.config_check import check_serve_config
 from tests.modelkit import write_linear_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +37,9 @@ def _dep(app: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_max_ongoing_requests_below_batch_size_is_named(tmp_path: Path) -> None:
-    path = _write(tmp_path, lambda app: _dep(app, "risk_mlp").update(max_ongoing_requests=8))
+    path = _write(tmp_path, lambda app: _dep(app, "risk_gbdt").update(max_ongoing_requests=8))
     [problem] = check_serve_config(path)
-    assert "deployments[3] (risk_mlp)" in problem
+    assert "deployments[3] (risk_gbdt)" in problem
     assert "max_ongoing_requests (8)" in problem and "max_batch_size (32)" in problem
 
 
@@ -51,14 +52,14 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda app: _dep(app, "risk_mlp")["user_config"].update(max_batch_sise=4),
-         "(risk_mlp).user_config.max_batch_sise"),
-        (lambda app: _dep(app, "risk_mlp")["user_config"].update(batch_wait_timeout_s=-1),
+        (lambda app: _dep(app, "risk_gbdt")["user_config"].update(max_batch_sise=4),
+         "(risk_gbdt).user_config.max_batch_sise"),
+        (lambda app: _dep(app, "risk_gbdt")["user_config"].update(batch_wait_timeout_s=-1),
          "user_config.batch_wait_timeout_s"),
         (lambda app: _dep(app, "Ingress")["user_config"].update(max_body_bytes=10),
          "(Ingress).user_config.max_body_bytes"),
         (lambda app: app["args"].update(model_repo="x"), "args.model_repo"),
-        (lambda app: _dep(app, "risk_mlp").update(num_replicas="many"), "num_replicas"),
+        (lambda app: _dep(app, "risk_gbdt").update(num_replicas="many"), "num_replicas"),
         (lambda app: _dep(app, "FeatureService")["user_config"].update(lookup_timeout_s=0),
          "(FeatureService).user_config.lookup_timeout_s"),
         (lambda app: _dep(app, "Ingress")["user_config"]["cache"].update(hash="md5"),
@@ -81,7 +82,7 @@ def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str
 def test_check_config_command_exit_codes(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(ROOT / "serve_config.yaml")]) == 0
-    bad = _write(tmp_path, lambda app: _dep(app, "risk_mlp").update(max_ongoing_requests=1))
+    bad = _write(tmp_path, lambda app: _dep(app, "risk_gbdt").update(max_ongoing_requests=1))
     assert main(["check-config", str(bad)]) == 1
     assert "max_ongoing_requests (1)" in capsys.readouterr().err
     broken = tmp_path / "broken.yaml"

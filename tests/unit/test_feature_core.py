@@ -269,7 +269,7 @@ def test_fetcher_is_never_pickled(fetcher: FeatureFetcher) -> None:
 
 def test_feature_service_config() -> None:
     assert FeatureServiceConfig() == FeatureServiceConfig(
-        max_batch_size=64, batch_wait_timeout_s=0.002, lookup_timeout_s=2.0)
+        max_batch_size=64, batch_wait_timeout_s=0.0, lookup_timeout_s=2.0)
     for bad in ({"max_batch_size": 0}, {"lookup_timeout_s": 0}, {"batch_size": 3}):
         with pytest.raises(ValidationError):
             FeatureServiceConfig.model_validate(bad)

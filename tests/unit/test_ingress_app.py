@@ -99,9 +99,9 @@ def test_ready(client: TestClient) -> None:
     assert response.json() == {
         "ready": True,
         "models": {
-            "fixed": {"ready": True, "version": "1"},
-            "linear": {"ready": True, "version": "2"},
-            "nanok": {"ready": True, "version": "1"},
+            "fixed": {"ready": True, "version": "1", "placement": "deployment"},
+            "linear": {"ready": True, "version": "2", "placement": "deployment"},
+            "nanok": {"ready": True, "version": "1", "placement": "deployment"},
         },
     }
 
@@ -507,11 +507,11 @@ class _SlowModels(InProcessModels):
 
     delay_s = 0.5
 
-    async def infer(self, name: str, call: Any) -> Any:
+    async def infer_many(self, name: str, calls: list[Any]) -> Any:
         import asyncio
 
         await asyncio.sleep(self.delay_s)
-        return await super().infer(name, call)
+        return await super().infer_many(name, calls)
 
 
 class _UnreachableModels(InProcessModels):
@@ -524,7 +524,7 @@ class _UnreachableModels(InProcessModels):
     async def status(self, name: str) -> Any:
         raise self.error
 
-    async def infer(self, name: str, call: Any) -> Any:
+    async def infer_many(self, name: str, calls: list[Any]) -> Any:
         raise self.error
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -13,8 +13,15 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from deployments.cache.core import CacheConfig, PredictionCache, encode_row, redis_store
+from deployments.cache.core import (
+    CacheConfig,
+    PredictionCache,
+    decode_row,
+    encode_row,
+    redis_store,
+)
 from deployments.contracts import InferCall, InferResult
+from deployments.errors import KeelError
 from deployments.ingress.app import IngressConfig, create_app
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
@@ -32,9 +39,11 @@ class CountingModels(InProcessModels):
         super().__init__(repository)
         self.rows_seen: list[int] = []
 
-    async def infer(self, name: str, call: InferCall) -> InferResult:
-        self.rows_seen.append(int(next(iter(call.inputs.values())).shape[0]))
-        return await super().infer(name, call)
+    async def infer_many(self, name: str, calls: list[InferCall]
+                         ) -> Sequence[InferResult | KeelError]:
+        for call in calls:
+            self.rows_seen.append(int(next(iter(call.inputs.values())).shape[0]))
+        return await super().infer_many(name, calls)
 
 
 @pytest.fixture
@@ -63,10 +72,23 @@ def _make_client(models: InProcessModels, config: MutableIngressConfig,
 @pytest.fixture
 def setup(counting: CountingModels, prefix: str
           ) -> Iterator[tuple[TestClient, PredictionCache, MutableIngressConfig]]:
-    config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix)))
+    # "always": these tests are about what the cache does; the in-process models are so
+    # cheap that the default "auto" policy would (rightly) skip it. See test_auto_policy_*.
+    config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix,
+                                                                  policy="always")))
     cache = PredictionCache(redis_store(REDIS_URL), config.value.cache)
     with _make_client(counting, config, cache) as client:
         yield client, cache, config
+
+
+def _eventually(probe: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    """``probe()``'s first truthy answer (work done after the answer needs a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
 
 
 def _rows(n: int, seed: int) -> np.ndarray:
@@ -132,7 +154,7 @@ def test_a_new_version_misses_and_a_pinned_old_version_still_hits(setup: Any,
     x = _rows(2, seed=4)
     assert _infer(client, x).json()["model_version"] == "1"
     counting.apply("linear", OnnxModelConfig(version="2"))
-    client.app.state.catalog._cache.clear()  # as if status_ttl_s had passed
+    client.app.state.plane.catalog.forget()  # as if status_ttl_s had passed
     answer = _infer(client, x)
     assert answer.headers["x-keel-cache"] == "miss"
     assert answer.json()["model_version"] == "2"
@@ -168,7 +190,7 @@ def test_a_poisoned_entry_is_a_miss_and_is_overwritten(setup: Any, prefix: str) 
         np.testing.assert_allclose(_probabilities(answer), reference_probabilities(x, seed=0),
                                    atol=ATOL)
         assert cache.counters.corrupt == 1
-        stored = sync.get(key)
+        stored = _eventually(lambda: sync.get(key))  # written back after the answer
         assert stored is not None and stored.startswith(b"KPC1")
         assert _infer(client, x).headers["x-keel-cache"] == "hit"
     finally:
@@ -195,7 +217,7 @@ def test_a_valid_entry_under_the_key_is_served_as_is(setup: Any) -> None:
 def test_ttl_expiry_and_disabling_are_live(setup: Any, counting: CountingModels,
                                            prefix: str) -> None:
     client, cache, config = setup
-    short = IngressConfig(cache=CacheConfig(key_prefix=prefix, ttl_s=0.3))
+    short = IngressConfig(cache=CacheConfig(key_prefix=prefix, ttl_s=0.3, policy="always"))
     config.value = short
     cache.reconfigure(short.cache)
     x = _rows(1, seed=8)
@@ -226,7 +248,8 @@ def test_redis_unreachable_at_start_serves_from_the_fallback(counting: CountingM
         sock.bind(("127.0.0.1", 0))
         dead = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
     config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix,
-                                                                  retry_after_s=60)))
+                                                                  retry_after_s=60,
+                                                                  policy="always")))
     cache = PredictionCache(redis_store(dead), config.value.cache)
     with _make_client(counting, config, cache) as client:
         x = _rows(2, seed=10)
@@ -237,8 +260,9 @@ def test_redis_unreachable_at_start_serves_from_the_fallback(counting: CountingM
     assert second.headers["x-keel-cache"] == "hit"  # from the in-process fallback
     assert counting.rows_seen == [2]
     assert state["remote"] == "down" and state["errors"] >= 1
-    assert state["models"]["linear"] == {"hits": 2, "misses": 2, "shared": 0,
-                                         "hit_ratio": 0.5}
+    assert {k: state["models"]["linear"][k] for k in ("hits", "misses", "shared", "hit_ratio")
+            } == {"hits": 2, "misses": 2, "shared": 0, "hit_ratio": 0.5}
+    assert state["models"]["linear"]["policy"] == "always"
 
 
 def test_decide_without_a_feature_store_is_503_and_checks_the_model_first(
@@ -251,4 +275,63 @@ def test_decide_without_a_feature_store_is_503_and_checks_the_model_first(
     unknown = client.post("/v1/decide", json={**body, "model": "nope"})
     assert unknown.status_code == 404 and "'nope'" in unknown.json()["error"]
     state = client.get("/v1/cache").json()
-    assert state == {"enabled": False, "remote": None}
+    assert state["enabled"] is False and state["remote"] is None
+
+
+def test_auto_policy_skips_the_cache_for_a_model_cheaper_than_a_lookup(
+        counting: CountingModels, prefix: str) -> None:
+    """The in-process linear model answers in microseconds, a Redis MGET costs more: under
+    ``auto`` its rows stop going through the cache once both costs are measured, and one
+    request per probe interval measures the lookup again."""
+    config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix,
+                                                                  probe_interval_s=3600)))
+    cache = PredictionCache(redis_store(REDIS_URL), config.value.cache)
+    with _make_client(counting, config, cache) as client:
+        statuses = [_infer(client, _rows(1, seed=100 + i)).headers["x-keel-cache"]
+                    for i in range(20)]
+        state = client.get("/v1/cache").json()["models"]["linear"]
+    assert statuses[0] == "miss"  # the lookup's cost is unknown until measured once
+    assert statuses[-10:] == ["off"] * 10
+    assert state["policy"] == "auto" and state["in_use"] is False
+    assert state["lookup_ms"] > state["compute_ms"] > 0
+    never = CacheConfig(key_prefix=prefix, policy="always", models={"linear": "never"})
+    config.value = IngressConfig(cache=never)
+    cache.reconfigure(never)
+    with _make_client(counting, config, cache) as client:
+        assert _infer(client, _rows(1, seed=1)).headers["x-keel-cache"] == "off"
+
+
+def test_the_write_back_lands_after_the_answer_under_the_version_that_computed_it(
+        counting: CountingModels, prefix: str) -> None:
+    """A version swap between the answer and its (delayed) write-back never stores one
+    version's rows under the other's key: keys are made before the model is called, with
+    the version the call is pinned to."""
+    config = MutableIngressConfig(IngressConfig(cache=CacheConfig(key_prefix=prefix,
+                                                                  policy="always")))
+    cache = PredictionCache(redis_store(REDIS_URL), config.value.cache)
+    x = _rows(2, seed=11)
+    sync = redis.Redis.from_url(REDIS_URL)
+    try:
+        with _make_client(counting, config, cache) as client:
+            answer = _infer(client, x)  # version 1 computes; its write-back is queued
+            counting.apply("linear", OnnxModelConfig(version="2"))
+            client.app.state.plane.catalog.forget()
+            keys_v1 = cache.keys("linear", "1", {"features": x})
+            keys_v2 = cache.keys("linear", "2", {"features": x})
+            stored = _eventually(lambda: all(sync.exists(k) for k in keys_v1))
+            assert stored, "the write-back after the answer never landed"
+            assert sync.exists(*keys_v2) == 0
+            v1 = np.stack([decode_row(sync.get(k))["probabilities"] for k in keys_v1])
+            np.testing.assert_array_equal(v1, _probabilities(answer))
+            bumped = _infer(client, x)
+            assert bumped.json()["model_version"] == "2"
+            assert bumped.headers["x-keel-cache"] == "miss"
+            np.testing.assert_allclose(_probabilities(bumped),
+                                       reference_probabilities(x, seed=1), atol=ATOL)
+            assert _eventually(lambda: all(sync.exists(k) for k in keys_v2))
+            v2 = np.stack([decode_row(sync.get(k))["probabilities"] for k in keys_v2])
+            np.testing.assert_array_equal(v2, _probabilities(bumped))
+            assert _eventually(lambda: cache.background.counts()["done"].get("cache_write", 0)
+                               >= 2)
+    finally:
+        sync.close()

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from graph import kube
-from graph.cli import check_serve_config, main
+from graph.cli import main
+from graph.config_check import check_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
@@ -102,11 +103,12 @@ def test_serve_config_v2_is_valid(service: dict[str, Any], tmp_path: Path) -> No
     app = config["applications"][0]
     deps = {d["name"]: d for d in app["deployments"]}
     assert app["args"]["feature_store_yaml"] == "feature_store.production.yaml"
-    assert deps["Ingress"]["num_replicas"] == 2
+    assert deps["Ingress"]["autoscaling_config"]["min_replicas"] == 2
+    assert "num_replicas" not in deps["Ingress"]
     source = yaml.safe_load((ROOT / kube.SERVE_CONFIG).read_text())
     source_deps = {d["name"]: d for d in source["applications"][0]["deployments"]}
     assert deps["SloMonitor"] == source_deps["SloMonitor"]
-    assert deps["risk_mlp"]["user_config"] == source_deps["risk_mlp"]["user_config"]
+    assert deps["risk_gbdt"]["user_config"] == source_deps["risk_gbdt"]["user_config"]
 
 
 def test_every_other_manifest_is_well_formed(rendered: dict[str, str]) -> None:
@@ -141,11 +143,11 @@ def _copy_inputs(tmp_path: Path, mutate: Any = None) -> Path:
 def test_invalid_serve_config_is_refused_and_nothing_written(
         crd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def bad(config: dict[str, Any]) -> None:
-        dep = next(d for d in config["applications"][0]["deployments"] if d["name"] == "risk_mlp")
+        dep = next(d for d in config["applications"][0]["deployments"] if d["name"] == "risk_gbdt")
         dep["user_config"]["max_batch_size"] = "lots"
 
     root = _copy_inputs(tmp_path, bad)
-    with pytest.raises(kube.RenderError, match=r"risk_mlp\)\.user_config\.max_batch_size"):
+    with pytest.raises(kube.RenderError, match=r"risk_gbdt\)\.user_config\.max_batch_size"):
         kube.render(root, crd)
     assert main(["render-k8s", "--root", str(root), "--crd", str(crd)]) == 2
     assert "user_config.max_batch_size" in capsys.readouterr().err
@@ -163,9 +165,9 @@ def test_overlay_mistakes_are_named(crd: Path, tmp_path: Path) -> None:
     with pytest.raises(kube.RenderError, match=r"cluster\.idle_timeout: Extra inputs"):
         kube.render(root, crd)
     # The merged config is checked too: the overlay cannot break a Keel rule.
-    overlay.write_text(text.replace("      risk_mlp:\n",
-                                    "      risk_mlp:\n        max_ongoing_requests: 4\n"))
-    with pytest.raises(kube.RenderError, match=r"risk_mlp\)"):
+    overlay.write_text(text.replace("      risk_gbdt:\n",
+                                    "      risk_gbdt:\n        max_ongoing_requests: 4\n"))
+    with pytest.raises(kube.RenderError, match=r"risk_gbdt\)"):
         kube.render(root, crd)
     assert not (root / "cluster").exists()
 

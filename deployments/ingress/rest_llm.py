@@ -18,10 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import DependencyUnavailable, InvalidInput
 from deployments.ingress.auth import authorize, key_of
+from deployments.ingress.http import MODEL_SCOPE_KEY, read_body
 from deployments.llm.core import USER_HEADER, ChatAnswer, ChatCall, tenant_of
-
-#: Where the request metrics find a route's model (the ingress's MODEL_SCOPE_KEY).
-MODEL_SCOPE_KEY = "keel.model"
 
 
 class LLMBackend(Protocol):
@@ -78,8 +76,8 @@ def _error(description: str) -> dict[str, Any]:
         "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
 
 
-def add_llm_routes(app: FastAPI, llm: LLMBackend | None, max_body_bytes: Callable[[], int],
-                   read_body: Any) -> None:
+def add_llm_routes(app: FastAPI, llm: LLMBackend | None,
+                   max_body_bytes: Callable[[], int]) -> None:
     """Register the routes on ``app`` (503 for each when ``llm`` is ``None``)."""
 
     def backend() -> LLMBackend:

@@ -1,0 +1,861 @@
+"""Keel side by side with the servers a platform engineer would pick instead.
+
+One run, the same model (``risk_mlp``, the latest version in ``models/``), the same Open
+Inference Protocol REST call (``POST /v2/models/risk_mlp/infer``, FP32 ``features``
+``[rows, 12]``), the same closed-loop aiohttp load generator (``loadgen``):
+
+- ``keel``: Keel as ``make demo`` runs it (run_bench's ``keel_haproxy`` target:
+  ``serve run serve_config.yaml`` via ``keel_server.py`` with
+  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``; only the port and the
+  cache's key prefix differ from the shipped config);
+- ``kserve`` / ``kserve_2w``: KServe 0.21's python ``ModelServer`` with a ``kserve.Model``
+  over ONNX Runtime (``peers.py``), 1 worker / ``--workers 2``;
+- ``mlserver``: MLServer 1.7 with an ``MLModel`` over ONNX Runtime (``peers.py``),
+  adaptive batching on (``max_batch_size`` 32, ``max_batch_time`` 2 ms);
+- ``fastapi``: ``baseline_fastapi.py``, one uvicorn process.
+
+KServe and MLServer each run from their own venv under ``bench/.venvs/`` (made on first
+use). For each repeat, each server in turn is started, checked (one 4-row request whose
+answer must match ONNX Runtime's, computed here, and Keel's), driven through the points,
+and stopped with its whole process tree. With the ``decide`` point, each repeat also runs
+``run_decide.py``'s Keel and ``baseline_decide`` servers (hit and miss workloads).
+Writes ``results/<date>-peers.json`` (every repeat, the medians, Keel's ratios) and
+``.png``; ``--markdown`` prints the tables.
+
+    .venv/bin/python bench/run_peers.py --markdown          # the full default run
+    .venv/bin/python bench/run_peers.py --servers kserve mlserver fastapi \\
+        --duration 2 --warmup 1 --repeats 1                 # a smoke run
+    .venv/bin/python bench/run_peers.py --render bench/results/2026-12-02-peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peers
+import psutil
+import run_decide
+from baseline_fastapi import latest_model_file
+from decide_load import make_workload
+from loadgen import install_fast_loop, make_row_bodies, make_zipf_bodies, run_load
+from run_bench import (
+    BENCH_DIR,
+    REPO_ROOT,
+    Server,
+    ServerFailed,
+    Target,
+    _rel,
+    environment,
+    free_port,
+    log,
+    median_rows,
+    ratios_against,
+)
+from run_bench import TARGETS as BENCH_TARGETS
+
+#: Keel's prediction-cache keys go under this prefix (emptied before each point and at
+#: the end), so the benchmark never touches the keys of another Keel on the same Redis.
+KEEL_KEY_PREFIX = "keelbench:peers:"
+VENVS_DIR = BENCH_DIR / ".venvs"
+#: Set by SIGTERM (Ctrl-C is asyncio.run's to handle). The handler also raises
+#: KeyboardInterrupt, but one raised inside uvloop's event loop may not surface; the run
+#: checks this flag after every point and between servers, so it stops (and stops its
+#: servers) all the same.
+STOP = threading.Event()
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt("stop requested")
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True)
+class PeerTarget(Target):
+    """A server that is not Keel: KServe, MLServer or the FastAPI baseline."""
+
+    #: KServe's ``--workers`` (uvicorn processes).
+    workers: int = 1
+    #: The venv under ``bench/.venvs`` it runs from (None: Keel's own).
+    venv: str | None = None
+
+
+SERVERS: dict[str, Target] = {t.name: t for t in [
+    dataclasses.replace(
+        BENCH_TARGETS["keel_haproxy"], name="keel",
+        description="Keel as `make demo` runs it: serve_config.yaml, "
+                    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1, load to "
+                    "HAProxy on the HTTP port; prediction cache on (key prefix "
+                    f"{KEEL_KEY_PREFIX}), observability as shipped"),
+    dataclasses.replace(
+        BENCH_TARGETS["keel_haproxy"], name="keel_1r",
+        description="keel with ONE Ingress replica (the shipped config runs two)",
+        deployment_options={"Ingress": {"num_replicas": 1}}),
+    PeerTarget("kserve", "kserve",
+               "KServe 0.21 python ModelServer, a kserve.Model over one ONNX Runtime "
+               "session, 1 worker (KServe's defaults otherwise: gRPC server on, latency log "
+               "line per request)", venv="kserve"),
+    PeerTarget("kserve_2w", "kserve", "the same with --workers 2 (two uvicorn processes "
+               "spawned by KServe's RESTServerMultiProcess)", workers=2, venv="kserve"),
+    PeerTarget("mlserver", "mlserver",
+               "MLServer 1.7, an MLModel over one ONNX Runtime session, adaptive batching "
+               "(max_batch_size 32, max_batch_time 2 ms), MLServer's defaults otherwise (one "
+               "parallel inference worker process)", venv="mlserver"),
+    PeerTarget("fastapi", "baseline",
+               "baseline_fastapi.py: one uvicorn process, FastAPI + pydantic, one ONNX "
+               "Runtime session, no batching"),
+]}
+REFERENCES = ["kserve", "kserve_2w", "mlserver", "fastapi"]
+
+
+class PeerServer(Server):
+    """run_bench's Server (start, readiness, stop of the whole process tree) for the
+    peers too, plus the CPU time of the server's process tree."""
+
+    def __init__(self, target: Target, args: argparse.Namespace, log_path: Path,
+                 venvs: dict[str, Path]) -> None:
+        super().__init__(target, args, log_path)
+        self.venvs = venvs
+
+    def _env(self) -> dict[str, str]:
+        env = super()._env()
+        if self.target.kind in ("kserve", "mlserver"):
+            # peers.py, whose model classes the servers import by name.
+            env["PYTHONPATH"] = str(BENCH_DIR)
+        return env
+
+    def _argv(self) -> list[str]:
+        a = self.args
+        target = self.target
+        model_file = latest_model_file(a.repository, a.model)
+        if target.kind == "keel":
+            return [*super()._argv(), "--ingress-user-config",
+                    json.dumps({"cache": {"key_prefix": KEEL_KEY_PREFIX}})]
+        if isinstance(target, PeerTarget) and target.kind == "kserve":
+            return peers.kserve_argv(self.venvs["kserve"], a.model, model_file, self.port,
+                                     grpc_port=free_port(), workers=target.workers)
+        if target.kind == "mlserver":
+            folder = peers.write_mlserver_config(
+                self.temp_dir / "mlserver", a.model, model_file, self.port,
+                grpc_port=free_port(), metrics_port=free_port(),
+                max_batch_size=a.mlserver_max_batch_size,
+                max_batch_time_s=a.mlserver_max_batch_time)
+            return peers.mlserver_argv(self.venvs["mlserver"], folder)
+        return super()._argv()  # the FastAPI baseline
+
+    def cpu_snapshot(self) -> dict[int, tuple[float, float]]:
+        """pid -> (own CPU s, CPU s of its children that exited and were waited for), for
+        every live process of the server (run_bench's Server remembers them all)."""
+        self._remember_processes()
+        snapshot: dict[int, tuple[float, float]] = {}
+        for pid, proc in list(self._known.items()):
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                snapshot[pid] = (times.user + times.system,
+                                 times.children_user + times.children_system)
+        return snapshot
+
+
+def cpu_delta(before: dict[int, tuple[float, float]],
+              after: dict[int, tuple[float, float]]) -> float:
+    """CPU seconds the process tree spent between two snapshots: per process alive at the
+    end, its own and its reaped children's time since the first snapshot (all of it for a
+    process that started in between). A process that ended in between is counted through
+    its parent's children time once reaped."""
+    total = 0.0
+    for pid, (own, children) in after.items():
+        old_own, old_children = before.get(pid, (0.0, 0.0))
+        total += max(0.0, own - old_own) + max(0.0, children - old_children)
+    return total
+
+
+def own_cpu_seconds() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+# --------------------------------------------------------------------------- points
+
+
+@dataclass(frozen=True)
+class Point:
+    """One load point: concurrency, rows per request and how the rows are drawn."""
+
+    name: str
+    concurrency: int
+    rows: int
+    #: "unique": every row drawn anew (no cache hit possible); "zipf": rows drawn from a
+    #: fixed pool by a Zipf law (a cache can hit).
+    mix: str
+    description: str
+
+
+POINTS: dict[str, Point] = {p.name: p for p in [
+    Point("c1", 1, 1, "unique", "1 client, 1 new row per request"),
+    Point("c8", 8, 1, "unique", "8 clients, 1 new row per request"),
+    Point("c32", 32, 1, "unique", "32 clients, 1 new row per request"),
+    Point("c8x64", 8, 64, "unique", "8 clients, 64 new rows per request"),
+    Point("zipf_c8", 8, 1, "zipf", "8 clients, 1 row per request, rows repeating by a Zipf "
+          "law over a fixed pool"),
+    Point("zipf_c32", 32, 1, "zipf", "32 clients, the same mix"),
+]}
+DECIDE = "decide"
+POINT_CHOICES = [*POINTS, DECIDE]
+METRICS = ["rps", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "error_rate", "server_cores",
+           "cpu_ms_per_request", "client_cores"]
+
+
+def point_seed(args: argparse.Namespace, repeat: int, point: Point) -> int:
+    """A seed per (run seed, repeat, point): every server of a repeat gets the same rows,
+    and no point or repeat reuses another's (Redis keeps Keel's cache between servers)."""
+    return (args.seed * 1_000_003 + repeat * 10_007 + zlib.crc32(point.name.encode())) % 2**63
+
+
+def bodies_for(args: argparse.Namespace, repeat: int, point: Point) -> list[bytes]:
+    """The point's request bodies, sent in order (shared sequence) by the workers; enough
+    that the unique points do not wrap below ``--max-rps`` / ``--max-rows-per-s``."""
+    seconds = args.warmup + args.duration + 1.0
+    rate = args.max_rps if point.rows == 1 else args.max_rows_per_s / point.rows
+    count = max(100, math.ceil(rate * seconds))
+    seed = point_seed(args, repeat, point)
+    if point.mix == "zipf":
+        bodies, _ = make_zipf_bodies(count, args.zipf_pool, args.zipf_s, point.rows, seed=seed)
+        return bodies
+    return make_row_bodies(count, point.rows, seed=seed)
+
+
+class BodyCache:
+    """The bodies of the current repeat, made once and kept for every server of it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.repeat = 0
+        self.bodies: dict[str, list[bytes]] = {}
+
+    def get(self, repeat: int, point: Point) -> list[bytes]:
+        if repeat != self.repeat:
+            self.repeat, self.bodies = repeat, {}
+        if point.name not in self.bodies:
+            began = time.monotonic()
+            self.bodies[point.name] = bodies_for(self.args, repeat, point)
+            log(f"  bodies of {point.name} (repeat {repeat}): {len(self.bodies[point.name])} "
+                f"in {time.monotonic() - began:.1f} s")
+        return self.bodies[point.name]
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def outputs_of(answer: dict[str, Any]) -> dict[str, np.ndarray]:
+    """An OIP answer's outputs, by name, as flat float64 arrays (shapes differ between
+    servers: MLServer's NumpyCodec answers ``[n, 1]`` where the model returns ``[n]``)."""
+    return {o["name"]: np.asarray(o["data"], dtype=np.float64).ravel()
+            for o in answer.get("outputs", [])}
+
+
+def compare(answer: dict[str, np.ndarray], expected: dict[str, np.ndarray]
+            ) -> dict[str, Any]:
+    """Whether every expected output is in ``answer`` and np.allclose to it."""
+    common = [n for n in expected if n in answer]
+    missing = [n for n in expected if n not in answer]
+    diffs = {n: (float(np.max(np.abs(answer[n] - expected[n])))
+                 if answer[n].shape == expected[n].shape else None) for n in common}
+    match = bool(common) and not missing and all(
+        answer[n].shape == expected[n].shape and np.allclose(answer[n], expected[n])
+        for n in common)
+    return {"match": match, "missing": missing, "max_abs_diff": diffs}
+
+
+def reference_answer(args: argparse.Namespace, probe: bytes) -> dict[str, np.ndarray]:
+    """What ONNX Runtime itself answers to the probe, here in the benchmark's process."""
+    model_file = latest_model_file(args.repository, args.model)
+    session = peers.OnnxSession(model_file)
+    item = json.loads(probe)["inputs"][0]
+    features = np.asarray(item["data"], dtype=np.float32).reshape(item["shape"])
+    return {name: np.asarray(value, dtype=np.float64).ravel()
+            for (name, _), value in zip(session.outputs, session.run(features), strict=True)}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def keel_key_reset(server: Server, redis: Any) -> int | None:
+    """Delete Keel's benchmark keys (None when there is no Redis to ask)."""
+    if server.target.kind != "keel" or redis is None:
+        return None
+    try:
+        deleted: int = run_decide.delete_prefix(redis, KEEL_KEY_PREFIX)
+    except Exception as exc:  # Redis down: Keel serves without it, and so does the bench
+        log(f"  could not empty {KEEL_KEY_PREFIX}*: {exc}")
+        return None
+    return deleted
+
+
+def measure_point(server: PeerServer, point: Point, bodies: list[bytes],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """One point: the load, and the server's CPU over the measured window."""
+    marks: dict[str, Any] = {}
+
+    def window_opens() -> None:
+        marks["cpu"] = server.cpu_snapshot()
+        marks["client"] = own_cpu_seconds()
+        marks["t"] = time.monotonic()
+
+    timer = threading.Timer(args.warmup, window_opens)
+    timer.start()
+    try:
+        result = asyncio.run(run_load(server.infer_url(), point.concurrency, args.duration,
+                                      args.warmup, bodies, args.request_timeout,
+                                      shared_sequence=True))
+    finally:
+        timer.cancel()
+    if "t" not in marks:  # the load ended before the timer fired (a broken server)
+        window_opens()
+    wall = time.monotonic() - marks["t"]
+    cpu = cpu_delta(marks["cpu"], server.cpu_snapshot())
+    client = own_cpu_seconds() - marks["client"]
+    row = result.to_dict()
+    row.update({
+        "point": point.name, "rows_per_request": point.rows, "mix": point.mix,
+        "rows_per_s": result.rps * point.rows,
+        "server_cpu_s": round(cpu, 3), "cpu_wall_s": round(wall, 3),
+        "server_cores": cpu / wall if wall > 0 else None,
+        # All requests of the window and the drain (ok or not) did the work measured.
+        "cpu_ms_per_request": (1000.0 * cpu / (result.requests + result.drained_requests)
+                               if result.requests else None),
+        "client_cores": client / wall if wall > 0 else None,
+        "wrapped": point.mix == "unique" and result.bodies_sent > result.bodies_available,
+    })
+    return row
+
+
+def kserve_worker_restarts(log_path: Path) -> int | None:
+    """How often KServe's multi-process parent replaced a worker that missed its 5 s ping
+    (it logs "Child process [pid] died"): on a loaded machine a worker may need longer than
+    that just to import KServe, and is then killed and spawned again."""
+    with contextlib.suppress(OSError):
+        return log_path.read_text(errors="replace").count("] died")
+    return None
+
+
+def run_server(target: Target, repeat: int, args: argparse.Namespace, points: list[Point],
+               bodies: BodyCache, probe: bytes, expected: dict[str, np.ndarray],
+               keel_answer: dict[str, np.ndarray] | None, venvs: dict[str, Path],
+               redis: Any, logs_dir: Path) -> dict[str, Any]:
+    """Start one server, check its answer, run the points, stop it and all it started."""
+    run: dict[str, Any] = {"server": target.name, "repeat": repeat,
+                           "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+                           "points": []}
+    log_path = logs_dir / f"{target.name}-r{repeat}.log"
+    server = PeerServer(target, args, log_path, venvs)
+    run["server_log"] = _rel(log_path)
+    failed = False
+    try:
+        began = time.monotonic()
+        server.start()
+        run["probe"] = server.wait_ready(args.startup_timeout, probe)
+        run["startup_s"] = round(time.monotonic() - began, 2)
+        run["ports"] = {"http": server.port, "load": server.load_port}
+        answer = outputs_of(run["probe"]["probe_answer"])
+        run["agreement"] = {
+            "reference": compare(answer, expected),
+            "keel": compare(answer, keel_answer) if keel_answer is not None else None,
+        }
+        log(f"{target.name} r{repeat}: ready in {run['startup_s']} s, answer matches ONNX "
+            f"Runtime: {run['agreement']['reference']['match']}, Keel: "
+            f"{(run['agreement']['keel'] or {}).get('match', 'n/a')}")
+        if not run["agreement"]["reference"]["match"] or (
+                run["agreement"]["keel"] is not None and not run["agreement"]["keel"]["match"]):
+            raise ServerFailed(f"{target.name}: the 4-row answer differs: {run['agreement']}")
+        for point in points:
+            point_bodies = bodies.get(repeat, point)
+            deleted = keel_key_reset(server, redis)
+            row = measure_point(server, point, point_bodies, args)
+            row["keel_keys_deleted"] = deleted
+            run["points"].append(row)
+            p95 = f"{row['p95_ms']:.1f}" if row["p95_ms"] is not None else "-"
+            cores = f"{row['server_cores']:.2f}" if row["server_cores"] is not None else "-"
+            log(f"{target.name} r{repeat} {point.name}: {row['rps']:.0f} req/s, "
+                f"{row['rows_per_s']:.0f} rows/s, p95 {p95} ms, errors {row['errors']}, "
+                f"server {cores} cores" + (" (rows wrapped)" if row["wrapped"] else ""))
+            if row["errors"]:
+                failed = True
+                log(f"  error samples: {row['error_samples'][:2]}")
+            if server.proc is not None and server.proc.poll() is not None:
+                raise ServerFailed(f"{target.name} exited with {server.proc.returncode} "
+                                   f"during the load")
+            check_stop()
+    except Exception as exc:  # record it, stop the server, go on to the next
+        failed = True
+        run["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"{target.name} r{repeat}: FAILED: {run['error'][:500]}")
+    finally:
+        # A second Ctrl-C (or a SIGTERM) must not cut the teardown short and leave
+        # processes running.
+        previous = {signum: signal.signal(signum, signal.SIG_IGN)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if failed and server.uses_ray:
+                server.collect_ray_logs(logs_dir / f"{target.name}-r{repeat}-ray")
+            run["stop"] = server.stop()
+            server.cleanup()
+            keel_key_reset(server, redis)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if target.kind == "kserve":
+            run["kserve_worker_restarts"] = kserve_worker_restarts(log_path)
+        log(f"{target.name} r{repeat}: stopped in {run['stop'].get('stop_s')} s "
+            f"({', '.join(run['stop'].get('steps', []))})")
+    return run
+
+
+def decide_args(args: argparse.Namespace) -> argparse.Namespace:
+    """run_decide's settings for the decide part: hit and miss, one entity per request."""
+    argv = ["--workloads", *args.decide_workloads,
+            "--concurrency", *map(str, args.decide_concurrency), "--batch", "0",
+            "--duration", str(args.duration), "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats), "--model", args.model, "--seed", str(args.seed),
+            "--repository", str(args.repository), "--config", str(args.config),
+            "--request-timeout", str(args.request_timeout),
+            "--startup-timeout", str(args.startup_timeout), "--out", str(args.out),
+            *([] if args.dashboard else ["--no-dashboard"])]
+    return run_decide.parse_args(argv)
+
+
+def run_decide_repeat(repeat: int, dargs: argparse.Namespace, redis: Any,
+                      logs_dir: Path) -> list[dict[str, Any]]:
+    """One repeat of run_decide.py's servers (order alternating as there), its functions."""
+    points = run_decide.plan(dargs)
+    seed = dargs.seed + repeat
+    workloads = {(w, b): make_workload(w, model=dargs.model, batch=b, seed=seed,
+                                       hit_pool=dargs.hit_pool, zipf_s=dargs.zipf_s)
+                 for w, b, _ in points}
+    names = list(run_decide.SERVERS)
+    order = names if repeat % 2 else list(reversed(names))
+    runs = []
+    for name in order:
+        check_stop()
+        runs.append(run_decide.run_server(run_decide.SERVERS[name], repeat, dargs, redis,
+                                          workloads, logs_dir))
+    return runs
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarise(document: dict[str, Any]) -> dict[str, Any]:
+    """Medians per (server, point) over the repeats; Keel's ratios to each peer."""
+    servers = document["settings"]["servers"]
+    points = [p for p in document["settings"]["points"] if p in POINTS]
+    runs = document["runs"]
+    medians = median_rows(runs, "server", servers, points, METRICS, point_key="point")
+    for name in servers:
+        for point, row in medians[name].items():
+            found = [p for r in runs if r["server"] == name for p in r["points"]
+                     if p["point"] == point]
+            row["wrapped"] = any(p.get("wrapped") for p in found)
+    ratios: dict[str, dict[str, dict[str, float | None]]] = {}
+    if "keel" in servers:
+        for reference in REFERENCES:
+            if reference not in servers:
+                continue
+            by_point = ratios_against(medians, "keel", reference)
+            for point, row in by_point.items():
+                keel, other = medians["keel"][point], medians[reference][point]
+                row["cpu_ms_per_request"] = (
+                    keel["cpu_ms_per_request"] / other["cpu_ms_per_request"]
+                    if keel["cpu_ms_per_request"] and other["cpu_ms_per_request"] else None)
+            ratios[f"keel/{reference}"] = by_point
+    agreement: dict[str, dict[str, Any]] = {}
+    for name in servers:
+        checked = [r["agreement"] for r in runs if r["server"] == name and "agreement" in r]
+        keel_checks = [a["keel"] for a in checked if a.get("keel") is not None]
+        agreement[name] = {
+            "runs": len(checked),
+            "matches_reference": all(a["reference"]["match"] for a in checked) if checked
+            else None,
+            "matches_keel": all(k["match"] for k in keel_checks) if keel_checks else None,
+            "max_abs_diff_vs_keel": max(
+                (d for k in keel_checks for d in k["max_abs_diff"].values() if d is not None),
+                default=None),
+        }
+    return {"medians": medians, "ratios": ratios, "agreement": agreement}
+
+
+def summarise_decide(decide: dict[str, Any]) -> dict[str, Any]:
+    """run_decide's own medians, ratios and verdicts of the decide part."""
+    dargs = argparse.Namespace(**decide["settings"])
+    summary: dict[str, Any] = run_decide.summarise(decide["runs"], list(run_decide.SERVERS),
+                                                   run_decide.plan(dargs))
+    return summary
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _compact(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:,.0f}"
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The medians as markdown tables: the headline, the details, Keel's ratios, the
+    answer check, and the decide tables."""
+    settings = document["settings"]
+    servers = settings["servers"]
+    points = [POINTS[p] for p in settings["points"] if p in POINTS]
+    medians = document.get("medians", {})
+    repeats = settings["repeats"]
+    lines: list[str] = []
+    if points:
+        lines += [f"req/s (p95 ms), medians of {repeats} (the 64-row column: rows/s); "
+                  f"{settings['duration']:g} s per point after {settings['warmup']:g} s of "
+                  f"warm-up, {document['environment']['cpu_count']} CPUs shared by the "
+                  "servers and the load generator", ""]
+        titles = {"c1": "c=1", "c8": "c=8", "c32": "c=32", "c8x64": "c=8, 64 rows",
+                  "zipf_c8": "Zipf c=8", "zipf_c32": "Zipf c=32"}
+        lines.append("| server | " + " | ".join(titles[p.name] for p in points)
+                     + " | server CPU at c=8 |")
+        lines.append("|---|" + "---:|" * (len(points) + 1))
+        for name in servers:
+            cells = []
+            for point in points:
+                row = medians.get(name, {}).get(point.name)
+                if row is None:
+                    cells.append("failed")
+                    continue
+                value = row["rows_per_s"] if point.rows > 1 else row["rps"]
+                unit = " rows/s" if point.rows > 1 else ""
+                cells.append(f"{_compact(value)}{unit} ({_fmt(row['p95_ms'])})")
+            c8 = medians.get(name, {}).get("c8") or {}
+            cpu = (f"{c8['server_cores']:.2f} cores, {c8['cpu_ms_per_request']:.2f} ms/req"
+                   if c8.get("server_cores") is not None
+                   and c8.get("cpu_ms_per_request") is not None else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {cpu} |")
+        lines += ["", "| server | point | req/s | rows/s | p50 ms | p95 ms | p99 ms | errors | "
+                  "server cores | server CPU ms/req | client cores |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in servers:
+            for point in points:
+                row = medians.get(name, {}).get(point.name)
+                if row is None:
+                    lines.append(f"| {name} | {point.name} | failed | | | | | | | | |")
+                    continue
+                mark = " (wrapped)" if row.get("wrapped") else ""
+                lines.append(
+                    f"| {name} | {point.name}{mark} | {_fmt(row['rps'], 0)} | "
+                    f"{_fmt(row['rows_per_s'], 0)} | {_fmt(row['p50_ms'])} | "
+                    f"{_fmt(row['p95_ms'])} | {_fmt(row['p99_ms'])} | {row['errors']} | "
+                    f"{_fmt(row['server_cores'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} | "
+                    f"{_fmt(row['client_cores'], 2)} |")
+    if document.get("ratios"):
+        lines += ["", "Keel ÷ peer (req/s above 1: Keel faster; latency and CPU per request "
+                  "below 1: Keel better)", "",
+                  "| ratio | point | req/s | p50 | p95 | p99 | CPU ms/req |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for key, by_point in document["ratios"].items():
+            for point_name, row in by_point.items():
+                lines.append(f"| {key} | {point_name} | {_fmt(row['rps'], 2)} | "
+                             f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | "
+                             f"{_fmt(row['p99_ms'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} |")
+    if any(check["runs"] for check in document.get("agreement", {}).values()):
+        lines += ["", "| server | 4-row answer = ONNX Runtime's | = Keel's | max abs diff "
+                  "vs Keel |", "|---|---|---|---:|"]
+        flag = {True: "yes", False: "**no**", None: "-"}
+        for name, check in document["agreement"].items():
+            if not check["runs"]:
+                continue
+            diff = check["max_abs_diff_vs_keel"]
+            lines.append(f"| {name} | {flag[check['matches_reference']]} | "
+                         f"{'(itself)' if name == 'keel' else flag[check['matches_keel']]} | "
+                         f"{'-' if diff is None else f'{diff:.2e}'} |")
+    for name, reason in document.get("unavailable", {}).items():
+        lines.append(f"\n{name}: not measured: {reason}")
+    decide = document.get("decide")
+    if decide and decide.get("medians"):
+        dargs = argparse.Namespace(**decide["settings"])
+        lines += ["", "`/v1/decide` (run_decide.py's servers and workloads, one entity per "
+                  "request):", "",
+                  run_decide.markdown(decide, list(run_decide.SERVERS),
+                                      run_decide.plan(dargs))]
+    return "\n".join(lines)
+
+
+def plot(document: dict[str, Any], path: Path) -> None:
+    """Median req/s and p95 per point, one bar per server (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = document["settings"]
+    servers = settings["servers"]
+    points = [p for p in settings["points"] if p in POINTS]
+    medians = document.get("medians", {})
+    fig, (ax_rps, ax_p95) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(servers))
+    xs = np.arange(len(points))
+    for i, name in enumerate(servers):
+        rows = [medians.get(name, {}).get(p) or {} for p in points]
+        offset = xs - 0.4 + width * (i + 0.5)
+        for ax, metric in ((ax_rps, "rps"), (ax_p95, "p95_ms")):
+            values = [r.get(metric) or float("nan") for r in rows]
+            # Keel outlined, as run_bench draws Keel solid and the references dashed.
+            ax.bar(offset, values, width, label=name,
+                   edgecolor="black" if name == "keel" else "none")
+    for ax, ylabel in ((ax_rps, "requests/s (median, log)"),
+                       (ax_p95, "p95 latency, ms (median, log)")):
+        ax.set_yscale("log")
+        ax.set_xticks(xs, points)
+        ax.set_xlabel("point (c: concurrent clients; x64: rows per request; zipf: "
+                      "repeating rows)", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", axis="y", alpha=0.3)
+    if servers:
+        ax_rps.legend(fontsize=8)
+    fig.suptitle(f"{settings['model']}, OIP REST infer, {document['environment']['cpu_count']} "
+                 f"CPUs shared by server and load generator, {settings['duration']:g} s per "
+                 f"point, median of {settings['repeats']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Keel vs KServe, MLServer and one FastAPI process: same model, same OIP "
+                    "REST call, same load generator, one run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="servers: " + "; ".join(f"{t.name}: {t.description}" for t in SERVERS.values())
+        + ". points: " + "; ".join(f"{p.name}: {p.description}" for p in POINTS.values())
+        + f"; {DECIDE}: /v1/decide, Keel vs baseline_decide.py (run_decide.py's machinery)")
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS),
+                        metavar="SERVER", help="which servers, in this order (each repeat)")
+    parser.add_argument("--points", nargs="+", default=POINT_CHOICES, choices=POINT_CHOICES,
+                        metavar="POINT", help="which points, in this order")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured s per point")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
+    parser.add_argument("--repeats", type=int, default=3, help="whole sweeps; medians over them")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the tables of medians and ratios (markdown) at the end")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only redraw the PNG and print the markdown of a finished run")
+    parser.add_argument("--model", default="risk_mlp")
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models",
+                        help="model repository of the peers (Keel reads the one in its config)")
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml",
+                        help="Keel's serve config (its HTTP port and cache key prefix replaced)")
+    parser.add_argument("--seed", type=int, default=20240611)
+    parser.add_argument("--zipf-s", type=float, default=1.1, help="exponent of the Zipf mix")
+    parser.add_argument("--zipf-pool", type=int, default=2000,
+                        help="distinct rows of the Zipf mix")
+    parser.add_argument("--max-rps", type=float, default=5000.0,
+                        help="one-row points get enough distinct bodies for this rate over "
+                             "warm-up + duration (above it the rows wrap: marked in the JSON)")
+    parser.add_argument("--max-rows-per-s", type=float, default=80000.0,
+                        help="the same for the multi-row point, in rows/s")
+    parser.add_argument("--mlserver-max-batch-size", type=int, default=32)
+    parser.add_argument("--mlserver-max-batch-time", type=float, default=0.002,
+                        help="MLServer's max_batch_time, s")
+    parser.add_argument("--decide-workloads", nargs="+", default=["hit", "miss"],
+                        choices=["hit", "miss", "zipf"])
+    parser.add_argument("--decide-concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--venvs", type=Path, default=VENVS_DIR,
+                        help="where the peers' venvs are made (and reused)")
+    parser.add_argument("--venv-python",
+                        default=getattr(sys, "_base_executable", sys.executable),
+                        help="interpreter the peers' venvs are made with (default: the one "
+                             "Keel's venv was made from)")
+    parser.add_argument("--reinstall", action="store_true", help="make the peers' venvs anew")
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="per request, s")
+    parser.add_argument("--startup-timeout", type=float, default=240.0,
+                        help="s to wait for a server to be ready")
+    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                        help="start Ray's dashboard with Keel, as `serve run` does")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
+                        help="where the JSON, the PNG and the server logs go")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.duration <= 0 or args.warmup < 0 \
+            or any(c < 1 for c in args.decide_concurrency):
+        parser.error("--repeats and concurrencies must be >= 1, --duration > 0, --warmup >= 0")
+    args.repository, args.config, args.out, args.venvs = (
+        p.resolve() for p in (args.repository, args.config, args.out, args.venvs))
+    return args
+
+
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """``<date>-peers.json`` (``<date>-<time>-peers.json`` if that exists) and its logs."""
+    now = dt.datetime.now()
+    stem = f"{now:%Y-%m-%d}-peers"
+    if (out / f"{stem}.json").exists():
+        stem = f"{now:%Y-%m-%d-%H%M%S}-peers"
+    return out / f"{stem}.json", out / f"{stem}-logs"
+
+
+def prepare_venvs(args: argparse.Namespace, document: dict[str, Any]) -> dict[str, Path]:
+    """Make (or reuse) the venv of every selected peer; a peer whose venv cannot be made
+    is recorded as unavailable and skipped."""
+    import onnxruntime
+
+    specs = peers.venvs(onnxruntime.__version__)
+    wanted = sorted({t.venv for n in args.servers
+                     if isinstance(t := SERVERS[n], PeerTarget) and t.venv})
+    ready: dict[str, Path] = {}
+    for name in wanted:
+        root = args.venvs / name
+        try:
+            marker = peers.ensure_venv(specs[name], root, args.venv_python,
+                                       args.venvs / f"{name}-pip.log", reinstall=args.reinstall,
+                                       log=log)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            reason = f"venv {_rel(root)} could not be made: {exc}"
+            log(reason)
+            for server in args.servers:
+                target = SERVERS[server]
+                if isinstance(target, PeerTarget) and target.venv == name:
+                    document["unavailable"][server] = reason
+            continue
+        document["environment"]["peer_venvs"][name] = {**marker, "path": _rel(root)}
+        ready[name] = root
+    return ready
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    STOP.set()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def render(path: Path) -> int:
+    document = json.loads(path.read_text())
+    plot(document, path.with_suffix(".png"))
+    print(markdown(document))
+    log(f"redrew {_rel(path.with_suffix('.png'))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render is not None:
+        return render(args.render)
+    # SIGTERM tears down like Ctrl-C: every started server is stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if not (args.repository / args.model).is_dir():
+        log(f"{args.repository / args.model} does not exist: run `.venv/bin/keel prepare` first")
+        return 2
+    points = [POINTS[p] for p in args.points if p in POINTS]
+    with_decide = DECIDE in args.points and "keel" in args.servers
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, logs_dir = output_paths(args.out)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {
+        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "servers": {n: SERVERS[n].description for n in args.servers},
+        "points": {p.name: dataclasses.asdict(p) for p in points},
+        "keel_key_prefix": KEEL_KEY_PREFIX,
+        "environment": {**environment(), "peer_venvs": {}},
+        "unavailable": {},
+        "runs": [],
+    }
+    began = time.monotonic()
+
+    def save() -> None:
+        document.update(summarise(document))
+        if document.get("decide", {}).get("runs"):
+            document["decide"].update(summarise_decide(document["decide"]))
+        document["elapsed_s"] = round(time.monotonic() - began, 1)
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+
+    venvs = prepare_venvs(args, document)
+    probe = make_row_bodies(1, 4, seed=args.seed)[0]
+    expected = reference_answer(args, probe)
+    document["probe"] = {"body": json.loads(probe),
+                         "onnxruntime_answer": {k: v.tolist() for k, v in expected.items()}}
+    redis: Any = None
+    if "keel" in args.servers:
+        try:
+            redis = run_decide.redis_client()
+            redis.ping()
+        except Exception as exc:
+            log(f"no Redis ({exc}): Keel serves without its cache's remote tier; its "
+                f"benchmark keys are not emptied")
+            redis = None
+    dargs: argparse.Namespace | None = None
+    if with_decide:
+        dargs = decide_args(args)
+        document["decide"] = {"settings": {k: (str(v) if isinstance(v, Path) else v)
+                                           for k, v in vars(dargs).items()},
+                              "servers": {n: t.description
+                                          for n, t in run_decide.SERVERS.items()},
+                              "runs": []}
+        if redis is None:
+            document["decide"]["error"] = "no Redis: /v1/decide needs it"
+            dargs = None
+        else:
+            run_decide.prepare(dargs)
+    elif DECIDE in args.points:
+        log("decide: skipped (it compares Keel with baseline_decide.py; keel is not in "
+            "--servers)")
+    install_fast_loop()
+    bodies = BodyCache(args)
+    keel_answer: dict[str, np.ndarray] | None = None
+    interrupted = False
+    try:
+        for repeat in range(1, args.repeats + 1):
+            for name in args.servers if points else []:
+                check_stop()
+                if name in document["unavailable"]:
+                    continue
+                run = run_server(SERVERS[name], repeat, args, points, bodies, probe,
+                                 expected, keel_answer, venvs, redis, logs_dir)
+                if name == "keel" and "probe" in run:
+                    keel_answer = outputs_of(run["probe"]["probe_answer"])
+                document["runs"].append(run)
+                save()  # partial results survive an interrupted run
+            if dargs is not None:
+                document["decide"]["runs"] += run_decide_repeat(repeat, dargs, redis, logs_dir)
+                save()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: writing what was measured")
+    finally:
+        if redis is not None:
+            for prefix in (KEEL_KEY_PREFIX, *run_decide.KEY_PREFIXES.values()):
+                with contextlib.suppress(Exception):
+                    run_decide.delete_prefix(redis, prefix)
+    save()
+    png_path = json_path.with_suffix(".png")
+    plot(document, png_path)
+    if args.markdown:
+        print(markdown(document))
+    log(f"wrote {_rel(json_path)} and {_rel(png_path)} in {document['elapsed_s']} s; "
+        f"server logs in {_rel(logs_dir)}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""The ingress's data plane: what every API does, with no transport and no Ray.
+
+``DataPlane`` answers metadata, readiness, inference, decisions and cache state for
+the REST routers (``rest_*.py``) and any other transport: it takes bodies as bytes
+and returns bytes or plain data, and raises only ``KeelError``. Behind it:
+
+- ``ModelPool`` (models.py): each model in the ingress or in its own deployment,
+  concurrent calls coalesced into one backend call per batch;
+- ``Predictor`` (scoring.py): the prediction cache where it pays, the model for the rest;
+- ``FeatureRowCache`` + a coalesced ``FeatureBackend`` for ``/v1/decide``.
+
+Work the client does not wait for (cache writes) runs after the answer
+(``deployments/background.py``); request metrics and SLO events are recorded by
+the transport's telemetry once the answer is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deployments.cache.core import CacheConfig, PredictionCache
+from deployments.contracts import DecideRequest, ModelStatus
+from deployments.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    KeelError,
+    ModelNotFound,
+    ModelNotReady,
+    field_errors,
+    quoted,
+)
+from deployments.features.core import FeatureRows
+from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache, assemble
+from deployments.ingress import codec
+from deployments.ingress.batching import Coalescer
+from deployments.ingress.models import ModelPool
+from deployments.ingress.scoring import CallObserver, Predictor, summarise, within_budget
+from deployments.observability import tracing
+from deployments.observability.slo import SloReport
+from deployments.onnx.core import OnnxModelConfig
+from deployments.repository import ModelSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "keel"
+
+
+def server_version() -> str:
+    try:
+        return package_version("keel")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class IngressConfig(BaseModel):
+    """Live knobs of the ingress (its ``user_config``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Larger bodies get 413 before they are read in full.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    #: A request's time budget in the ingress: each stage (feature lookup, model call)
+    #: gets what is left of it; past it the request answers 504 naming the stage, and the
+    #: stage's work is cancelled. Keep it below ``http_options.request_timeout_s``.
+    request_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: How long the ingress trusts its copy of a model's status (served version, spec).
+    status_ttl_s: float = Field(default=1.0, ge=0, le=300)
+    #: Longest wait for each model (and for the warm-up) in ``/v2/health/ready``.
+    ready_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    #: Most entities one ``/v1/decide`` request may name.
+    max_entities: int = Field(default=256, ge=1, le=100_000)
+    #: Keel's request metrics and SLO events (turn off only to measure what they cost).
+    metrics: bool = True
+    #: How often this replica sends its SLO events to the SloMonitor.
+    slo_push_interval_s: float = Field(default=1.0, gt=0, le=60)
+    #: The prediction cache (TTL, hash, fallback size, policy per model); applied live.
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    #: The feature rows ``/v1/decide`` may reuse without asking the FeatureService.
+    features: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
+    #: Live config of each model placed in the ingress (``args.placement``): version,
+    #: max_batch_size, ONNX Runtime options, as an ``OnnxModel``'s user_config.
+    models: dict[str, OnnxModelConfig] = Field(default_factory=dict)
+    #: Most requests one coalesced call carries to a model deployment or the store.
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    #: Handle calls running at once per model deployment (and to the FeatureService);
+    #: requests arriving meanwhile queue into the next call. A model deployment's
+    #: autoscaler counts these calls as its ongoing requests.
+    calls_in_flight: int = Field(default=4, ge=1, le=256)
+
+
+class FeatureBackend(Protocol):
+    """Where ``/v1/decide`` gets features it does not hold: the FeatureService."""
+
+    async def lookup_many(self, lookups: list[tuple[list[dict[str, Any]], list[str]]],
+                          traces: list[dict[str, str] | None]
+                          ) -> Sequence[FeatureRows | KeelError]: ...
+
+
+class FeatureObserver(Protocol):
+    """Told the event-time age of the feature rows a decision used, per feature view."""
+
+    def feature_ages(self, ages: dict[str, float]) -> None: ...
+
+
+class SloSource(Protocol):
+    """Where ``GET /v1/slo`` gets the application-wide SLO figures."""
+
+    async def report(self) -> SloReport: ...
+
+
+@dataclass
+class _Cached:
+    status: ModelStatus
+    fetched: float
+
+
+@dataclass
+class ModelCatalog:
+    """The ingress's short-lived copy of each model's status.
+
+    Validation needs the served version's spec on every request; asking the
+    model deployment each time would add a hop, so the answer is kept for
+    ``status_ttl_s`` and refreshed early when a result reports a new version.
+    """
+
+    backend: ModelPool
+    config: Callable[[], IngressConfig]
+    _cache: dict[str, _Cached] = field(default_factory=dict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def require(self, name: str) -> None:
+        """404 for a model this ingress does not serve (before any body is read)."""
+        if name not in self.backend.model_names():
+            raise ModelNotFound(f"model {quoted(name)} is not served here "
+                                f"(models: {self.backend.model_names()})")
+
+    async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
+        self.require(name)
+        cached = self._cache.get(name)
+        ttl = self.config().status_ttl_s
+        if cached and not fresh and time.monotonic() - cached.fetched < ttl:
+            return cached.status
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            cached = self._cache.get(name)
+            if cached and not fresh and time.monotonic() - cached.fetched < ttl:
+                return cached.status
+            try:
+                status = await self.backend.status(name)
+            except KeelError:
+                if cached is not None and not fresh:
+                    log.warning("model %s: status refresh failed, using the last one", name)
+                    return cached.status
+                raise
+            self._cache[name] = _Cached(status, time.monotonic())
+            return status
+
+    async def spec(self, name: str, version: str | None) -> ModelSpec:
+        """The spec to validate against: the pinned version's, or the served one's."""
+        status = await self.status(name)
+        if version is None:
+            if status.served_version is None:
+                raise ModelNotReady(f"model {name!r} is not loaded: {status.error or 'loading'}")
+            version = status.served_version
+        spec = status.loaded.get(version)
+        if spec is None:
+            status = await self.status(name, fresh=True)
+            spec = status.loaded.get(version)
+        if spec is None:
+            if version in status.available_versions:
+                raise ModelNotFound(f"model {name!r} version {quoted(version)} is in the "
+                                    f"repository but not loaded (serving "
+                                    f"{status.served_version!r})")
+            raise ModelNotFound(f"model {name!r} has no version {quoted(version)} "
+                                f"(versions: {status.available_versions})")
+        return spec
+
+    def saw_version(self, name: str, version: str) -> None:
+        cached = self._cache.get(name)
+        if cached is not None and cached.status.served_version != version:
+            self._cache.pop(name, None)
+
+    def forget(self) -> None:
+        """Drop every cached status (after a live reconfiguration of in-ingress models)."""
+        self._cache.clear()
+
+
+@dataclass
+class InferAnswer:
+    """An inference answer as the transport sends it."""
+
+    body: bytes
+    #: With binary outputs: the length of the JSON part (``None``: all JSON).
+    json_length: int | None
+    cache: str
+    model: str
+    version: str
+
+
+@dataclass
+class DecideAnswer:
+    body: bytes
+    cache: str
+    model: str
+
+
+Lookup = tuple[list[dict[str, Any]], list[str]]
+
+
+class DataPlane:
+    """Every API's logic over the model pool, the cache and the feature store."""
+
+    def __init__(self, models: ModelPool, config: Callable[[], IngressConfig], *,
+                 cache: PredictionCache | None = None,
+                 features: FeatureBackend | None = None,
+                 feature_observer: FeatureObserver | None = None,
+                 slo: SloSource | None = None,
+                 observer: CallObserver | None = None,
+                 warm_up: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+        self.models = models
+        self.config = config
+        self.cache = cache
+        self.features = features
+        self.feature_rows = FeatureRowCache(config().features)
+        self._feature_observer = feature_observer
+        self.slo = slo
+        self.catalog = ModelCatalog(models, config)
+        self.predictor = Predictor(models, self.catalog, cache,
+                                   lambda: config().request_timeout_s, observer)
+        self._lookups: Coalescer[tuple[Lookup, dict[str, str] | None], FeatureRows] | None = None
+        if features is not None:
+            self._lookups = Coalescer(self._lookup_batch,
+                                      max_batch_size=config().max_batch_size,
+                                      max_in_flight=config().calls_in_flight)
+        self._warm_up = warm_up
+        self._warming: asyncio.Task[None] | None = None
+
+    # --- live configuration ------------------------------------------------------------
+
+    def reconfigured(self) -> None:
+        """Apply the knobs the data plane holds itself (after the config changed)."""
+        config = self.config()
+        self.feature_rows.reconfigure(config.features)
+        if self._lookups is not None:
+            self._lookups.max_batch_size = config.max_batch_size
+            self._lookups.max_in_flight = config.calls_in_flight
+        if self.cache is not None:
+            self.cache.reconfigure(config.cache)
+
+    # --- warm-up and health ------------------------------------------------------------
+
+    def start_warming(self) -> None:
+        """Begin warming every hop (needs a running loop); readiness waits for it."""
+        if self._warm_up is not None and self._warming is None:
+            self._warming = asyncio.get_running_loop().create_task(self._warm_up())
+
+    @property
+    def warm(self) -> bool:
+        task = self._warming
+        return task is None or (task.done() and not task.cancelled())
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": server_version(),
+                "extensions": ["binary_tensor_data"]}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every model has a version loaded and every hop has been warmed."""
+        names = self.models.model_names()
+        timeout = self.config().ready_timeout_s
+        warming = self._warming
+        if warming is not None and not warming.done():
+            await asyncio.wait([warming], timeout=timeout)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.catalog.status(n, fresh=True), timeout) for n in names),
+            return_exceptions=True,
+        )
+        models: dict[str, Any] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, ModelStatus):
+                models[name] = {"ready": result.served_version is not None,
+                                "version": result.served_version,
+                                "placement": self.models.placement(name)}
+            else:
+                models[name] = {"ready": False, "error": _describe(result)}
+        is_ready = bool(names) and all(m["ready"] for m in models.values()) and self.warm
+        body: dict[str, Any] = {"ready": is_ready, "models": models}
+        if not self.warm:
+            body["warming"] = True
+        return is_ready, body
+
+    async def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        spec = await self.catalog.spec(name, version)
+        status = await self.catalog.status(name)
+        document = codec.model_metadata(spec, status.available_versions)
+        document["parameters"] = {
+            "served_version": status.served_version,
+            "loaded_versions": sorted(status.loaded),
+            "decision": spec.decision.model_dump() if spec.decision else None,
+            "batch_invariant": spec.batch_invariant,
+            "metrics": spec.metrics,
+            "providers": status.providers,
+            "placement": self.models.placement(name),
+            # This replica's coalescing so far: requests ("items") per model call ("batches":
+            # ONNX Runtime runs in the ingress, handle calls to a deployment).
+            "coalescing": self.models.batch_stats(name),
+        }
+        return document
+
+    async def model_ready(self, name: str, version: str | None) -> tuple[bool, dict[str, Any]]:
+        try:
+            status = await self.catalog.status(name, fresh=True)
+        except KeelError as exc:
+            if exc.status < 500:  # unknown model: 404 stays 404
+                raise
+            return False, {"name": name, "ready": False, "error": exc.message}
+        if version is not None and version not in status.available_versions \
+                and version not in status.loaded:
+            raise ModelNotFound(f"model {name!r} has no version {quoted(version)} "
+                                f"(versions: {status.available_versions})")
+        is_ready = (status.served_version is not None if version is None
+                    else version in status.loaded)
+        body: dict[str, Any] = {"name": name, "ready": is_ready}
+        if version is not None:
+            body["version"] = version
+        return is_ready, body
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def infer(self, name: str, version: str | None, body: bytes,
+                    json_length: int | None) -> InferAnswer:
+        """Open Inference Protocol infer: the body (JSON, or JSON + binary tensors)."""
+        settings = self.config()
+        deadline = time.monotonic() + settings.request_timeout_s
+        self.catalog.require(name)
+        parsed, binary = codec.parse_request(body, json_length)
+        spec = await self.catalog.spec(name, version)
+        inputs = codec.decode_inputs(parsed, spec, binary)
+        outputs = codec.requested_outputs(parsed, spec)
+        prediction = await self.predictor.predict(name, version, inputs, outputs,
+                                                  deadline=deadline)
+        content, header_length = codec.encode_response(parsed, prediction.spec,
+                                                       prediction.version, prediction.outputs)
+        return InferAnswer(content, header_length, summarise(prediction.cache), name,
+                           prediction.version)
+
+    # --- decisions -----------------------------------------------------------------------
+
+    async def decide(self, body: bytes, on_model: Callable[[str], None] | None = None
+                     ) -> DecideAnswer:
+        """``/v1/decide``: features for each entity (held rows within their staleness, one
+        coalesced lookup for the rest), then the model (cache where it pays).
+        ``on_model`` hears the model name as soon as it is known (metrics, authorization)."""
+        started = time.perf_counter()
+        settings = self.config()
+        deadline = time.monotonic() + settings.request_timeout_s
+        try:
+            ask = DecideRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise InvalidInput("; ".join(field_errors(exc, limit=5))) from exc
+        if on_model is not None:
+            on_model(ask.model)
+        if len(ask.entities) > settings.max_entities:
+            raise InvalidInput(f"entities: at most {settings.max_entities} entities per "
+                               f"request (got {len(ask.entities)})")
+        self.catalog.require(ask.model)
+        spec = await self.catalog.spec(ask.model, ask.version)
+        tensor = decision_input(spec)
+        columns = list(tensor.columns or [])
+        began = time.perf_counter()
+        table = await self._features_of(ask.entities, columns, deadline)
+        features_ms = (time.perf_counter() - began) * 1000
+        values = np.asarray(table.values, dtype=tensor.numpy_dtype)
+        if values.shape != (len(ask.entities), len(columns)):
+            raise DependencyUnavailable(f"the feature store answered {values.shape} values "
+                                        f"for {len(ask.entities)} entities x {len(columns)} "
+                                        f"features")
+        if not tensor.allow_nan and not np.isfinite(values).all():
+            row = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise InvalidInput(f"entities[{row}]: a feature value is not finite and model "
+                               f"{spec.name!r} does not allow NaN")
+        prediction = await self.predictor.predict(ask.model, spec.version,
+                                                  {tensor.name: values}, deadline=deadline)
+        timings = {"features": round(features_ms, 3), "cache": round(prediction.cache_ms, 3),
+                   "model": round(prediction.model_ms, 3),
+                   "total": round((time.perf_counter() - started) * 1000, 3)}
+        rule = prediction.spec.decision
+        assert rule is not None  # decision_input checked it
+        scores = prediction.outputs[rule.output].reshape(len(ask.entities), -1)[:, rule.index]
+        version = prediction.version
+        results = [{"entity": entity, "score": score, "decision": score >= rule.threshold,
+                    "threshold": rule.threshold, "model": spec.name, "model_version": version,
+                    "cache": status, "timings_ms": timings}
+                   for entity, score, status in zip(ask.entities, scores.tolist(),
+                                                     prediction.cache, strict=True)]
+        answer = {"model": spec.name, "model_version": version, "results": results,
+                  "timings_ms": timings}
+        return DecideAnswer(orjson.dumps(answer), summarise(prediction.cache), spec.name)
+
+    async def _features_of(self, entities: list[dict[str, Any]], columns: list[str],
+                           deadline: float) -> FeatureRows:
+        """The entities' rows: those held within their staleness, the rest looked up."""
+        found, missing = self.feature_rows.split(entities, columns)
+        fetched: FeatureRows | None = None
+        if missing:
+            if self._lookups is None:
+                raise DependencyUnavailable("no feature store is configured for /v1/decide")
+            wanted = [entities[i] for i in missing]
+            lookups = self._lookups
+            fetched = await within_budget(
+                lookups.submit(((wanted, columns), tracing.carrier())), deadline, "features",
+                "the feature store", self.config().request_timeout_s)
+            self.feature_rows.keep(wanted, columns, fetched)
+            if len(missing) == len(entities):
+                table = fetched
+                self._observe_ages(table)
+                return table
+        table = assemble(found, fetched, missing, len(columns))
+        self._observe_ages(table)
+        return table
+
+    async def _lookup_batch(self, items: list[tuple[Lookup, dict[str, str] | None]]
+                            ) -> Sequence[FeatureRows | KeelError]:
+        assert self.features is not None
+        return await self.features.lookup_many([lookup for lookup, _ in items],
+                                               [trace for _, trace in items])
+
+    def _observe_ages(self, table: FeatureRows) -> None:
+        if self._feature_observer is not None and table.event_timestamps:
+            self._feature_observer.feature_ages(table.ages_s(time.time()))
+
+    # --- state ---------------------------------------------------------------------------
+
+    def cache_state(self) -> dict[str, Any]:
+        cache = self.cache
+        rows = self.feature_rows
+        feature_rows = {"max_staleness_s": rows.config.max_staleness_s, "entries": len(rows),
+                        "hits": rows.hits, "misses": rows.misses}
+        if cache is None:
+            return {"enabled": False, "remote": None, "feature_rows": feature_rows}
+        counters = cache.counters
+        config = cache.config
+        models = sorted(set(counters.hits) | set(counters.misses) | set(counters.shared)
+                        | set(self.models.model_names()))
+        return {
+            "enabled": config.enabled,
+            "remote": "up" if cache.remote_available else
+                      ("none" if cache.remote is None else "down"),
+            "config": config.model_dump(),
+            "errors": counters.errors,
+            "corrupt": counters.corrupt,
+            "local_entries": len(cache.local),
+            "writes": cache.background.counts(),
+            "models": {m: {"hits": counters.hits.get(m, 0), "misses": counters.misses.get(m, 0),
+                           "shared": counters.shared.get(m, 0),
+                           "hit_ratio": counters.hit_ratio(m),
+                           **cache.costs.snapshot(m, config.policy_of(m),
+                                                  config.probe_interval_s)}
+                       for m in models},
+            "feature_rows": feature_rows,
+        }
+
+    async def slo_report(self) -> SloReport:
+        if self.slo is None:
+            raise DependencyUnavailable("no SLO monitor is configured")
+        try:
+            return await asyncio.wait_for(self.slo.report(), self.config().ready_timeout_s)
+        except TimeoutError as exc:
+            raise DependencyUnavailable("the SLO monitor did not answer", retry_after_s=1) \
+                from exc
+
+
+def decision_input(spec: ModelSpec) -> TensorSpec:
+    """The one input that ``/v1/decide`` fills from features, and its feature columns."""
+    if spec.decision is None:
+        raise InvalidInput(f"model: {spec.name!r} declares no decision rule (model.yaml "
+                           f"'decision'); use /v2/models/{spec.name}/infer")
+    featured = [t for t in spec.inputs if t.columns]
+    if len(spec.inputs) != 1 or len(featured) != 1:
+        raise InvalidInput(f"model: {spec.name!r} does not take one feature-store input "
+                           f"(model.yaml 'inputs[].columns'); use /v2/models/{spec.name}/infer")
+    tensor = featured[0]
+    if tensor.shape[0] != -1 or len(tensor.shape) != 2:
+        raise InvalidInput(f"model: {spec.name!r} input {tensor.name!r} has shape "
+                           f"{tensor.shape}; /v1/decide needs [-1, n_features]")
+    return tensor
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeelError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__

@@ -1,0 +1,24 @@
+"""Operational routes over the data plane: ``/v1/slo`` and ``/v1/cache``. HTTP only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from deployments.ingress import openapi
+from deployments.ingress.dataplane import DataPlane
+from deployments.observability.slo import SloReport
+
+
+def add_admin_routes(app: FastAPI, plane: DataPlane) -> None:
+
+    @app.get("/v1/slo", summary="SLOs of the whole application over rolling windows",
+             response_model=SloReport, responses=openapi.errors(503))
+    async def slo_report() -> SloReport:
+        return await plane.slo_report()
+
+    @app.get("/v1/cache", summary="Prediction cache state, costs and counters, and the "
+                                  "feature rows held for /v1/decide")
+    async def cache_state() -> dict[str, Any]:
+        return plane.cache_state()

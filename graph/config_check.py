@@ -1,0 +1,83 @@
+"""``keel check-config``'s checks of a serve config (shared by the CLI and ``keel
+render-k8s``, which import it; it imports neither)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from deployments.errors import KeelError, field_errors
+from deployments.features.core import FeatureServiceConfig
+from deployments.ingress.dataplane import IngressConfig
+from deployments.llm.core import LLMGatewayConfig
+from deployments.observability.slo import SloConfig
+from deployments.onnx.core import OnnxModelConfig
+
+#: Ray Serve's default when a deployment does not set max_ongoing_requests.
+RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5
+#: The user_config model of each deployment by name; every other deployment is a model.
+USER_CONFIGS: dict[str, type[BaseModel]] = {"Ingress": IngressConfig,
+                                            "FeatureService": FeatureServiceConfig,
+                                            "SloMonitor": SloConfig,
+                                            "LLMGateway": LLMGatewayConfig}
+
+
+def check_serve_config(path: Path) -> list[str]:
+    """Problems in a serve config, each naming the field; empty when it is sound.
+
+    Checks Ray's own schema, Keel's ``args`` and ``user_config`` models, and that
+    no model deployment's ``max_ongoing_requests`` caps its batches (ray issue 43288).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    from graph.app import AppArgs
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        return [f"{path}: {exc}"]
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        return field_errors(exc, prefix=f"{path}: ")
+    problems: list[str] = []
+    for a, app in enumerate(schema.applications):
+        where = f"applications[{a}] ({app.name})"
+        if app.import_path != "graph.app:build_app":
+            continue
+        try:
+            args = AppArgs.model_validate(app.args or {})
+        except ValidationError as exc:
+            problems += field_errors(exc, prefix=f"{where}.args.")
+            args = AppArgs()
+        in_ingress = {n for n, place in args.placement.items() if place == "ingress"}
+        for d, dep in enumerate(app.deployments):
+            dep_where = f"{where}.deployments[{d}] ({dep.name})"
+            fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
+            user_config = fields.get("user_config") or {}
+            model = USER_CONFIGS.get(dep.name, OnnxModelConfig)
+            try:
+                config = model.model_validate(user_config)
+            except ValidationError as exc:
+                problems += field_errors(exc, prefix=f"{dep_where}.user_config.")
+                continue
+            if dep.name in in_ingress:
+                problems.append(f"{dep_where}: model {dep.name!r} is placed in the ingress "
+                                f"(args.placement); configure it under the Ingress's "
+                                f"user_config.models.{dep.name} instead")
+                continue
+            if isinstance(config, IngressConfig):
+                stray = sorted(set(config.models) - in_ingress)
+                if stray:
+                    problems.append(f"{dep_where}.user_config.models: {stray} are not placed "
+                                    f"in the ingress (args.placement)")
+            if isinstance(config, OnnxModelConfig):
+                limit = fields.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+                try:
+                    config.check_max_ongoing_requests(limit)
+                except KeelError as exc:
+                    problems.append(f"{dep_where}: {exc.message}")
+    return problems

@@ -1,0 +1,309 @@
+"""The ingress's data plane without HTTP or Ray: real ONNX models (in the plane and behind
+a backend), a real Feast store (the embedded default), the real prediction cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from deployments.contracts import InferCall, InferResult
+from deployments.errors import EntityNotFound, InvalidInput, KeelError, ModelNotFound
+from deployments.features.core import FeatureFetcher, FeatureRows
+from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache
+from deployments.ingress.dataplane import DataPlane, IngressConfig
+from deployments.ingress.models import EmbeddedModels, ModelPool
+from deployments.onnx.core import OnnxModelConfig
+from deployments.repository import ModelRepository
+from graph.demo.dataset import ACCOUNT_KEY, SYMBOL_KEY
+from tests.modelkit import reference_probabilities
+from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.unit.test_feature_core import ACCOUNTS, SMALL, SYMBOLS, copy_repo
+
+ATOL = 1e-5
+
+
+class RemoteModels(InProcessModels):
+    """Models reached through a backend (as through a handle): counts its calls."""
+
+    def __init__(self, repository: ModelRepository, names: list[str],
+                 delay_s: float = 0.0) -> None:
+        super().__init__(repository)
+        self.versions = {n: v for n, v in self.versions.items() if n in names}
+        self.calls: list[int] = []
+        self.delay_s = delay_s
+
+    async def infer_many(self, name: str, calls: list[InferCall]
+                         ) -> Sequence[InferResult | KeelError]:
+        self.calls.append(len(calls))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return await super().infer_many(name, calls)
+
+
+class InProcessFeatures:
+    """The FeatureService's work without Ray: a real FeatureFetcher, counting calls."""
+
+    def __init__(self, fetcher: FeatureFetcher) -> None:
+        self.fetcher = fetcher
+        self.calls: list[int] = []
+
+    async def lookup_many(self, lookups: list[tuple[list[dict[str, Any]], list[str]]],
+                          traces: list[dict[str, str] | None]
+                          ) -> Sequence[FeatureRows | KeelError]:
+        self.calls.append(len(lookups))
+        await asyncio.sleep(0)  # a real hop yields; let concurrent requests queue meanwhile
+        return self.fetcher.lookup_many(lookups)
+
+
+def _body(x: np.ndarray, **extra: Any) -> bytes:
+    return json.dumps({"inputs": [{"name": "features", "shape": list(x.shape),
+                                   "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+                       **extra}).encode()
+
+
+def _probabilities(body: bytes) -> np.ndarray:
+    [out] = [o for o in json.loads(body)["outputs"] if o["name"] == "probabilities"]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+@pytest.fixture
+def pool(repository: ModelRepository) -> tuple[ModelPool, EmbeddedModels, RemoteModels]:
+    embedded = EmbeddedModels(repository, ["linear"])
+    embedded.apply({"linear": OnnxModelConfig(version="1")})
+    remote = RemoteModels(repository, ["nanok", "fixed"])
+    return ModelPool(embedded, remote), embedded, remote
+
+
+@pytest.fixture
+def plane(pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> DataPlane:
+    return DataPlane(pool[0], MutableIngressConfig())
+
+
+async def test_infer_on_bytes_answers_what_the_model_computes(plane: DataPlane) -> None:
+    x = _rows(3, seed=1)
+    answer = await plane.infer("linear", None, _body(x, id="r-1"), None)
+    assert answer.version == "1" and answer.cache == "off" and answer.json_length is None
+    assert json.loads(answer.body)["id"] == "r-1"
+    np.testing.assert_allclose(_probabilities(answer.body), reference_probabilities(x, seed=0),
+                               atol=ATOL)
+
+
+@pytest.mark.parametrize(("model", "seed"), [("linear", 0), ("nanok", 2)])
+async def test_concurrent_requests_reach_the_model_in_one_call_each_with_its_own_rows(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels], plane: DataPlane,
+        model: str, seed: int) -> None:
+    models, _, remote = pool
+    xs = [_rows(1 + i % 3, seed=10 + i) for i in range(16)]
+    answers = await asyncio.gather(*(plane.infer(model, None, _body(x), None) for x in xs))
+    for x, answer in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(_probabilities(answer.body),
+                                   reference_probabilities(x, seed=seed), atol=ATOL)
+    stats = models.batch_stats(model)
+    assert stats["items"] == 16 and stats["batches"] == 1
+    if model == "nanok":
+        assert remote.calls == [16]  # ONE backend (handle) call for sixteen requests
+
+
+async def test_a_bad_call_in_a_coalesced_batch_fails_alone(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> None:
+    models, _, _ = pool
+    x = _rows(1, seed=3)
+    good = [InferCall(inputs={"features": x}) for _ in range(3)]
+    bad = InferCall(inputs={"features": x}, version="9")  # not loaded: that call's own error
+    results = await asyncio.gather(*(models.infer("linear", c) for c in [good[0], bad, *good[1:]]),
+                                   return_exceptions=True)
+    assert isinstance(results[1], ModelNotFound) and "'9'" in results[1].message
+    assert all(isinstance(r, InferResult) and r.model_version == "1"
+               for r in results[:1] + results[2:])
+    assert models.batch_stats("linear")["batches"] == 1
+
+
+async def test_a_timed_out_or_cancelled_request_fails_alone(
+        repository: ModelRepository) -> None:
+    remote = RemoteModels(repository, ["linear"], delay_s=0.3)
+    remote.apply("linear", OnnxModelConfig(version="1"))
+    plane = DataPlane(ModelPool(None, remote, max_in_flight=lambda: 1),
+                      MutableIngressConfig(IngressConfig(request_timeout_s=5)))
+    x = _rows(1, seed=4)
+    blocker = asyncio.create_task(plane.infer("linear", None, _body(x), None))
+    await asyncio.sleep(0.05)  # the others queue behind the first call and leave together
+    kept = asyncio.create_task(plane.infer("linear", None, _body(x), None))
+    cancelled = asyncio.create_task(plane.infer("linear", None, _body(x), None))
+    timed_out = asyncio.create_task(asyncio.wait_for(
+        plane.infer("linear", None, _body(x), None), 0.35))
+    await asyncio.sleep(0.1)
+    cancelled.cancel()
+    with pytest.raises(TimeoutError):
+        await timed_out
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    for task in (blocker, kept):
+        np.testing.assert_allclose(_probabilities((await task).body),
+                                   reference_probabilities(x, seed=0), atol=ATOL)
+    assert remote.calls == [1, 2]  # the cancelled one left the queue before its batch did
+
+
+async def test_ingress_models_swap_versions_live_and_pins_keep_working(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels], plane: DataPlane) -> None:
+    _, embedded, _ = pool
+    x = _rows(2, seed=5)
+    embedded.apply({"linear": OnnxModelConfig(version="2")})
+    plane.catalog.forget()
+    answer = await plane.infer("linear", None, _body(x), None)
+    assert answer.version == "2"
+    np.testing.assert_allclose(_probabilities(answer.body), reference_probabilities(x, seed=1),
+                               atol=ATOL)
+    pinned = await plane.infer("linear", "1", _body(x), None)
+    assert pinned.version == "1"  # the replaced version stays loaded for pinned requests
+    embedded.apply({"linear": OnnxModelConfig(version="2"), "nanok": OnnxModelConfig()})
+    with pytest.raises(KeelError, match=r"\['typo'\] are not in the model repository"):
+        embedded.apply({"typo": OnnxModelConfig()})
+
+
+async def test_readiness_waits_for_the_warm_up(pool: tuple[ModelPool, EmbeddedModels,
+                                                           RemoteModels]) -> None:
+    gate = asyncio.Event()
+
+    async def warm_up() -> None:
+        await gate.wait()
+
+    plane = DataPlane(pool[0], MutableIngressConfig(IngressConfig(ready_timeout_s=0.1)),
+                      warm_up=warm_up)
+    plane.start_warming()
+    ready, body = await plane.ready()
+    assert not ready and body["warming"] is True
+    assert body["models"]["linear"] == {"ready": True, "version": "1", "placement": "ingress"}
+    assert body["models"]["nanok"]["placement"] == "deployment"
+    gate.set()
+    ready, body = await plane.ready()
+    assert ready and "warming" not in body
+
+
+# --- /v1/decide over a real Feast store -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FeatureFetcher]:
+    """The demo models and Feast repository, small."""
+    from graph.demo.build import build_demo_repository
+    from graph.demo.feast_store import prepare_feature_store
+
+    models = tmp_path_factory.mktemp("models")
+    build_demo_repository(models, config=SMALL)
+    repo = copy_repo(tmp_path_factory.mktemp("feast") / "repo")
+    prepare_feature_store(repo, SMALL)
+    return models, FeatureFetcher(repo)
+
+
+def _decide_plane(demo: tuple[Path, FeatureFetcher], staleness_s: float
+                  ) -> tuple[DataPlane, InProcessFeatures]:
+    models, fetcher = demo
+    embedded = EmbeddedModels(ModelRepository(models), ["risk_mlp"])
+    embedded.apply({})
+    features = InProcessFeatures(fetcher)
+    config = IngressConfig(features=FeatureCacheConfig(max_staleness_s=staleness_s))
+    return DataPlane(ModelPool(embedded, None), MutableIngressConfig(config),
+                     features=features), features
+
+
+def _entities(n: int, offset: int = 0) -> list[dict[str, str]]:
+    return [{SYMBOL_KEY: SYMBOLS[(offset + i) % len(SYMBOLS)],
+             ACCOUNT_KEY: ACCOUNTS[(offset + 3 * i) % len(ACCOUNTS)]} for i in range(n)]
+
+
+def _expected(demo: tuple[Path, FeatureFetcher], entities: list[dict[str, str]]) -> np.ndarray:
+    models, fetcher = demo
+    from deployments.ingress.dataplane import decision_input
+
+    spec = ModelRepository(models).spec("risk_mlp")
+    rows = fetcher.lookup(entities, list(decision_input(spec).columns or []))
+    session = ort.InferenceSession(str(models / "risk_mlp" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return np.array([session.run(["probabilities"], {"features": rows.values[i:i + 1]})[0][0, 1]
+                     for i in range(len(entities))])
+
+
+async def test_decide_scores_entities_and_reuses_fresh_feature_rows(
+        demo: tuple[Path, FeatureFetcher]) -> None:
+    plane, features = _decide_plane(demo, staleness_s=60)
+    items = _entities(4)
+    body = json.dumps({"model": "risk_mlp", "entities": items}).encode()
+    first = json.loads((await plane.decide(body)).body)
+    assert [r["entity"] for r in first["results"]] == items
+    np.testing.assert_allclose([r["score"] for r in first["results"]], _expected(demo, items),
+                               rtol=1e-5)
+    assert features.calls == [1]
+    second = json.loads((await plane.decide(body)).body)
+    assert features.calls == [1], "fresh rows must not go back to the store"
+    assert [r["score"] for r in second["results"]] == [r["score"] for r in first["results"]]
+    # Two held, two new: only the new ones are looked up, order kept.
+    mixed = _entities(2) + _entities(2, offset=3)
+    third = json.loads((await plane.decide(json.dumps(
+        {"model": "risk_mlp", "entities": mixed}).encode())).body)
+    np.testing.assert_allclose([r["score"] for r in third["results"]], _expected(demo, mixed),
+                               rtol=1e-5)
+    assert plane.cache_state()["feature_rows"]["hits"] == 6
+
+
+async def test_decide_with_staleness_zero_always_asks_the_store(
+        demo: tuple[Path, FeatureFetcher]) -> None:
+    plane, features = _decide_plane(demo, staleness_s=0)
+    body = json.dumps({"model": "risk_mlp", "entities": _entities(2)}).encode()
+    for _ in range(3):
+        await plane.decide(body)
+    assert features.calls == [1, 1, 1] and len(plane.feature_rows) == 0
+
+
+async def test_concurrent_decisions_share_one_lookup_and_an_unknown_entity_fails_alone(
+        demo: tuple[Path, FeatureFetcher]) -> None:
+    plane, features = _decide_plane(demo, staleness_s=0)
+    good = [json.dumps({"model": "risk_mlp", "entities": _entities(1, offset=i)}).encode()
+            for i in range(6)]
+    unknown = json.dumps({"model": "risk_mlp",
+                          "entities": [{SYMBOL_KEY: "NOPE", ACCOUNT_KEY: ACCOUNTS[0]}]}).encode()
+    results = await asyncio.gather(*(plane.decide(b) for b in [*good[:3], unknown, *good[3:]]),
+                                   return_exceptions=True)
+    assert isinstance(results[3], EntityNotFound) and "NOPE" in results[3].message
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
+    assert features.calls == [7]  # seven requests, one lookup
+
+
+async def test_decide_bad_input_names_the_field(demo: tuple[Path, FeatureFetcher]) -> None:
+    plane, features = _decide_plane(demo, staleness_s=60)
+    for body, field in ((b'{"model": "risk_mlp"}', "entities"),
+                        (b'{"model": "risk_mlp", "entities": [1]}', "entities.0"),
+                        (b"not json", "JSON")):
+        with pytest.raises(InvalidInput, match=field):
+            await plane.decide(body)
+    assert features.calls == []
+
+
+def test_the_feature_row_cache_honours_its_staleness_bound() -> None:
+    now = [1000.0]
+    cache = FeatureRowCache(FeatureCacheConfig(max_staleness_s=5, max_entries=2),
+                            clock=lambda: now[0])
+    entities = [{"k": "a"}, {"k": "b"}]
+    rows = FeatureRows(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32),
+                       {"view": [10.0, 20.0]})
+    cache.keep(entities, ["f1", "f2"], rows)
+    found, missing = cache.split(entities, ["f1", "f2"])
+    assert missing == [] and found[1] is not None and found[1].values.tolist() == [3.0, 4.0]
+    assert cache.split(entities, ["f2", "f1"])[1] == [0, 1]  # another feature list
+    now[0] += 5.01
+    assert cache.split(entities, ["f1", "f2"])[1] == [0, 1]  # older than the bound
+    cache.keep([{"k": "c"}], ["f1", "f2"], FeatureRows(np.ones((1, 2), np.float32), {}))
+    assert len(cache) == 2  # the LRU bound
+    assert cache.split([{"k": ["unhashable"]}], ["f1"])[1] == [0]
+    cache.reconfigure(FeatureCacheConfig(max_staleness_s=0))
+    assert len(cache) == 0 and not cache.enabled
