@@ -15,11 +15,12 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from baseline_fastapi import InferenceRequest, PlainOnnxModel, latest_model_file
 from fastapi import FastAPI
 from ray import serve
+from ray.serve import Deployment
 from raydriver import serve_until_stopped, start_local_ray
 
 app = FastAPI(title="naive-serve")
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port,
                     python_path=str(Path(__file__).resolve().parent))
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(OnnxService.bind(args.model, str(model_file)), name="naive", route_prefix="/")
+    # @serve.deployment returns a Deployment; Ray's stubs type it as the class.
+    serve.run(cast(Deployment, OnnxService).bind(args.model, str(model_file)), name="naive",
+              route_prefix="/")
     serve_until_stopped()
     return 0
 

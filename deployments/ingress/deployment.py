@@ -36,7 +36,7 @@ from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.ingress.ray_adapters import HandleFeatures, HandleLLM, HandleModels
 from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
-from deployments.observability.replica import observe_replica
+from deployments.observability.replica import observe_replica, replica_user_config
 from deployments.observability.slo import SloObserver, SloReport, process_recorder
 from deployments.repository import ModelRepository
 from deployments.settings import RedisSettings
@@ -177,17 +177,6 @@ def build_cache(config: CacheConfig, slo: SloObserver) -> PredictionCache:
     return cache
 
 
-def _replica_user_config() -> dict[str, Any]:
-    """This replica's ``user_config`` as Serve deploys it; empty outside a replica."""
-    try:
-        context = serve.get_replica_context()
-    except Exception:  # not running inside Serve
-        return {}
-    config = getattr(context, "_deployment_config", None)
-    value = getattr(config, "user_config", None)
-    return value if isinstance(value, dict) else {}
-
-
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
@@ -205,7 +194,7 @@ class Ingress:
         announce(self._auth)
         # Load the ingress-placed models on the versions user_config pins before the first
         # request (reconfigure() then finds them loaded), as an OnnxModel replica does.
-        self._config = parse_user_config(IngressConfig, _replica_user_config(), "Ingress")
+        self._config = parse_user_config(IngressConfig, replica_user_config(), "Ingress")
         self._embedded = (EmbeddedModels(ModelRepository(repository), embedded)
                           if embedded and repository else None)
         if self._embedded is not None:

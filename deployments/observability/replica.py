@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from opentelemetry.sdk.trace import SpanProcessor
 from ray import serve
@@ -21,6 +22,18 @@ log = logging.getLogger(__name__)
 #: The value for ``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH`` (or serve_config.yaml's
 #: ``tracing_config.exporter_import_path``) that sends Serve's and Keel's spans to OTLP.
 EXPORTER_IMPORT_PATH = "deployments.observability.replica:span_processors"
+
+
+def replica_user_config() -> dict[str, Any]:
+    """This replica's ``user_config`` as Serve deploys it; empty outside a replica. A
+    replica reads it in ``__init__`` to load what it pins before its first request."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # not running inside Serve
+        return {}
+    config = getattr(context, "_deployment_config", None)
+    value = getattr(config, "user_config", None)
+    return value if isinstance(value, dict) else {}
 
 
 def replica_identity() -> tuple[str | None, str | None]:

@@ -13,22 +13,11 @@ from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ConfigError, KeelError, parse_user_config
 from deployments.observability import catalog, tracing
 from deployments.observability.ray_metrics import make
-from deployments.observability.replica import observe_replica
+from deployments.observability.replica import observe_replica, replica_user_config
 from deployments.onnx.core import ModelVersions, OnnxModelConfig
 from deployments.repository import ModelRepository
 
 log = logging.getLogger(__name__)
-
-
-def _replica_user_config() -> dict[str, Any]:
-    """This replica's ``user_config`` as Serve deploys it; empty outside a replica."""
-    try:
-        context = serve.get_replica_context()
-    except Exception:  # not running inside Serve
-        return {}
-    config = getattr(context, "_deployment_config", None)
-    value = getattr(config, "user_config", None)
-    return value if isinstance(value, dict) else {}
 
 
 def _replica_max_ongoing_requests() -> int | None:
@@ -58,7 +47,7 @@ class OnnxModel:
         # Load the version user_config pins, not the latest: a replica that starts (a
         # replacement, a scale-up) while a newer, broken or half-copied version sits in the
         # repository must come up on the pinned one. reconfigure() then finds it loaded.
-        self._config = parse_user_config(OnnxModelConfig, _replica_user_config(), model_name)
+        self._config = parse_user_config(OnnxModelConfig, replica_user_config(), model_name)
         self._batch_sizes: Counter[int] = Counter()
         self._reloads = 0
         self._batch_metric = make(catalog.MODEL_BATCH_SIZE)
