@@ -48,7 +48,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 STAMP = "2026-11-27"
-MODEL = "risk_mlp"
+# The demo model in its own (autoscaled) deployment; the MLPs run in the ingress.
+MODEL = "risk_gbdt"
 WIDTH = 12
 
 

@@ -109,6 +109,11 @@ SERVERS: dict[str, Target] = {t.name: t for t in [
         BENCH_TARGETS["keel_haproxy"], name="keel_1r",
         description="keel with ONE Ingress replica (the shipped config runs two)",
         deployment_options={"Ingress": {"num_replicas": 1}}),
+    dataclasses.replace(
+        BENCH_TARGETS["keel_haproxy"], name="keel_nocache",
+        description="keel with the prediction cache off (the reference for what the cache "
+                    "costs on a workload without hits; not in the default run)",
+        deployment_options={"Ingress": {"user_config": {"cache": {"enabled": False}}}}),
     PeerTarget("kserve", "kserve",
                "KServe 0.21 python ModelServer, a kserve.Model over one ONNX Runtime "
                "session, 1 worker (KServe's defaults otherwise: gRPC server on, latency log "
@@ -123,7 +128,8 @@ SERVERS: dict[str, Target] = {t.name: t for t in [
                "baseline_fastapi.py: one uvicorn process, FastAPI + pydantic, one ONNX "
                "Runtime session, no batching"),
 ]}
-REFERENCES = ["kserve", "kserve_2w", "mlserver", "fastapi"]
+REFERENCES = ["kserve", "kserve_2w", "mlserver", "fastapi", "keel_1r", "keel_nocache"]
+DEFAULT_SERVERS = [name for name in SERVERS if name != "keel_nocache"]
 
 
 class PeerServer(Server):
@@ -653,7 +659,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="servers: " + "; ".join(f"{t.name}: {t.description}" for t in SERVERS.values())
         + ". points: " + "; ".join(f"{p.name}: {p.description}" for p in POINTS.values())
         + f"; {DECIDE}: /v1/decide, Keel vs baseline_decide.py (run_decide.py's machinery)")
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS),
+    parser.add_argument("--servers", nargs="+", default=DEFAULT_SERVERS, choices=list(SERVERS),
                         metavar="SERVER", help="which servers, in this order (each repeat)")
     parser.add_argument("--points", nargs="+", default=POINT_CHOICES, choices=POINT_CHOICES,
                         metavar="POINT", help="which points, in this order")
