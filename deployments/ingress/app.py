@@ -30,6 +30,7 @@ from deployments.ingress.dataplane import (
     SloSource,
     server_version,
 )
+from deployments.ingress.fastpath import HotRoutes
 from deployments.ingress.http import install_error_handlers
 from deployments.ingress.models import ModelBackend, ModelPool
 from deployments.ingress.rest_admin import add_admin_routes
@@ -88,7 +89,11 @@ def create_rest_app(plane: DataPlane, *, observer: RequestObserver | None = None
     openapi.install(app, [InferenceRequest, ChatRequest], auth_exempt=EXEMPT_ROUTES)
     # 2. handlers
     install_error_handlers(app)
-    # 3. middlewares
+    # 3. middlewares (the last added is the outermost): the hot routes straight to the data
+    # plane unless API keys are on (then every request takes the auth dependency), inside
+    # the one telemetry middleware
+    if not auth.enabled:
+        app.add_middleware(HotRoutes, plane=plane, routes=app)
     app.add_middleware(Telemetry, observer=observer)
     return app
 

@@ -21,12 +21,17 @@ def add_decide_routes(app: FastAPI, plane: DataPlane) -> None:
                   "application/json": {"schema": DecideRequest.model_json_schema()}}}},
               responses=openapi.errors(400, 404, 413, 415, 503, 504))
     async def decide(request: Request) -> Response:
-        body = await read_body(request, plane.config().max_body_bytes)
+        return await decide_response(plane, request)
 
-        def on_model(model: str) -> None:
-            request.scope[MODEL_SCOPE_KEY] = model
-            authorize(key_of(request.scope), model)
 
-        answer = await plane.decide(body, on_model)
-        return Response(answer.body, media_type="application/json",
-                        headers={"X-Keel-Cache": answer.cache})
+async def decide_response(plane: DataPlane, request: Request) -> Response:
+    """One decide request, body to answer (this route and the hot path, fastpath.py)."""
+    body = await read_body(request, plane.config().max_body_bytes)
+
+    def on_model(model: str) -> None:
+        request.scope[MODEL_SCOPE_KEY] = model
+        authorize(key_of(request.scope), model)
+
+    answer = await plane.decide(body, on_model)
+    return Response(answer.body, media_type="application/json",
+                    headers={"X-Keel-Cache": answer.cache})

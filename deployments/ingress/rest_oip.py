@@ -72,19 +72,22 @@ def add_oip_routes(app: FastAPI, plane: DataPlane) -> None:
     @app.post("/v2/models/{name}/infer", summary="Inference (served version)",
               responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
     async def infer(name: str, request: Request) -> Response:
-        return await _infer(name, None, request)
+        return await infer_response(plane, name, None, request)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference (one version)",
               responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
     async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await _infer(name, version, request)
+        return await infer_response(plane, name, version, request)
 
-    async def _infer(name: str, version: str | None, request: Request) -> Response:
-        plane.catalog.require(name)  # 404 before reading any body
-        body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
-        answer = await plane.infer(name, version, body, binary_json_length(request))
-        headers = {"X-Keel-Cache": answer.cache}
-        if answer.json_length is None:
-            return Response(answer.body, media_type="application/json", headers=headers)
-        headers["Inference-Header-Content-Length"] = str(answer.json_length)
-        return Response(answer.body, media_type="application/octet-stream", headers=headers)
+
+async def infer_response(plane: DataPlane, name: str, version: str | None,
+                         request: Request) -> Response:
+    """One infer request, body to answer (this route and the hot path, fastpath.py)."""
+    plane.catalog.require(name)  # 404 before reading any body
+    body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
+    answer = await plane.infer(name, version, body, binary_json_length(request))
+    headers = {"X-Keel-Cache": answer.cache}
+    if answer.json_length is None:
+        return Response(answer.body, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(answer.json_length)
+    return Response(answer.body, media_type="application/octet-stream", headers=headers)

@@ -572,3 +572,58 @@ def test_unreachable_or_overloaded_model_is_503_with_retry_after(
         assert "linear" in ready.json()["models"]
         model_ready = c.get("/v2/models/linear/ready")
         assert model_ready.status_code == 503 and model_ready.json()["ready"] is False
+
+
+# --- the hot routes (fastpath.py) answer exactly as the FastAPI routes do ------------------
+
+
+class _Routes:
+    """Records the route template and model of every answered request (as metrics do)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int]] = []
+
+    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+        self.seen.append((http_route, model, status))
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), [
+    ("/v2/models/linear/infer", _body(2), {}),
+    ("/v2/models/linear/versions/1/infer", _body(1), {}),
+    ("/v2/models/linear/infer", {"inputs": [{"name": "features", "shape": [1, 3],
+                                             "datatype": "FP32", "data": [1, 2, 3]}]}, {}),
+    ("/v2/models/nope/infer", _body(1), {}),
+    ("/v2/models/linear/versions/9/infer", _body(1), {}),
+    ("/v2/models/linear/infer", _body(1), {"content-type": "text/plain"}),
+    ("/v2/models/linear/infer", _body(1), {"content-encoding": "gzip"}),
+    ("/v1/decide", {"model": "linear", "entities": []}, {}),
+    ("/v1/decide", {"model": "linear", "entities": [{"symbol": "S"}]}, {}),
+])
+def test_the_hot_routes_answer_as_the_fastapi_routes(repository: Any, path: str,
+                                                     body: dict[str, Any],
+                                                     headers: dict[str, str]) -> None:
+    """With API keys off, infer and decide skip FastAPI's routing (fastpath.HotRoutes);
+    with them on, the FastAPI routes answer. Same status, same body, same route in metrics."""
+    from deployments.ingress.app import build_plane, create_rest_app
+    from deployments.ingress.auth import ApiKey, AuthConfig, hash_key
+    from deployments.ingress.fastpath import HotRoutes
+
+    key = "k-fastpath-0123456789abcdef-secret"
+    answers = []
+    for auth in (AuthConfig(), AuthConfig(enabled=True,
+                                          keys=(ApiKey(name="t", sha256=hash_key(key)),))):
+        observer = _Routes()
+        config = MutableIngressConfig(IngressConfig(max_body_bytes=4096))
+        plane = build_plane(InProcessModels(repository), config)
+        app = create_rest_app(plane, observer=observer, auth=auth)
+        hot = [m for m in app.user_middleware if m.cls is HotRoutes]
+        assert len(hot) == (0 if auth.enabled else 1)
+        with TestClient(app, raise_server_exceptions=False) as c:
+            response = c.post(path, content=json.dumps(body).encode(),
+                              headers={"content-type": "application/json", **headers,
+                                       "authorization": f"Bearer {key}"})
+        answers.append((response.status_code, response.json(), observer.seen))
+    fast, routed = answers
+    assert fast == routed
+    assert fast[2][0][0] in ("/v2/models/{name}/infer", "/v1/decide",
+                             "/v2/models/{name}/versions/{version}/infer")
