@@ -81,8 +81,15 @@ def serve_test_config(model_repo: Path, feature_repo: Path | None = None,
     app = config["applications"][0]
     app["args"]["model_repository"] = str(model_repo)
     # Placements only for the models this repository holds (build_app refuses others).
+    # Placements, and in-ingress model configs, only for the models this repository holds
+    # (build_app and the Ingress refuse others, as they would a typo).
     app["args"]["placement"] = {name: place for name, place in app["args"]["placement"].items()
                                 if (model_repo / name).is_dir()}
+    for dep in app["deployments"]:
+        if dep["name"] == "Ingress":
+            models = dep["user_config"].get("models", {})
+            dep["user_config"]["models"] = {name: config for name, config in models.items()
+                                            if (model_repo / name).is_dir()}
     app["args"]["feature_repo"] = str(feature_repo) if feature_repo else None
     if feature_repo is None:
         app["deployments"] = [d for d in app["deployments"] if d["name"] != "FeatureService"]
