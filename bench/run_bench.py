@@ -178,7 +178,10 @@ class Server:
         self.args = args
         self.log_path = log_path
         self.temp_dir = Path(tempfile.mkdtemp(prefix="kb-"))  # short: Ray's socket paths
-        self.port = free_port()
+        # Below the ephemeral range (and Ray's worker ports, 10002-19999): a port picked
+        # there can be taken by one of Ray's own gRPC servers before the server binds it
+        # (seen once: the benchmark's first request got Ray's HTTP/2 frames).
+        self.port = free_port_block(20000, 30000, 1)
         self.load_port = self.port
         self.direct_port: int | None = None
         self.direct_base = 0
