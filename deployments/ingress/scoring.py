@@ -37,6 +37,8 @@ class ModelCaller(Protocol):
 
     async def infer(self, name: str, call: InferCall) -> InferResult: ...
 
+    def placement(self, name: str) -> str: ...
+
 
 class CallObserver(Protocol):
     """Told how long each model call took, and whether it succeeded."""
@@ -126,7 +128,7 @@ class Predictor:
         result = await self._call(name, InferCall(inputs=inputs, version=version, outputs=outputs),
                                   deadline)
         if self.cache is not None:
-            self.cache.costs.compute(name, (time.perf_counter() - started) * 1000)
+            self.cache.costs.compute(name, self._compute_cost(name, started, result))
         self.catalog.saw_version(name, result.model_version)
         if result.model_version != spec.version:
             spec = await self.catalog.spec(name, result.model_version)
@@ -140,16 +142,18 @@ class Predictor:
         started = time.perf_counter()
         keys = cache.keys(name, spec.version, inputs)
         model_ms = 0.0
+        compute_cost = 0.0
         batch_size = 0
 
         async def compute(rows: list[int]) -> dict[str, np.ndarray]:
-            nonlocal model_ms, batch_size
+            nonlocal model_ms, compute_cost, batch_size
             began = time.perf_counter()
             index = np.asarray(rows, dtype=np.intp)
             subset = {k: v[index] for k, v in inputs.items()}
             result = await self._call(name, InferCall(inputs=subset, version=spec.version),
                                       deadline)
             model_ms += (time.perf_counter() - began) * 1000
+            compute_cost += self._compute_cost(name, began, result)
             batch_size = max(batch_size, result.batch_size)
             return result.outputs
 
@@ -164,10 +168,18 @@ class Predictor:
         total_ms = (time.perf_counter() - started) * 1000
         cache_ms = max(0.0, total_ms - model_ms)
         cache.costs.lookup(name, cache_ms)
-        if model_ms:
-            cache.costs.compute(name, model_ms)
+        if compute_cost:
+            cache.costs.compute(name, compute_cost)
         return Prediction(spec=spec, outputs=outputs, cache=list[str](statuses),
                           cache_ms=cache_ms, model_ms=model_ms, batch_size=batch_size)
+
+    def _compute_cost(self, name: str, started: float, result: InferResult) -> float:
+        """What computing the rows cost, for the cache's policy: for a model in the ingress,
+        its own run (the wait in this busy event loop is not the model's, and a lookup
+        would pay it too); for one behind a hop, the whole call."""
+        if self.backend.placement(name) == "ingress":
+            return result.model_ms
+        return (time.perf_counter() - started) * 1000
 
     async def _call(self, name: str, call: InferCall, deadline: float) -> InferResult:
         started = time.perf_counter()

@@ -307,3 +307,25 @@ def test_the_feature_row_cache_honours_its_staleness_bound() -> None:
     assert cache.split([{"k": ["unhashable"]}], ["f1"])[1] == [0]
     cache.reconfigure(FeatureCacheConfig(max_staleness_s=0))
     assert len(cache) == 0 and not cache.enabled
+
+
+async def test_auto_cache_steps_aside_for_a_model_in_the_ingress(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> None:
+    """An in-ingress model's cost is its own ONNX Runtime run (not the wait in a busy loop):
+    against a real Redis lookup it is cheaper, so its rows stop going through the cache."""
+    import uuid
+
+    from deployments.cache.core import CacheConfig, PredictionCache, redis_store
+
+    config = IngressConfig(cache=CacheConfig(key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:",
+                                             probe_interval_s=3600))
+    cache = PredictionCache(redis_store("redis://127.0.0.1:6379/0"), config.cache)
+    plane = DataPlane(pool[0], MutableIngressConfig(config), cache=cache)
+    answers = [await plane.infer("linear", None, _body(_rows(1, seed=200 + i)), None)
+               for i in range(20)]
+    assert answers[0].cache == "miss"  # costs unknown: measured once
+    assert [a.cache for a in answers[-10:]] == ["off"] * 10
+    state = plane.cache_state()["models"]["linear"]
+    assert state["in_use"] is False and state["compute_ms"] < state["lookup_ms"]
+    await cache.settled()
+    await cache.store.remote.client.aclose()  # type: ignore[union-attr]
