@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install prepare lint bench clean
+.PHONY: demo test install prepare lint bench clean protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,9 @@ bench: prepare
 
 clean:
 	rm -rf $(VENV) models/risk_mlp models/risk_gbdt models/risk_mlp_int8 models/.demo-build.json
+
+## Compile the gRPC protocol's .proto into the descriptor set Keel loads (after editing it).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Ideployments/ingress/protocol \
+		--descriptor_set_out=deployments/ingress/protocol/grpc_predict_v2.binpb \
+		deployments/ingress/protocol/grpc_predict_v2.proto

@@ -122,6 +122,11 @@ class KeelApp:
     config: dict[str, Any]
     client: Any = field(repr=False)
 
+    @property
+    def grpc_target(self) -> str:
+        """Where the Open Inference Protocol's gRPC service answers (HAProxy)."""
+        return f"127.0.0.1:{self.client.grpc_port}"
+
     def deployment(self, name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
         deployments = (config or self.config)["applications"][0]["deployments"]
         for dep in deployments:
@@ -201,8 +206,12 @@ def serve_client() -> Iterator[Any]:
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
              log_to_driver=False, _metrics_export_port=metrics_port)
-    client = serve_start(http_options={"host": "127.0.0.1", "port": port})
+    grpc_port = free_port()
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    client = serve_start(http_options={"host": "127.0.0.1", "port": port},
+                         grpc_options={**config["grpc_options"], "port": grpc_port})
     client.test_port = port
+    client.grpc_port = grpc_port  # HAProxy's gRPC frontend (serve_config.yaml grpc_options)
     client.metrics_port = metrics_port  # Ray's Prometheus endpoint on this node
     try:
         yield client

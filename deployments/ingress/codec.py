@@ -277,7 +277,7 @@ def encode_response(request: InferenceRequest, spec: ModelSpec, version: str,
         datatype = tensor.datatype if tensor is not None else "FP32"
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(value.shape)}
         if wants_binary(request, name):
-            blob = _to_binary(value, datatype)
+            blob = to_binary(value, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -311,7 +311,7 @@ def _to_json_list(value: np.ndarray, datatype: str) -> list[Any]:
     return list(flat.tolist())
 
 
-def _to_binary(value: np.ndarray, datatype: str) -> bytes:
+def to_binary(value: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         parts = []
         for v in value.reshape(-1):

@@ -30,7 +30,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.cache.core import CacheConfig, PredictionCache
-from deployments.contracts import DecideRequest, ModelStatus
+from deployments.contracts import DecideRequest, InferenceRequest, ModelStatus
 from deployments.errors import (
     DependencyUnavailable,
     InvalidInput,
@@ -45,7 +45,13 @@ from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache, a
 from deployments.ingress import codec
 from deployments.ingress.batching import Coalescer
 from deployments.ingress.models import ModelPool
-from deployments.ingress.scoring import CallObserver, Predictor, summarise, within_budget
+from deployments.ingress.scoring import (
+    CallObserver,
+    Prediction,
+    Predictor,
+    summarise,
+    within_budget,
+)
 from deployments.observability import tracing
 from deployments.observability.slo import SloReport
 from deployments.onnx.core import OnnxModelConfig
@@ -340,19 +346,24 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, body: bytes,
                     json_length: int | None) -> InferAnswer:
         """Open Inference Protocol infer: the body (JSON, or JSON + binary tensors)."""
-        settings = self.config()
-        deadline = time.monotonic() + settings.request_timeout_s
+        deadline = time.monotonic() + self.config().request_timeout_s
         self.catalog.require(name)
         parsed, binary = codec.parse_request(body, json_length)
-        spec = await self.catalog.spec(name, version)
-        inputs = codec.decode_inputs(parsed, spec, binary)
-        outputs = codec.requested_outputs(parsed, spec)
-        prediction = await self.predictor.predict(name, version, inputs, outputs,
-                                                  deadline=deadline)
+        prediction = await self.predict(name, version, parsed, binary, deadline)
         content, header_length = codec.encode_response(parsed, prediction.spec,
                                                        prediction.version, prediction.outputs)
         return InferAnswer(content, header_length, summarise(prediction.cache), name,
                            prediction.version)
+
+    async def predict(self, name: str, version: str | None, request: InferenceRequest,
+                      binary: bytes, deadline: float) -> Prediction:
+        """Infer on a parsed request (any transport's): its inputs checked against the
+        model's declared ones, then the cache where it pays and the model for the rest."""
+        self.catalog.require(name)
+        spec = await self.catalog.spec(name, version)
+        inputs = codec.decode_inputs(request, spec, binary)
+        outputs = codec.requested_outputs(request, spec)
+        return await self.predictor.predict(name, version, inputs, outputs, deadline=deadline)
 
     # --- decisions -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from google.protobuf.message import Message
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -32,6 +33,7 @@ from deployments.errors import parse_user_config
 from deployments.ingress.app import build_plane, create_rest_app
 from deployments.ingress.auth import announce, load_auth
 from deployments.ingress.dataplane import DataPlane, IngressConfig
+from deployments.ingress.grpc_oip import GrpcOip
 from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.ingress.ray_adapters import HandleFeatures, HandleLLM, HandleModels
 from deployments.observability import catalog
@@ -213,6 +215,7 @@ class Ingress:
                                              features=self._features, observer=self._metrics,
                                              slo=self._pusher, warm_up=self._warm_up)
         self._llm = HandleLLM(llm) if llm is not None else None
+        self._grpc = GrpcOip(self._plane, lambda: self._auth, self._metrics)
         # Serve builds replicas inside their event loop: warm every hop there, in the
         # background; /v2/health/ready answers 503 until it is done.
         with contextlib.suppress(RuntimeError):
@@ -259,3 +262,24 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_rest_app(self._plane, observer=self._metrics, llm=self._llm,
                                auth=self._auth)
+
+    # The Open Inference Protocol over gRPC (inference.GRPCInferenceService, registered by
+    # grpc_options in serve_config.yaml): Ray Serve calls the method of each call's name.
+
+    async def ServerLive(self, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call("ServerLive", request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call("ServerReady", request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call("ServerMetadata", request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call("ModelReady", request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call("ModelMetadata", request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call("ModelInfer", request, grpc_context)
