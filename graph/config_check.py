@@ -43,7 +43,7 @@ def check_serve_config(path: Path) -> list[str]:
         schema = ServeDeploySchema.model_validate(raw)
     except ValidationError as exc:
         return field_errors(exc, prefix=f"{path}: ")
-    problems: list[str] = []
+    problems: list[str] = grpc_problems(raw)
     for a, app in enumerate(schema.applications):
         where = f"applications[{a}] ({app.name})"
         if app.import_path != "graph.app:build_app":
@@ -80,4 +80,28 @@ def check_serve_config(path: Path) -> list[str]:
                     config.check_max_ongoing_requests(limit)
                 except KeelError as exc:
                     problems.append(f"{dep_where}: {exc.message}")
+    return problems
+
+
+def grpc_problems(raw: dict[str, Any]) -> list[str]:
+    """``grpc_options``: every servicer function importable and callable, and a port of
+    its own (Ray would only find out when a replica starts its gRPC server)."""
+    from ray._common.utils import import_attr
+
+    grpc = raw.get("grpc_options") or {}
+    problems: list[str] = []
+    for i, path in enumerate(grpc.get("grpc_servicer_functions") or []):
+        try:
+            function = import_attr(path)
+        except (ImportError, AttributeError, ValueError) as exc:
+            problems.append(f"grpc_options.grpc_servicer_functions[{i}]: cannot import "
+                            f"{path!r} ({exc.__class__.__name__}: {exc})")
+            continue
+        if not callable(function):
+            problems.append(f"grpc_options.grpc_servicer_functions[{i}]: {path!r} is not a "
+                            f"function")
+    http_port = (raw.get("http_options") or {}).get("port", 8000)
+    if grpc.get("grpc_servicer_functions") and grpc.get("port", 9000) == http_port:
+        problems.append(f"grpc_options.port: {grpc.get('port', 9000)} is also "
+                        f"http_options.port; gRPC needs a port of its own")
     return problems

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import KeelError, field_errors
+from deployments.ingress.dataplane import IngressConfig
 from graph.config_check import check_serve_config
 
 SERVE_CONFIG = "serve_config.yaml"
@@ -265,16 +266,44 @@ def _container(name: str, image: str, size: PodSize, env: list[dict[str, Any]],
     }
 
 
+def serve_grpc_port(config: dict[str, Any]) -> int | None:
+    """The gRPC port of the serve config (``None`` when no gRPC service is registered)."""
+    grpc = config.get("grpc_options") or {}
+    return int(grpc.get("port", 9000)) if grpc.get("grpc_servicer_functions") else None
+
+
+#: Room over the body limit for gRPC's own framing of a message.
+GRPC_FRAMING_BYTES = 64 * 1024
+
+
+def grpc_message_limit(config: dict[str, Any]) -> int:
+    """The largest gRPC message Serve's servers take (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``,
+    default 2 GiB): the largest Ingress ``max_body_bytes`` (REST's body limit) plus framing
+    room, so an oversized message is refused before it is read in full."""
+    default = IngressConfig().max_body_bytes
+    limits = [int((dep.get("user_config") or {}).get("max_body_bytes", default))
+              for app in config.get("applications") or []
+              for dep in app.get("deployments") or [] if dep.get("name") == "Ingress"]
+    return max(limits or [default]) + GRPC_FRAMING_BYTES
+
+
 def rayservice(config: dict[str, Any], cluster: ClusterSpec, image: str,
                feature_store_yaml: str) -> dict[str, Any]:
     """The RayService: ``serveConfigV2`` is ``config`` as YAML text."""
     env = keel_env(cluster, feature_store_yaml)
+    http_port = int((config.get("http_options") or {}).get("port", 8000))
+    grpc_port = serve_grpc_port(config)
+    serve_ports = [{"containerPort": http_port, "name": "serve"}]
+    if grpc_port is not None:
+        serve_ports.append({"containerPort": grpc_port, "name": "grpc"})
+        env.append({"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE",
+                    "value": str(grpc_message_limit(config))})
     head_ports = [{"containerPort": 6379, "name": "gcs-server"},
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"},
-                  {"containerPort": 8000, "name": "serve"},
+                  *serve_ports,
                   {"containerPort": 8080, "name": "metrics"}]
-    worker_ports = [{"containerPort": 8080, "name": "metrics"}]
+    worker_ports = [*serve_ports, {"containerPort": 8080, "name": "metrics"}]
     redis_password = {"valueFrom": {"secretKeyRef": {"name": cluster.redis.secret,
                                                      "key": cluster.redis.password_key}}}
     return {
@@ -284,6 +313,14 @@ def rayservice(config: dict[str, Any], cluster: ClusterSpec, image: str,
                      "labels": {"app.kubernetes.io/name": "keel"}},
         "spec": {
             "serveConfigV2": yaml.safe_dump(config, sort_keys=False, width=100),
+            # The Service in front of the pods that run Serve: HTTP, and the Open Inference
+            # Protocol's gRPC port when grpc_options registers it (KubeRay's default Service
+            # carries the HTTP port only).
+            "serveService": {
+                "metadata": {"name": f"{cluster.name}-serve-svc"},
+                "spec": {"ports": [{"name": p["name"], "port": p["containerPort"],
+                                    "targetPort": p["containerPort"]} for p in serve_ports]},
+            },
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 # Ray 2.60 token authentication for the dashboard and GCS (KubeRay keeps

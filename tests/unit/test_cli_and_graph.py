@@ -159,3 +159,24 @@ def test_build_app_binds_the_feature_service(tmp_path: Path,
 def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEEL_MODEL_REPOSITORY", str(tmp_path))
     assert resolve_repository("models") == tmp_path.resolve()
+
+
+@pytest.mark.parametrize(
+    ("grpc_options", "expected"),
+    [({"port": 9000, "grpc_servicer_functions": ["deployments.ingress.nope.add"]},
+      "grpc_options.grpc_servicer_functions[0]: cannot import"),
+     ({"port": 9000, "grpc_servicer_functions": ["deployments.ingress.grpc_protocol.SERVICE"]},
+      "is not a function"),
+     ({"port": 8000, "grpc_servicer_functions":
+       ["deployments.ingress.grpc_protocol.add_inference_servicer"]},
+      "grpc_options.port: 8000 is also http_options.port")],
+    ids=["unimportable", "not-callable", "port-clash"],
+)
+def test_grpc_options_errors_name_the_field(tmp_path: Path, grpc_options: dict[str, Any],
+                                            expected: str) -> None:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["grpc_options"] = grpc_options
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    problems = check_serve_config(path)
+    assert any(expected in p for p in problems), problems
