@@ -44,6 +44,7 @@ def check_serve_config(path: Path) -> list[str]:
     except ValidationError as exc:
         return field_errors(exc, prefix=f"{path}: ")
     problems: list[str] = grpc_problems(raw)
+    grpc_on = bool((raw.get("grpc_options") or {}).get("grpc_servicer_functions"))
     for a, app in enumerate(schema.applications):
         where = f"applications[{a}] ({app.name})"
         if app.import_path != "graph.app:build_app":
@@ -69,6 +70,8 @@ def check_serve_config(path: Path) -> list[str]:
                                 f"(args.placement); configure it under the Ingress's "
                                 f"user_config.models.{dep.name} instead")
                 continue
+            if isinstance(config, IngressConfig) and grpc_on:
+                problems += grpc_ceiling_problems(app.runtime_env or {}, config, where)
             if isinstance(config, IngressConfig):
                 stray = sorted(set(config.models) - in_ingress)
                 if stray:
@@ -105,3 +108,27 @@ def grpc_problems(raw: dict[str, Any]) -> list[str]:
         problems.append(f"grpc_options.port: {grpc.get('port', 9000)} is also "
                         f"http_options.port; gRPC needs a port of its own")
     return problems
+
+
+#: The environment variable Serve's gRPC servers read their message ceiling from.
+GRPC_CEILING_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+
+
+def grpc_ceiling_problems(runtime_env: dict[str, Any], ingress: IngressConfig,
+                          where: str) -> list[str]:
+    """The application's gRPC message ceiling must be set, and not below the Ingress's
+    ``max_body_bytes`` (Ray's default, 2 GiB, would read any message in full first)."""
+    field = f"{where}.runtime_env.env_vars.{GRPC_CEILING_ENV}"
+    value = (runtime_env.get("env_vars") or {}).get(GRPC_CEILING_ENV)
+    suggested = ingress.max_body_bytes + 64 * 1024
+    if value is None:
+        return [f"{field}: not set; gRPC is on, so set it to the Ingress's max_body_bytes "
+                f"+ 64 KiB ({suggested})"]
+    try:
+        ceiling = int(value)
+    except (TypeError, ValueError):
+        return [f"{field}: {value!r} is not a number of bytes"]
+    if ceiling < ingress.max_body_bytes:
+        return [f"{field}: {ceiling} is below the Ingress's max_body_bytes "
+                f"({ingress.max_body_bytes}); set it to {suggested}"]
+    return []

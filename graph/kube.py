@@ -22,7 +22,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import KeelError, field_errors
-from deployments.ingress.dataplane import IngressConfig
 from graph.config_check import check_serve_config
 
 SERVE_CONFIG = "serve_config.yaml"
@@ -272,21 +271,6 @@ def serve_grpc_port(config: dict[str, Any]) -> int | None:
     return int(grpc.get("port", 9000)) if grpc.get("grpc_servicer_functions") else None
 
 
-#: Room over the body limit for gRPC's own framing of a message.
-GRPC_FRAMING_BYTES = 64 * 1024
-
-
-def grpc_message_limit(config: dict[str, Any]) -> int:
-    """The largest gRPC message Serve's servers take (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``,
-    default 2 GiB): the largest Ingress ``max_body_bytes`` (REST's body limit) plus framing
-    room, so an oversized message is refused before it is read in full."""
-    default = IngressConfig().max_body_bytes
-    limits = [int((dep.get("user_config") or {}).get("max_body_bytes", default))
-              for app in config.get("applications") or []
-              for dep in app.get("deployments") or [] if dep.get("name") == "Ingress"]
-    return max(limits or [default]) + GRPC_FRAMING_BYTES
-
-
 def rayservice(config: dict[str, Any], cluster: ClusterSpec, image: str,
                feature_store_yaml: str) -> dict[str, Any]:
     """The RayService: ``serveConfigV2`` is ``config`` as YAML text."""
@@ -296,8 +280,6 @@ def rayservice(config: dict[str, Any], cluster: ClusterSpec, image: str,
     serve_ports = [{"containerPort": http_port, "name": "serve"}]
     if grpc_port is not None:
         serve_ports.append({"containerPort": grpc_port, "name": "grpc"})
-        env.append({"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE",
-                    "value": str(grpc_message_limit(config))})
     head_ports = [{"containerPort": 6379, "name": "gcs-server"},
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"},

@@ -94,7 +94,8 @@ def serve_test_config(model_repo: Path, feature_repo: Path | None = None,
     if feature_repo is None:
         app["deployments"] = [d for d in app["deployments"] if d["name"] != "FeatureService"]
     if redis_url is not None:
-        app["runtime_env"] = {"env_vars": {"KEEL_REDIS_URL": redis_url}}
+        env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env_vars["KEEL_REDIS_URL"] = redis_url
     for dep in app["deployments"]:
         if dep["name"] == "Ingress":
             # risk_mlp (in the ingress) always goes through the prediction cache, so the

@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,16 +23,37 @@ import numpy as np
 import pytest
 
 from deployments.ingress import grpc_protocol as pb
-from tests.conftest import KeelApp
+from deployments.ingress.auth import hash_key
+from tests.conftest import APP_NAME, KeelApp, serve_test_config
 from tests.serve.test_backpressure import SLOW_BATCH_S, changed, served_rows
 
 pytestmark = pytest.mark.slow
 
 
+class ToApplication(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Names the application in every call's metadata, as a client must while Serve runs
+    more than one (other test modules deploy theirs alongside, and HAProxy's routes
+    follow a removal with a delay)."""
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+
+    def _named(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), ("application", self.app)])
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
+                              request: Any) -> Any:
+        return continuation(self._named(client_call_details), request)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
+                                request_iterator: Any) -> Any:  # server reflection
+        return continuation(self._named(client_call_details), request_iterator)
+
+
 @pytest.fixture(scope="module")
 def stub(keel_app: KeelApp) -> Iterator[pb.InferenceStub]:
     with grpc.insecure_channel(keel_app.grpc_target) as channel:
-        yield pb.InferenceStub(channel)
+        yield pb.InferenceStub(grpc.intercept_channel(channel, ToApplication(APP_NAME)))
 
 
 def rows(n: int, seed: int, width: int = 12) -> np.ndarray:
@@ -87,14 +109,19 @@ def test_bad_input_over_grpc_names_the_field_and_the_next_call_is_answered(
 
 def test_an_oversized_message_is_resource_exhausted_naming_the_limit(
         stub: pb.InferenceStub, keel_app: KeelApp) -> None:
+    """Just over max_body_bytes: Keel's answer naming the knob. Far over it: refused by
+    Serve's gRPC server (the application's RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) unread."""
     limit = keel_app.deployment("Ingress")["user_config"]["max_body_bytes"]
-    x = rows(limit // (12 * 4) + 1, seed=4)
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.ModelInfer(raw_request("risk_mlp", x), timeout=60)
-    error: Any = caught.value
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
-    assert "max_body_bytes" in error.details() or "larger than max" in error.details()
-    assert stub.ModelInfer(raw_request("risk_mlp", rows(2, seed=4)), timeout=30).outputs
+    ceiling = int(keel_app.config["applications"][0]["runtime_env"]["env_vars"][
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"])
+    for rows_, says in ((limit // (12 * 4) + 1, "max_body_bytes"),
+                        (ceiling // (12 * 4) + 1, "larger than max")):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(raw_request("risk_mlp", rows(rows_, seed=4)), timeout=60)
+        error: Any = caught.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert says in error.details(), error.details()
+        assert stub.ModelInfer(raw_request("risk_mlp", rows(2, seed=4)), timeout=30).outputs
 
 
 def test_a_client_deadline_cancels_the_work_downstream(stub: pb.InferenceStub,
@@ -154,14 +181,15 @@ KSERVE_CLIENT = textwrap.dedent("""
 
     async def main(target, rows):
         client = InferenceGRPCClient(url=target, timeout=30)
-        out = {"live": await client.is_server_live(),
-               "ready": await client.is_server_ready(),
-               "model_ready": await client.is_model_ready("risk_gbdt")}
+        app = [("application", "keel")]  # names the Serve application (see ToApplication)
+        out = {"live": await client.is_server_live(headers=app),
+               "ready": await client.is_server_ready(headers=app),
+               "model_ready": await client.is_model_ready("risk_gbdt", headers=app)}
         x = np.asarray(rows, dtype=np.float32)
         tensor = InferInput(name="features", shape=list(x.shape), datatype="FP32")
         tensor.set_data_from_numpy(x, binary_data=True)
         answer = await client.infer(InferRequest(model_name="risk_gbdt", infer_inputs=[tensor],
-                                                 request_id="ks-1"))
+                                                 request_id="ks-1"), headers=app)
         out["id"] = answer.id
         out["outputs"] = {o.name: o.as_numpy().tolist() for o in answer.outputs}
         await client.close()
@@ -186,3 +214,60 @@ def test_the_kserve_sdks_grpc_client_gets_rests_answers(keel_app: KeelApp) -> No
     for output in rest.json()["outputs"]:
         np.testing.assert_allclose(np.asarray(got["outputs"][output["name"]]).reshape(-1),
                                    np.asarray(output["data"]).reshape(-1), rtol=1e-6)
+
+
+def test_server_reflection_describes_the_service(keel_app: KeelApp) -> None:
+    """What grpcurl and grpcui ask: the service and its methods, without the .proto."""
+    from google.protobuf import descriptor_pool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(keel_app.grpc_target) as channel:
+        database = ProtoReflectionDescriptorDatabase(
+            grpc.intercept_channel(channel, ToApplication(APP_NAME)))
+        assert pb.SERVICE in database.get_services()
+        service = descriptor_pool.DescriptorPool(database).FindServiceByName(pb.SERVICE)
+        assert {m.name for m in service.methods} == set(pb.METHODS)
+        infer = service.methods_by_name["ModelInfer"]
+        assert infer.input_type.fields_by_name["raw_input_contents"].number == 7
+
+
+AUTH_APP = "keel-grpc-auth"
+
+
+def test_api_keys_over_grpc_come_from_the_metadata(keel_app: KeelApp,
+                                                   model_repo: Path) -> None:
+    """A second application with KEEL_AUTH=on; gRPC picks it by the ``application``
+    metadata (with two applications, Serve's HAProxy needs it to route)."""
+    app = serve_test_config(model_repo)["applications"][0]
+    keys = [{"name": "all", "sha256": hash_key("k-all")},
+            {"name": "gbdt-only", "sha256": hash_key("k-gbdt"), "models": ["risk_gbdt"]}]
+    app.update(name=AUTH_APP, route_prefix="/grpc-auth", runtime_env={"env_vars": {
+        **app["runtime_env"]["env_vars"], "KEEL_AUTH": "on", "KEEL_API_KEYS": json.dumps(keys)}})
+    app["args"].update(models=["linear"], llm=False, placement={})
+    app["deployments"] = [d for d in app["deployments"]
+                          if d["name"] in ("Ingress", "SloMonitor", "linear")]
+    next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"]["models"] = {}
+    with keel_app.alongside(app), grpc.insecure_channel(keel_app.grpc_target) as channel:
+        stub = pb.InferenceStub(channel)
+        to_app = (("application", AUTH_APP),)
+        request = raw_request("linear", rows(1, seed=8, width=4))
+
+        def code_of(metadata: tuple[tuple[str, str], ...]) -> tuple[Any, str]:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, metadata=to_app + metadata, timeout=30)
+            error: Any = caught.value
+            return error.code(), error.details()
+
+        code, details = code_of(())
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "API key is required" in details
+        code, _ = code_of((("authorization", "Bearer wrong"),))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        code, details = code_of((("authorization", "Bearer k-gbdt"),))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "'linear'" in details
+        answer = stub.ModelInfer(request, timeout=30,
+                                 metadata=(*to_app, ("authorization", "Bearer k-all")))
+        assert answer.model_name == "linear"
+        assert stub.ServerLive(pb.message("ServerLiveRequest")(), metadata=to_app,
+                               timeout=30).live

@@ -180,3 +180,22 @@ def test_grpc_options_errors_name_the_field(tmp_path: Path, grpc_options: dict[s
     path.write_text(yaml.safe_dump(config))
     problems = check_serve_config(path)
     assert any(expected in p for p in problems), problems
+
+
+def test_the_grpc_message_ceiling_is_checked_against_the_body_limit(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    assert int(app["runtime_env"]["env_vars"]["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) >= \
+        _dep(app, "Ingress")["user_config"]["max_body_bytes"]
+    path = tmp_path / "serve_config.yaml"
+    app["runtime_env"]["env_vars"]["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = "1024"
+    path.write_text(yaml.safe_dump(config))
+    [problem] = check_serve_config(path)
+    assert "runtime_env.env_vars.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: 1024 is below" in problem
+    del app["runtime_env"]
+    path.write_text(yaml.safe_dump(config))
+    [problem] = check_serve_config(path)
+    assert "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: not set" in problem
+    del config["grpc_options"]  # no gRPC: no ceiling needed
+    path.write_text(yaml.safe_dump(config))
+    assert check_serve_config(path) == []
