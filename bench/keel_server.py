@@ -1,10 +1,16 @@
 """Keel under the benchmark: ``serve run serve_config.yaml`` on a chosen port.
 
 It runs Ray Serve's own ``serve run`` command (non-blocking) on a copy of the
-config whose ``http_options`` (and ``grpc_options``) port is changed, inside a
+config whose ``http_options`` and ``grpc_options`` ports are changed, inside a
 private local Ray instance (see ``raydriver``), then waits for control commands
-on stdin. ``stats`` reports the batch sizes each model deployment saw
-(``OnnxModel.stats()``, summed over its replicas) and the replica counts.
+on stdin. Before starting it prints the ports it serves on, one JSON line::
+
+    BENCH-SERVER-PORTS {"http": 8200, "grpc": 23456}
+
+(``"grpc": null`` when the config names no ``grpc_options.grpc_servicer_functions``:
+Serve then runs no gRPC server.) ``--grpc-port`` defaults to a free port. ``stats``
+reports the batch sizes each model deployment saw (``OnnxModel.stats()``, summed over
+its replicas) and the replica counts.
 
 Ray Serve's environment switches (``RAY_SERVE_THROUGHPUT_OPTIMIZED``,
 ``RAY_SERVE_ENABLE_HA_PROXY``, the direct-ingress port range, ...) are read
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import socket
 import sys
 import tempfile
 import threading
@@ -38,6 +46,27 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
             _merge(into[key], value)
         else:
             into[key] = value
+
+
+def pick_free_port(low: int = 20000, high: int = 30000) -> int:
+    """A port nothing listens on, below the ephemeral range (as run_bench picks the HTTP
+    port: one of Ray's own gRPC servers may take an ephemeral port before Serve binds)."""
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def grpc_enabled(config: dict[str, Any]) -> bool:
+    """Whether Serve runs a gRPC server for this config (it does when
+    ``grpc_options.grpc_servicer_functions`` names at least one function)."""
+    return bool((config.get("grpc_options") or {}).get("grpc_servicer_functions"))
 
 
 def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
@@ -143,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO_ROOT / "serve_config.yaml"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8200)
-    parser.add_argument("--grpc-port", type=int, default=9200)
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="port of Serve's gRPC server (grpc_options.port; with HAProxy "
+                             "on, HAProxy's gRPC frontend); default: a free port")
     parser.add_argument("--temp-dir", default=None, help="Ray temp dir (default: a new one)")
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="start Ray's dashboard on this port (as `serve run` does)")
@@ -166,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         args.model_user_config = {**(args.model_user_config or {}),
                                   "max_batch_size": args.max_batch_size}
 
+    if args.grpc_port is None:
+        args.grpc_port = pick_free_port()
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
                                temp_dir, args.model_user_config, args.ingress_user_config,
                                args.deployment_options)
+    with_grpc = grpc_enabled(yaml.safe_load(config_path.read_text()))
+    print("BENCH-SERVER-PORTS " + json.dumps(
+        {"http": args.port, "grpc": args.grpc_port if with_grpc else None}), flush=True)
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port,
                     metrics_export_port=args.metrics_export_port)
 

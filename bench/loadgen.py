@@ -28,8 +28,9 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import numpy as np
@@ -128,18 +129,22 @@ class LoadResult:
         return asdict(self)
 
 
-class _Bodies:
-    """Where the workers take their next body: strided (worker i sends bodies i, i+c, ...,
-    so concurrent requests differ) or from one shared sequence in order."""
+T = TypeVar("T")
 
-    def __init__(self, bodies: list[bytes], stride: int, shared: bool) -> None:
+
+class BodySequence(Generic[T]):
+    """Where the workers take their next body: strided (worker i sends bodies i, i+c, ...,
+    so concurrent requests differ) or from one shared sequence in order. (The gRPC load
+    generator, ``grpc_load``, takes its prepared requests the same way.)"""
+
+    def __init__(self, bodies: Sequence[T], stride: int, shared: bool) -> None:
         self.bodies = bodies
         self.stride = stride
         self.shared = shared
         self.sent = 0
         self._next = [0] if shared else list(range(stride))
 
-    def take(self, worker: int) -> bytes:
+    def take(self, worker: int) -> T:
         slot = 0 if self.shared else worker
         index = self._next[slot]
         self._next[slot] += 1 if self.shared else self.stride
@@ -147,8 +152,8 @@ class _Bodies:
         return self.bodies[index % len(self.bodies)]
 
 
-async def _worker(session: aiohttp.ClientSession, url: str, bodies: _Bodies, worker: int,
-                  window: tuple[float, float], latencies: list[float],
+async def _worker(session: aiohttp.ClientSession, url: str, bodies: BodySequence[bytes],
+                  worker: int, window: tuple[float, float], latencies: list[float],
                   statuses: Counter[str], samples: list[list[str]],
                   counts: Counter[str], timeout: aiohttp.ClientTimeout) -> None:
     start, end = window
@@ -210,13 +215,23 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
         begin = time.perf_counter()
         window = (begin + warmup_s, begin + warmup_s + duration_s)
         # Workers start at different points of the pool so concurrent requests differ.
-        sequence = _Bodies(pool, max(1, concurrency), shared_sequence)
+        sequence = BodySequence(pool, max(1, concurrency), shared_sequence)
         await asyncio.gather(*(
             _worker(session, url, sequence, i, window, latencies, statuses, samples,
                     counts, timeout)
             for i in range(concurrency)))
-    result = LoadResult(url=url, concurrency=concurrency, duration_s=duration_s,
-                        warmup_s=warmup_s)
+    return summarise_window(LoadResult(url=url, concurrency=concurrency,
+                                       duration_s=duration_s, warmup_s=warmup_s),
+                            latencies, statuses, samples, counts, sequence)
+
+
+def summarise_window(result: LoadResult, latencies: list[float], statuses: Counter[str],
+                     samples: list[list[str]], counts: Counter[str],
+                     sequence: BodySequence[Any]) -> LoadResult:
+    """Fill ``result`` with what the workers recorded: ``latencies`` (s) of the requests
+    that succeeded in the window, ``statuses`` of all requests of the window, the error
+    ``samples``, the warm-up and drained ``counts``, and how far ``sequence`` went."""
+    duration_s = result.duration_s
     result.ok = len(latencies)
     result.requests = sum(statuses.values())
     result.errors = result.requests - result.ok
@@ -227,7 +242,7 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
     result.warmup_requests = counts["warmup"]
     result.drained_requests = counts["drained"]
     result.bodies_sent = sequence.sent
-    result.bodies_available = len(pool)
+    result.bodies_available = len(sequence.bodies)
     if latencies:
         ms = np.asarray(latencies) * 1000.0
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])

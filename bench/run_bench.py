@@ -183,6 +183,10 @@ class Server:
         # (seen once: the benchmark's first request got Ray's HTTP/2 frames).
         self.port = free_port_block(20000, 30000, 1)
         self.load_port = self.port
+        #: Where Keel's gRPC server (grpc_options.port) listens, if its config has one.
+        self.grpc_port = self.port
+        while self.grpc_port == self.port:
+            self.grpc_port = free_port_block(20000, 30000, 1)
         self.direct_port: int | None = None
         self.direct_base = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -233,7 +237,7 @@ class Server:
             if self.target.deployment_options:
                 extra += ["--deployment-options", json.dumps(self.target.deployment_options)]
             return [PYTHON, str(BENCH_DIR / "keel_server.py"), "--config", str(a.config),
-                    "--grpc-port", str(free_port()), *common, *ray_common, *extra]
+                    "--grpc-port", str(self.grpc_port), *common, *ray_common, *extra]
         if self.target.kind == "naive":
             return [PYTHON, str(BENCH_DIR / "naive_serve.py"), "--model", a.model,
                     "--repository", str(a.repository), *common, *ray_common]

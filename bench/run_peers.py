@@ -1,13 +1,18 @@
 """Keel side by side with the servers a platform engineer would pick instead.
 
 One run, the same model (``risk_mlp``, the latest version in ``models/``), the same Open
-Inference Protocol REST call (``POST /v2/models/risk_mlp/infer``, FP32 ``features``
-``[rows, 12]``), the same closed-loop aiohttp load generator (``loadgen``):
+Inference Protocol calls, REST (``POST /v2/models/risk_mlp/infer``, FP32 ``features``
+``[rows, 12]``, by the closed-loop aiohttp load generator ``loadgen``) and gRPC
+(``inference.GRPCInferenceService/ModelInfer``, the same input as
+``raw_input_contents``, by its closed-loop ``grpc.aio`` twin ``grpc_load``; the ``grpc_*``
+points, for every server with a gRPC port: all but FastAPI):
 
 - ``keel``: Keel as ``make demo`` runs it (run_bench's ``keel_haproxy`` target:
   ``serve run serve_config.yaml`` via ``keel_server.py`` with
-  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``; only the port and the
-  cache's key prefix differ from the shipped config);
+  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``; only the ports and the
+  cache's key prefix differ from the shipped config; gRPC through HAProxy's gRPC frontend
+  on ``grpc_options.port``, when the config has ``grpc_options``: else Keel's gRPC points
+  are marked unavailable);
 - ``kserve`` / ``kserve_2w``: KServe 0.21's python ``ModelServer`` with a ``kserve.Model``
   over ONNX Runtime (``peers.py``), 1 worker / ``--workers 2``;
 - ``mlserver``: MLServer 1.7 with an ``MLModel`` over ONNX Runtime (``peers.py``),
@@ -16,13 +21,18 @@ Inference Protocol REST call (``POST /v2/models/risk_mlp/infer``, FP32 ``feature
 
 KServe and MLServer each run from their own venv under ``bench/.venvs/`` (made on first
 use). For each repeat, each server in turn is started, checked (one 4-row request whose
-answer must match ONNX Runtime's, computed here, and Keel's), driven through the points,
-and stopped with its whole process tree. With the ``decide`` point, each repeat also runs
-``run_decide.py``'s Keel and ``baseline_decide`` servers (hit and miss workloads).
-Writes ``results/<date>-peers.json`` (every repeat, the medians, Keel's ratios) and
-``.png``; ``--markdown`` prints the tables.
+answer must match ONNX Runtime's, computed here, and Keel's; with gRPC points, the same
+4 rows over gRPC too, whose answer must match ONNX Runtime's and the server's REST
+answer), driven through the points, and stopped with its whole process tree. With the
+``decide`` point, each repeat also runs ``run_decide.py``'s Keel and ``baseline_decide``
+servers (hit and miss workloads).
+Writes ``results/<date>-peers.json`` (every repeat, the medians, Keel's ratios: to each
+peer, and Keel gRPC to Keel REST and to the best peer's gRPC) and ``.png``;
+``--markdown`` prints the tables. ``--points`` takes point names and groups: ``rest``
+(c1 c8 c32 c8x64), ``grpc`` (their gRPC twins), ``zipf``, ``decide``.
 
     .venv/bin/python bench/run_peers.py --markdown          # the full default run
+    .venv/bin/python bench/run_peers.py --points rest grpc --markdown   # REST + gRPC only
     .venv/bin/python bench/run_peers.py --servers kserve mlserver fastapi \\
         --duration 2 --warmup 1 --repeats 1                 # a smoke run
     .venv/bin/python bench/run_peers.py --render bench/results/2026-12-02-peers.json
@@ -47,10 +57,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc_load
 import numpy as np
 import peers
 import psutil
 import run_decide
+import yaml
 from baseline_fastapi import latest_model_file
 from decide_load import make_workload
 from loadgen import install_fast_loop, make_row_bodies, make_zipf_bodies, run_load
@@ -65,6 +78,7 @@ from run_bench import (
     free_port,
     log,
     median_rows,
+    ratio,
     ratios_against,
 )
 from run_bench import TARGETS as BENCH_TARGETS
@@ -119,7 +133,8 @@ SERVERS: dict[str, Target] = {t.name: t for t in [
                "session, 1 worker (KServe's defaults otherwise: gRPC server on, latency log "
                "line per request)", venv="kserve"),
     PeerTarget("kserve_2w", "kserve", "the same with --workers 2 (two uvicorn processes "
-               "spawned by KServe's RESTServerMultiProcess)", workers=2, venv="kserve"),
+               "spawned by KServe's RESTServerMultiProcess; its gRPC server stays one, in "
+               "the parent process)", workers=2, venv="kserve"),
     PeerTarget("mlserver", "mlserver",
                "MLServer 1.7, an MLModel over one ONNX Runtime session, adaptive batching "
                "(max_batch_size 32, max_batch_time 2 ms), MLServer's defaults otherwise (one "
@@ -129,6 +144,8 @@ SERVERS: dict[str, Target] = {t.name: t for t in [
                "Runtime session, no batching"),
 ]}
 REFERENCES = ["kserve", "kserve_2w", "mlserver", "fastapi", "keel_1r", "keel_nocache"]
+#: The servers that are not Keel (for "Keel gRPC / the best peer's gRPC").
+PEERS = ["kserve", "kserve_2w", "mlserver", "fastapi"]
 DEFAULT_SERVERS = [name for name in SERVERS if name != "keel_nocache"]
 
 
@@ -157,15 +174,35 @@ class PeerServer(Server):
                     json.dumps({"cache": {"key_prefix": KEEL_KEY_PREFIX}})]
         if isinstance(target, PeerTarget) and target.kind == "kserve":
             return peers.kserve_argv(self.venvs["kserve"], a.model, model_file, self.port,
-                                     grpc_port=free_port(), workers=target.workers)
+                                     grpc_port=self.grpc_port, workers=target.workers)
         if target.kind == "mlserver":
             folder = peers.write_mlserver_config(
                 self.temp_dir / "mlserver", a.model, model_file, self.port,
-                grpc_port=free_port(), metrics_port=free_port(),
+                grpc_port=self.grpc_port, metrics_port=free_port(),
                 max_batch_size=a.mlserver_max_batch_size,
                 max_batch_time_s=a.mlserver_max_batch_time)
             return peers.mlserver_argv(self.venvs["mlserver"], folder)
         return super()._argv()  # the FastAPI baseline
+
+    def grpc_unavailable(self) -> str | None:
+        """Why the server has no OIP gRPC endpoint to measure (None: it has one)."""
+        if self.target.kind in ("kserve", "mlserver"):
+            return None
+        if self.target.kind == "keel":
+            return keel_grpc_unavailable(self.args.config)
+        return "no gRPC server (FastAPI/uvicorn serves HTTP only)"
+
+    def grpc_target(self) -> str:
+        """``host:port`` of its gRPC server: KServe's ``--grpc_port``, MLServer's
+        ``grpc_port`` setting, or Keel's ``grpc_options.port`` (HAProxy's gRPC frontend)."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def grpc_metadata(self) -> list[tuple[str, str]]:
+        """Metadata on every call: Keel's application name (Serve's gRPC routing key;
+        optional while the config has one application), none for the peers."""
+        if self.target.kind != "keel":
+            return []
+        return [("application", keel_app_name(self.args.config))]
 
     def cpu_snapshot(self) -> dict[int, tuple[float, float]]:
         """pid -> (own CPU s, CPU s of its children that exited and were waited for), for
@@ -178,6 +215,28 @@ class PeerServer(Server):
                 snapshot[pid] = (times.user + times.system,
                                  times.children_user + times.children_system)
         return snapshot
+
+
+def _keel_config(config: Path) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(config.read_text()) or {}
+    return document
+
+
+def keel_grpc_unavailable(config: Path) -> str | None:
+    """Why Keel's config serves no gRPC (None when ``grpc_options`` names a servicer
+    function: Serve then runs its gRPC server, behind HAProxy with HA proxy on)."""
+    try:
+        options = _keel_config(config).get("grpc_options") or {}
+    except (OSError, yaml.YAMLError) as exc:
+        return f"cannot read {_rel(config)}: {exc}"
+    if not options.get("grpc_servicer_functions"):
+        return f"{_rel(config)} has no grpc_options.grpc_servicer_functions (no gRPC server)"
+    return None
+
+
+def keel_app_name(config: Path) -> str:
+    applications = _keel_config(config).get("applications") or [{}]
+    return str(applications[0].get("name", "default"))
 
 
 def cpu_delta(before: dict[int, tuple[float, float]],
@@ -212,6 +271,13 @@ class Point:
     #: fixed pool by a Zipf law (a cache can hit).
     mix: str
     description: str
+    #: "rest": OIP REST (``loadgen``); "grpc": OIP gRPC ModelInfer (``grpc_load``).
+    protocol: str = "rest"
+
+    @property
+    def rest_twin(self) -> str:
+        """The REST point a gRPC point mirrors (its own name for a REST point)."""
+        return self.name.removeprefix("grpc_")
 
 
 POINTS: dict[str, Point] = {p.name: p for p in [
@@ -222,9 +288,35 @@ POINTS: dict[str, Point] = {p.name: p for p in [
     Point("zipf_c8", 8, 1, "zipf", "8 clients, 1 row per request, rows repeating by a Zipf "
           "law over a fixed pool"),
     Point("zipf_c32", 32, 1, "zipf", "32 clients, the same mix"),
+    Point("grpc_c1", 1, 1, "unique", "c1 over gRPC (ModelInfer, raw_input_contents)",
+          "grpc"),
+    Point("grpc_c8", 8, 1, "unique", "c8 over gRPC", "grpc"),
+    Point("grpc_c32", 32, 1, "unique", "c32 over gRPC", "grpc"),
+    Point("grpc_c8x64", 8, 64, "unique", "c8x64 over gRPC", "grpc"),
 ]}
 DECIDE = "decide"
-POINT_CHOICES = [*POINTS, DECIDE]
+#: Names that stand for several points on the command line.
+POINT_GROUPS: dict[str, list[str]] = {
+    "rest": ["c1", "c8", "c32", "c8x64"],
+    "grpc": ["grpc_c1", "grpc_c8", "grpc_c32", "grpc_c8x64"],
+    "zipf": ["zipf_c8", "zipf_c32"],
+}
+POINT_CHOICES = [*POINTS, DECIDE, *POINT_GROUPS]
+#: The default run: every point, then /v1/decide.
+DEFAULT_POINTS = [*POINTS, DECIDE]
+TITLES = {"c1": "c=1", "c8": "c=8", "c32": "c=32", "c8x64": "c=8, 64 rows",
+          "zipf_c8": "Zipf c=8", "zipf_c32": "Zipf c=32"}
+PROTOCOL_TITLES = {"rest": "OIP REST infer", "grpc": "OIP gRPC ModelInfer"}
+
+
+def expand_points(names: list[str]) -> list[str]:
+    """Point names with the groups replaced by their points, each once, in order."""
+    expanded: list[str] = []
+    for name in names:
+        for point in POINT_GROUPS.get(name, [name]):
+            if point not in expanded:
+                expanded.append(point)
+    return expanded
 METRICS = ["rps", "rows_per_s", "p50_ms", "p95_ms", "p99_ms", "error_rate", "server_cores",
            "cpu_ms_per_request", "client_cores"]
 
@@ -249,19 +341,25 @@ def bodies_for(args: argparse.Namespace, repeat: int, point: Point) -> list[byte
 
 
 class BodyCache:
-    """The bodies of the current repeat, made once and kept for every server of it."""
+    """The bodies of the current repeat, made once and kept for every server of it: JSON
+    bodies for a REST point, ``ModelInferRequest`` messages for a gRPC point (made from
+    bodies of the same kind, drawn with the gRPC point's own seed: Keel's in-process cache
+    layers outlive the Redis keys emptied between points, so no point repeats another's
+    rows)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.repeat = 0
-        self.bodies: dict[str, list[bytes]] = {}
+        self.bodies: dict[str, list[Any]] = {}
 
-    def get(self, repeat: int, point: Point) -> list[bytes]:
+    def get(self, repeat: int, point: Point) -> list[Any]:
         if repeat != self.repeat:
             self.repeat, self.bodies = repeat, {}
         if point.name not in self.bodies:
             began = time.monotonic()
-            self.bodies[point.name] = bodies_for(self.args, repeat, point)
+            bodies = bodies_for(self.args, repeat, point)
+            self.bodies[point.name] = (grpc_load.requests_from_bodies(bodies, self.args.model)
+                                       if point.protocol == "grpc" else bodies)
             log(f"  bodies of {point.name} (repeat {repeat}): {len(self.bodies[point.name])} "
                 f"in {time.monotonic() - began:.1f} s")
         return self.bodies[point.name]
@@ -315,9 +413,10 @@ def keel_key_reset(server: Server, redis: Any) -> int | None:
     return deleted
 
 
-def measure_point(server: PeerServer, point: Point, bodies: list[bytes],
+def measure_point(server: PeerServer, point: Point, bodies: list[Any],
                   args: argparse.Namespace) -> dict[str, Any]:
-    """One point: the load, and the server's CPU over the measured window."""
+    """One point: the load (REST or gRPC), and the server's CPU over the measured
+    window."""
     marks: dict[str, Any] = {}
 
     def window_opens() -> None:
@@ -328,9 +427,15 @@ def measure_point(server: PeerServer, point: Point, bodies: list[bytes],
     timer = threading.Timer(args.warmup, window_opens)
     timer.start()
     try:
-        result = asyncio.run(run_load(server.infer_url(), point.concurrency, args.duration,
-                                      args.warmup, bodies, args.request_timeout,
-                                      shared_sequence=True))
+        if point.protocol == "grpc":
+            result = asyncio.run(grpc_load.run_grpc_load(
+                server.grpc_target(), point.concurrency, args.duration, args.warmup, bodies,
+                args.request_timeout, model=args.model, channels=args.grpc_channels,
+                shared_sequence=True, metadata=server.grpc_metadata()))
+        else:
+            result = asyncio.run(run_load(server.infer_url(), point.concurrency,
+                                          args.duration, args.warmup, bodies,
+                                          args.request_timeout, shared_sequence=True))
     finally:
         timer.cancel()
     if "t" not in marks:  # the load ended before the timer fired (a broken server)
@@ -340,7 +445,8 @@ def measure_point(server: PeerServer, point: Point, bodies: list[bytes],
     client = own_cpu_seconds() - marks["client"]
     row = result.to_dict()
     row.update({
-        "point": point.name, "rows_per_request": point.rows, "mix": point.mix,
+        "point": point.name, "protocol": point.protocol, "rows_per_request": point.rows,
+        "mix": point.mix,
         "rows_per_s": result.rps * point.rows,
         "server_cpu_s": round(cpu, 3), "cpu_wall_s": round(wall, 3),
         "server_cores": cpu / wall if wall > 0 else None,
@@ -362,6 +468,40 @@ def kserve_worker_restarts(log_path: Path) -> int | None:
     return None
 
 
+def grpc_probe(server: PeerServer, probe: bytes, args: argparse.Namespace,
+               expected: dict[str, np.ndarray], rest_answer: dict[str, np.ndarray]
+               ) -> dict[str, Any]:
+    """The 4-row probe over gRPC once the server answers it (retried for up to
+    ``--grpc-ready-timeout`` s: behind HAProxy, Keel's gRPC backends come up after its
+    HTTP ones), compared with ONNX Runtime's answer and the server's REST answer."""
+    request = grpc_load.request_from_body(probe, args.model)
+    began = time.monotonic()
+    deadline = began + args.grpc_ready_timeout
+    attempts = 0
+    while True:
+        server._check_alive()
+        attempts += 1
+        try:
+            response = grpc_load.infer_once(server.grpc_target(), request,
+                                            min(10.0, args.request_timeout),
+                                            server.grpc_metadata())
+            break
+        except grpc.RpcError as exc:
+            status, detail = grpc_load.describe_error(exc)
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"{server.target.name}: gRPC ModelInfer on "
+                                   f"{server.grpc_target()} answered {status} for "
+                                   f"{args.grpc_ready_timeout:g} s ({attempts} tries): "
+                                   f"{detail[:500]}") from exc
+            time.sleep(0.5)
+    answer = grpc_load.outputs_of(response)
+    return {"target": server.grpc_target(), "ready_s": round(time.monotonic() - began, 2),
+            "attempts": attempts,
+            "answer": {k: v.tolist() for k, v in answer.items()},
+            "agreement": {"reference": compare(answer, expected),
+                          "rest": compare(answer, rest_answer)}}
+
+
 def run_server(target: Target, repeat: int, args: argparse.Namespace, points: list[Point],
                bodies: BodyCache, probe: bytes, expected: dict[str, np.ndarray],
                keel_answer: dict[str, np.ndarray] | None, venvs: dict[str, Path],
@@ -381,6 +521,8 @@ def run_server(target: Target, repeat: int, args: argparse.Namespace, points: li
         run["startup_s"] = round(time.monotonic() - began, 2)
         run["ports"] = {"http": server.port, "load": server.load_port}
         answer = outputs_of(run["probe"]["probe_answer"])
+        skipped: dict[str, str] = {}
+        run["skipped_points"] = skipped
         run["agreement"] = {
             "reference": compare(answer, expected),
             "keel": compare(answer, keel_answer) if keel_answer is not None else None,
@@ -391,7 +533,35 @@ def run_server(target: Target, repeat: int, args: argparse.Namespace, points: li
         if not run["agreement"]["reference"]["match"] or (
                 run["agreement"]["keel"] is not None and not run["agreement"]["keel"]["match"]):
             raise ServerFailed(f"{target.name}: the 4-row answer differs: {run['agreement']}")
+        if any(p.protocol == "grpc" for p in points):
+            reason = server.grpc_unavailable()
+            if reason is None:
+                run["ports"]["grpc"] = server.grpc_port
+                try:
+                    run["grpc"] = grpc_probe(server, probe, args, expected, answer)
+                    agreement = run["grpc"]["agreement"]
+                    log(f"{target.name} r{repeat}: gRPC on {run['grpc']['target']} answers "
+                        f"after {run['grpc']['ready_s']} s, matches ONNX Runtime: "
+                        f"{agreement['reference']['match']}, its REST answer: "
+                        f"{agreement['rest']['match']}")
+                    if not (agreement["reference"]["match"] and agreement["rest"]["match"]):
+                        reason = f"the 4-row gRPC answer differs: {agreement}"
+                        run["grpc"]["error"] = reason
+                except ServerFailed as exc:
+                    reason = str(exc)
+                    run["grpc"] = {"target": server.grpc_target(), "error": reason}
+                if reason is not None:
+                    failed = True
+                    log(f"{target.name} r{repeat}: gRPC FAILED, its gRPC points skipped: "
+                        f"{reason[:500]}")
+            else:
+                run["grpc"] = {"unavailable": reason}
+                log(f"{target.name} r{repeat}: gRPC points skipped: {reason}")
+            if reason is not None:
+                skipped.update({p.name: reason for p in points if p.protocol == "grpc"})
         for point in points:
+            if point.name in skipped:
+                continue
             point_bodies = bodies.get(repeat, point)
             deleted = keel_key_reset(server, redis)
             row = measure_point(server, point, point_bodies, args)
@@ -468,8 +638,42 @@ def run_decide_repeat(repeat: int, dargs: argparse.Namespace, redis: Any,
 # --------------------------------------------------------------------------- summary
 
 
+def ratio_with_cpu(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """run_bench's ``ratio`` (req/s, p50, p95, p99) plus rows/s and CPU ms per request."""
+    found: dict[str, Any] = ratio(row, reference)
+    for metric in ("rows_per_s", "cpu_ms_per_request"):
+        found[metric] = (row[metric] / reference[metric]
+                         if row.get(metric) and reference.get(metric) else None)
+    return found
+
+
+def grpc_ratios(medians: dict[str, dict[str, dict[str, Any]]], servers: list[str],
+                points: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Keel over gRPC: ÷ Keel over REST per point (``keel_grpc/keel_rest``, keyed by the
+    gRPC point), and ÷ the peer whose gRPC did the most rows/s at that point
+    (``keel_grpc/best_peer_grpc``, the peer named)."""
+    keel = medians.get("keel", {})
+    vs_rest: dict[str, dict[str, Any]] = {}
+    vs_best: dict[str, dict[str, Any]] = {}
+    for name in points:
+        point = POINTS[name]
+        if point.protocol != "grpc" or name not in keel:
+            continue
+        if point.rest_twin in keel:
+            vs_rest[name] = ratio_with_cpu(keel[name], keel[point.rest_twin])
+        measured = {peer: medians[peer][name] for peer in PEERS
+                    if peer in servers and name in medians.get(peer, {})
+                    and medians[peer][name].get("rows_per_s")}
+        if measured:
+            best = max(measured, key=lambda peer: measured[peer]["rows_per_s"])
+            vs_best[name] = {"peer": best, **ratio_with_cpu(keel[name], measured[best])}
+    return {"keel_grpc/keel_rest": vs_rest, "keel_grpc/best_peer_grpc": vs_best}
+
+
 def summarise(document: dict[str, Any]) -> dict[str, Any]:
-    """Medians per (server, point) over the repeats; Keel's ratios to each peer."""
+    """Medians per (server, point) over the repeats; Keel's ratios to each peer, and of
+    its gRPC to its REST and to the best peer's gRPC; the answer checks; the points
+    each server skipped (no gRPC)."""
     servers = document["settings"]["servers"]
     points = [p for p in document["settings"]["points"] if p in POINTS]
     runs = document["runs"]
@@ -491,10 +695,13 @@ def summarise(document: dict[str, Any]) -> dict[str, Any]:
                     keel["cpu_ms_per_request"] / other["cpu_ms_per_request"]
                     if keel["cpu_ms_per_request"] and other["cpu_ms_per_request"] else None)
             ratios[f"keel/{reference}"] = by_point
+    by_grpc = grpc_ratios(medians, servers, points) if "keel" in servers else {}
     agreement: dict[str, dict[str, Any]] = {}
     for name in servers:
         checked = [r["agreement"] for r in runs if r["server"] == name and "agreement" in r]
         keel_checks = [a["keel"] for a in checked if a.get("keel") is not None]
+        grpc_checks = [r["grpc"]["agreement"] for r in runs
+                       if r["server"] == name and "agreement" in r.get("grpc", {})]
         agreement[name] = {
             "runs": len(checked),
             "matches_reference": all(a["reference"]["match"] for a in checked) if checked
@@ -503,8 +710,19 @@ def summarise(document: dict[str, Any]) -> dict[str, Any]:
             "max_abs_diff_vs_keel": max(
                 (d for k in keel_checks for d in k["max_abs_diff"].values() if d is not None),
                 default=None),
+            "grpc_runs": len(grpc_checks),
+            "grpc_matches_reference": all(g["reference"]["match"] for g in grpc_checks)
+            if grpc_checks else None,
+            "grpc_matches_rest": all(g["rest"]["match"] for g in grpc_checks)
+            if grpc_checks else None,
         }
-    return {"medians": medians, "ratios": ratios, "agreement": agreement}
+    skipped: dict[str, dict[str, str]] = {}
+    for run in runs:
+        for point, reason in run.get("skipped_points", {}).items():
+            kind = "unavailable" if "unavailable" in run.get("grpc", {}) else "failed"
+            skipped.setdefault(run["server"], {})[point] = f"{kind}: {reason}"
+    return {"medians": medians, "ratios": ratios, "grpc_ratios": by_grpc,
+            "agreement": agreement, "skipped": skipped}
 
 
 def summarise_decide(decide: dict[str, Any]) -> dict[str, Any]:
@@ -525,8 +743,16 @@ def _compact(value: float | None) -> str:
     return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:,.0f}"
 
 
+def _cell_missing(document: dict[str, Any], server: str, point: str) -> str:
+    """What a table shows for a point without medians: "n/a" where the server has no
+    gRPC to measure, else "failed"."""
+    reason = document.get("skipped", {}).get(server, {}).get(point, "")
+    return "n/a" if reason.startswith("unavailable") else "failed"
+
+
 def markdown(document: dict[str, Any]) -> str:
-    """The medians as markdown tables: the headline, the details, Keel's ratios, the
+    """The medians as markdown tables: the headline (one per protocol), the details,
+    Keel's ratios (to each peer; its gRPC to its REST and to the best peer's gRPC), the
     answer check, and the decide tables."""
     settings = document["settings"]
     servers = settings["servers"]
@@ -538,27 +764,32 @@ def markdown(document: dict[str, Any]) -> str:
         lines += [f"req/s (p95 ms), medians of {repeats} (the 64-row column: rows/s); "
                   f"{settings['duration']:g} s per point after {settings['warmup']:g} s of "
                   f"warm-up, {document['environment']['cpu_count']} CPUs shared by the "
-                  "servers and the load generator", ""]
-        titles = {"c1": "c=1", "c8": "c=8", "c32": "c=32", "c8x64": "c=8, 64 rows",
-                  "zipf_c8": "Zipf c=8", "zipf_c32": "Zipf c=32"}
-        lines.append("| server | " + " | ".join(titles[p.name] for p in points)
-                     + " | server CPU at c=8 |")
-        lines.append("|---|" + "---:|" * (len(points) + 1))
-        for name in servers:
-            cells = []
-            for point in points:
-                row = medians.get(name, {}).get(point.name)
-                if row is None:
-                    cells.append("failed")
-                    continue
-                value = row["rows_per_s"] if point.rows > 1 else row["rps"]
-                unit = " rows/s" if point.rows > 1 else ""
-                cells.append(f"{_compact(value)}{unit} ({_fmt(row['p95_ms'])})")
-            c8 = medians.get(name, {}).get("c8") or {}
-            cpu = (f"{c8['server_cores']:.2f} cores, {c8['cpu_ms_per_request']:.2f} ms/req"
-                   if c8.get("server_cores") is not None
-                   and c8.get("cpu_ms_per_request") is not None else "-")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {cpu} |")
+                  "servers and the load generator"]
+        for protocol, title in PROTOCOL_TITLES.items():
+            chosen = [p for p in points if p.protocol == protocol]
+            if not chosen:
+                continue
+            c8 = "c8" if protocol == "rest" else "grpc_c8"
+            lines += ["", f"{title}:", "",
+                      "| server | " + " | ".join(TITLES[p.rest_twin] for p in chosen)
+                      + f" | server CPU at {TITLES['c8']} |",
+                      "|---|" + "---:|" * (len(chosen) + 1)]
+            for name in servers:
+                cells = []
+                for point in chosen:
+                    row = medians.get(name, {}).get(point.name)
+                    if row is None:
+                        cells.append(_cell_missing(document, name, point.name))
+                        continue
+                    value = row["rows_per_s"] if point.rows > 1 else row["rps"]
+                    unit = " rows/s" if point.rows > 1 else ""
+                    cells.append(f"{_compact(value)}{unit} ({_fmt(row['p95_ms'])})")
+                c8_row = medians.get(name, {}).get(c8) or {}
+                cpu = (f"{c8_row['server_cores']:.2f} cores, "
+                       f"{c8_row['cpu_ms_per_request']:.2f} ms/req"
+                       if c8_row.get("server_cores") is not None
+                       and c8_row.get("cpu_ms_per_request") is not None else "-")
+                lines.append(f"| {name} | " + " | ".join(cells) + f" | {cpu} |")
         lines += ["", "| server | point | req/s | rows/s | p50 ms | p95 ms | p99 ms | errors | "
                   "server cores | server CPU ms/req | client cores |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -566,7 +797,8 @@ def markdown(document: dict[str, Any]) -> str:
             for point in points:
                 row = medians.get(name, {}).get(point.name)
                 if row is None:
-                    lines.append(f"| {name} | {point.name} | failed | | | | | | | | |")
+                    lines.append(f"| {name} | {point.name} | "
+                                 f"{_cell_missing(document, name, point.name)} | | | | | | | | |")
                     continue
                 mark = " (wrapped)" if row.get("wrapped") else ""
                 lines.append(
@@ -585,19 +817,39 @@ def markdown(document: dict[str, Any]) -> str:
                 lines.append(f"| {key} | {point_name} | {_fmt(row['rps'], 2)} | "
                              f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | "
                              f"{_fmt(row['p99_ms'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} |")
+    by_grpc = document.get("grpc_ratios") or {}
+    if any(by_grpc.values()):
+        lines += ["", "Keel over gRPC ÷ Keel over REST (the same point), and ÷ the peer whose "
+                  "gRPC did the most rows/s at that point", "",
+                  "| ratio | point | over | req/s | rows/s | p50 | p95 | p99 | CPU ms/req |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key, by_point in by_grpc.items():
+            for point_name, row in by_point.items():
+                lines.append(f"| {key} | {point_name} | {row.get('peer', 'keel REST')} | "
+                             f"{_fmt(row['rps'], 2)} | {_fmt(row.get('rows_per_s'), 2)} | "
+                             f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | "
+                             f"{_fmt(row['p99_ms'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} |")
     if any(check["runs"] for check in document.get("agreement", {}).values()):
+        with_grpc = any(check.get("grpc_runs") for check in document["agreement"].values())
+        grpc_head = " gRPC answer = ONNX Runtime's | gRPC = its REST |" if with_grpc else ""
         lines += ["", "| server | 4-row answer = ONNX Runtime's | = Keel's | max abs diff "
-                  "vs Keel |", "|---|---|---|---:|"]
+                  f"vs Keel |{grpc_head}",
+                  "|---|---|---|---:|" + ("---|---|" if with_grpc else "")]
         flag = {True: "yes", False: "**no**", None: "-"}
         for name, check in document["agreement"].items():
             if not check["runs"]:
                 continue
             diff = check["max_abs_diff_vs_keel"]
+            grpc_cells = (f" {flag[check.get('grpc_matches_reference')]} | "
+                          f"{flag[check.get('grpc_matches_rest')]} |" if with_grpc else "")
             lines.append(f"| {name} | {flag[check['matches_reference']]} | "
                          f"{'(itself)' if name == 'keel' else flag[check['matches_keel']]} | "
-                         f"{'-' if diff is None else f'{diff:.2e}'} |")
+                         f"{'-' if diff is None else f'{diff:.2e}'} |{grpc_cells}")
     for name, reason in document.get("unavailable", {}).items():
         lines.append(f"\n{name}: not measured: {reason}")
+    for name, by_point in document.get("skipped", {}).items():
+        reasons = sorted(set(by_point.values()))
+        lines.append(f"\n{name}: {', '.join(by_point)} not measured: {'; '.join(reasons)}")
     decide = document.get("decide")
     if decide and decide.get("medians"):
         dargs = argparse.Namespace(**decide["settings"])
@@ -609,7 +861,8 @@ def markdown(document: dict[str, Any]) -> str:
 
 
 def plot(document: dict[str, Any], path: Path) -> None:
-    """Median req/s and p95 per point, one bar per server (log scales)."""
+    """Median req/s and p95 per point, one bar per server (log scales); the gRPC points
+    (``grpc_*``) beside the REST ones, hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -619,7 +872,11 @@ def plot(document: dict[str, Any], path: Path) -> None:
     servers = settings["servers"]
     points = [p for p in settings["points"] if p in POINTS]
     medians = document.get("medians", {})
-    fig, (ax_rps, ax_p95) = plt.subplots(1, 2, figsize=(13, 4.8))
+    # Side by side for the REST points alone; one above the other when gRPC adds points.
+    wide = len(points) > 6
+    fig, (ax_rps, ax_p95) = plt.subplots(*((2, 1) if wide else (1, 2)),
+                                         figsize=(max(13.0, 1.5 * len(points)), 9.0)
+                                         if wide else (13, 4.8))
     width = 0.8 / max(1, len(servers))
     xs = np.arange(len(points))
     for i, name in enumerate(servers):
@@ -628,19 +885,28 @@ def plot(document: dict[str, Any], path: Path) -> None:
         for ax, metric in ((ax_rps, "rps"), (ax_p95, "p95_ms")):
             values = [r.get(metric) or float("nan") for r in rows]
             # Keel outlined, as run_bench draws Keel solid and the references dashed.
-            ax.bar(offset, values, width, label=name,
-                   edgecolor="black" if name == "keel" else "none")
+            bars = ax.bar(offset, values, width, label=name,
+                          edgecolor="black" if name == "keel" else "none")
+            color = bars.patches[0].get_facecolor() if bars.patches else None
+            for bar, point in zip(bars.patches, points, strict=True):
+                if POINTS[point].protocol == "grpc":
+                    bar.set_hatch("//")
+                    bar.set_edgecolor("black" if name == "keel" else "white")
+                    if color is not None:
+                        bar.set_facecolor(color)
     for ax, ylabel in ((ax_rps, "requests/s (median, log)"),
                        (ax_p95, "p95 latency, ms (median, log)")):
         ax.set_yscale("log")
         ax.set_xticks(xs, points)
         ax.set_xlabel("point (c: concurrent clients; x64: rows per request; zipf: "
-                      "repeating rows)", fontsize=8)
+                      "repeating rows; grpc_, hatched: OIP gRPC ModelInfer)", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", axis="y", alpha=0.3)
     if servers:
         ax_rps.legend(fontsize=8)
-    fig.suptitle(f"{settings['model']}, OIP REST infer, {document['environment']['cpu_count']} "
+    protocols = " and ".join(PROTOCOL_TITLES[p] for p in PROTOCOL_TITLES
+                             if any(POINTS[n].protocol == p for n in points)) or "OIP"
+    fig.suptitle(f"{settings['model']}, {protocols}, {document['environment']['cpu_count']} "
                  f"CPUs shared by server and load generator, {settings['duration']:g} s per "
                  f"point, median of {settings['repeats']}", fontsize=10)
     fig.tight_layout()
@@ -654,15 +920,17 @@ def plot(document: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Keel vs KServe, MLServer and one FastAPI process: same model, same OIP "
-                    "REST call, same load generator, one run.",
+                    "REST and gRPC calls, same load generators, one run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="servers: " + "; ".join(f"{t.name}: {t.description}" for t in SERVERS.values())
         + ". points: " + "; ".join(f"{p.name}: {p.description}" for p in POINTS.values())
-        + f"; {DECIDE}: /v1/decide, Keel vs baseline_decide.py (run_decide.py's machinery)")
+        + f"; {DECIDE}: /v1/decide, Keel vs baseline_decide.py (run_decide.py's machinery)"
+        + ". point groups: " + "; ".join(f"{g}: {' '.join(n)}" for g, n in POINT_GROUPS.items()))
     parser.add_argument("--servers", nargs="+", default=DEFAULT_SERVERS, choices=list(SERVERS),
                         metavar="SERVER", help="which servers, in this order (each repeat)")
-    parser.add_argument("--points", nargs="+", default=POINT_CHOICES, choices=POINT_CHOICES,
-                        metavar="POINT", help="which points, in this order")
+    parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, choices=POINT_CHOICES,
+                        metavar="POINT", help="which points, in this order (names or groups: "
+                        "rest, grpc, zipf; e.g. `--points rest grpc`)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured s per point")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
     parser.add_argument("--repeats", type=int, default=3, help="whole sweeps; medians over them")
@@ -698,6 +966,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "Keel's venv was made from)")
     parser.add_argument("--reinstall", action="store_true", help="make the peers' venvs anew")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="per request, s")
+    parser.add_argument("--grpc-channels", type=int, default=4,
+                        help="gRPC channels (HTTP/2 connections) the workers of a gRPC point "
+                             "share, at most one per worker")
+    parser.add_argument("--grpc-ready-timeout", type=float, default=60.0,
+                        help="s to wait, once a server answers REST, for its gRPC answer")
     parser.add_argument("--startup-timeout", type=float, default=240.0,
                         help="s to wait for a server to be ready")
     parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
@@ -705,9 +978,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
                         help="where the JSON, the PNG and the server logs go")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.duration <= 0 or args.warmup < 0 \
+    if args.repeats < 1 or args.duration <= 0 or args.warmup < 0 or args.grpc_channels < 1 \
             or any(c < 1 for c in args.decide_concurrency):
-        parser.error("--repeats and concurrencies must be >= 1, --duration > 0, --warmup >= 0")
+        parser.error("--repeats, --grpc-channels and concurrencies must be >= 1, --duration > 0, "
+                     "--warmup >= 0")
+    args.points = expand_points(args.points)
     args.repository, args.config, args.out, args.venvs = (
         p.resolve() for p in (args.repository, args.config, args.out, args.venvs))
     return args
@@ -855,11 +1130,15 @@ def main(argv: list[str] | None = None) -> int:
                     run_decide.delete_prefix(redis, prefix)
     save()
     png_path = json_path.with_suffix(".png")
-    plot(document, png_path)
+    try:
+        plot(document, png_path)
+        wrote = f"{_rel(json_path)} and {_rel(png_path)}"
+    except ImportError as exc:  # matplotlib is in the `bench` extra
+        wrote = _rel(json_path)
+        log(f"no PNG ({exc}): `pip install -e '.[bench]'`, then --render {_rel(json_path)}")
     if args.markdown:
         print(markdown(document))
-    log(f"wrote {_rel(json_path)} and {_rel(png_path)} in {document['elapsed_s']} s; "
-        f"server logs in {_rel(logs_dir)}")
+    log(f"wrote {wrote} in {document['elapsed_s']} s; server logs in {_rel(logs_dir)}")
     return 130 if interrupted else 0
 
 
