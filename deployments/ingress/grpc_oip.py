@@ -100,6 +100,8 @@ def metadata_of(context: GrpcContext) -> dict[str, str]:
 
 def parameters_of(params: Mapping[str, Any]) -> dict[str, Any]:
     """A protobuf ``map<string, InferParameter>`` as the plain dict REST bodies carry."""
+    if not params:
+        return {}
     out: dict[str, Any] = {}
     for key, value in params.items():
         choice = value.WhichOneof("parameter_choice")
@@ -122,7 +124,7 @@ def to_request(message: Any) -> tuple[InferenceRequest, bytes]:
         params.pop("binary_data_size", None)  # Keel sets it from the contents it carries
         data: list[Any] | None = None
         if raw:
-            if _typed_fields(tensor.contents):
+            if tensor.HasField("contents") and _typed_fields(tensor.contents):
                 raise InvalidInput(f"input {tensor.name!r}: has typed contents but the "
                                    f"request carries raw_input_contents (use one or the other)")
             blob = raw[index]
@@ -236,7 +238,9 @@ class GrpcOip:
         started = time.perf_counter()
         status = 500
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
-        metadata = metadata_of(context)
+        auth = self._auth()
+        # The metadata is read only where it is used (API keys, the client's trace).
+        metadata = metadata_of(context) if auth.enabled or tracing.enabled() else {}
         token = _attach_trace(metadata)
         try:
             with tracing.span("keel.request", {"rpc.system": "grpc",
@@ -244,7 +248,7 @@ class GrpcOip:
                                                "rpc.method": method},
                               kind=SpanKind.SERVER) as span:
                 try:
-                    key = self._key(method, metadata, model)
+                    key = self._key(auth, method, metadata, model)
                     response = await self._methods[method](request, key)
                     status = 200
                     return response
@@ -264,8 +268,9 @@ class GrpcOip:
                 otel_context.detach(token)
             self._observe(method, model, status, (time.perf_counter() - started) * 1000)
 
-    def _key(self, method: str, metadata: Mapping[str, str], model: str) -> ApiKey | None:
-        config = self._auth()
+    @staticmethod
+    def _key(config: AuthConfig, method: str, metadata: Mapping[str, str],
+             model: str) -> ApiKey | None:
         if not config.enabled or method in OPEN_METHODS:
             return None
         key = authenticate(config, metadata)
