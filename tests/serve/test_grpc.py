@@ -271,3 +271,31 @@ def test_api_keys_over_grpc_come_from_the_metadata(keel_app: KeelApp,
         assert answer.model_name == "linear"
         assert stub.ServerLive(pb.message("ServerLiveRequest")(), metadata=to_app,
                                timeout=30).live
+
+
+def test_grpc_calls_are_counted_like_rest_requests(stub: pb.InferenceStub,
+                                                   keel_app: KeelApp) -> None:
+    """Keel's request metrics (and so its SLO events) cover gRPC calls: route = the
+    method's path, the model, and the HTTP status the call's code stands for."""
+    import re
+
+    for i in range(5):
+        stub.ModelInfer(raw_request("risk_gbdt", rows(1, seed=900 + i)), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(raw_request("risk_gbdt", rows(1, 1), name="x"), timeout=30)
+    route = r'http_route="/inference\.GRPCInferenceService/ModelInfer"'
+    ok = re.compile(r'ray_keel_requests_total\{[^}]*' + route +
+                    r'[^}]*model="risk_gbdt"[^}]*status="200"[^}]*\} (\d+(\.\d+)?)')
+    bad = re.compile(r'ray_keel_requests_total\{[^}]*' + route +
+                     r'[^}]*model="risk_gbdt"[^}]*status="400"')
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        text = httpx.get(f"http://127.0.0.1:{keel_app.client.metrics_port}/metrics",
+                         timeout=10).text
+        found = ok.search(text)
+        if found and float(found.group(1)) >= 5 and bad.search(text):
+            return
+        time.sleep(2)
+    pytest.fail("gRPC calls not in ray_keel_requests_total: "
+                + "\n".join(line for line in text.splitlines() if "GRPCInference" in line))
