@@ -27,16 +27,15 @@ import asyncio
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 from loadgen import (
-    MAX_ERROR_SAMPLES,
     BodySequence,
     LoadResult,
+    Tally,
     install_fast_loop,
     make_row_bodies,
     summarise_window,
@@ -137,10 +136,9 @@ def infer_once(target: str, request: Any, timeout_s: float = 10.0,
 
 
 async def _worker(stub: InferenceStub, requests: BodySequence[Any], worker: int,
-                  window: tuple[float, float], latencies: list[float],
-                  statuses: Counter[str], samples: list[list[str]], counts: Counter[str],
-                  timeout_s: float, metadata: tuple[tuple[str, str], ...] | None) -> None:
-    start, end = window
+                  tally: Tally, timeout_s: float,
+                  metadata: tuple[tuple[str, str], ...] | None) -> None:
+    end = tally.end
     call = stub.ModelInfer
     while True:
         sent = time.perf_counter()
@@ -157,17 +155,7 @@ async def _worker(stub: InferenceStub, requests: BodySequence[Any], worker: int,
         if status == "UNAVAILABLE":
             # A refused connection fails at once; without a pause the loop would spin.
             await asyncio.sleep(0.01)
-        if done < start:
-            counts["warmup"] += 1
-            continue
-        if done > end:
-            counts["drained"] += 1
-            continue
-        statuses[status] += 1
-        if status == "OK":
-            latencies.append(done - sent)
-        elif len(samples) < MAX_ERROR_SAMPLES:
-            samples.append([status, detail])
+        tally.record(sent, done, status, status == "OK", detail)
 
 
 async def run_grpc_load(target: str, concurrency: int, duration_s: float,
@@ -184,10 +172,6 @@ async def run_grpc_load(target: str, concurrency: int, duration_s: float,
                          "are required")
     pool = list(requests) if requests is not None else requests_from_bodies(
         make_row_bodies(512), model)
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    counts: Counter[str] = Counter()
-    samples: list[list[str]] = []
     opened = [open_channel(target) for _ in range(min(channels, concurrency))]
     try:
         # Connect first, so the warm-up is not spent on the handshakes.
@@ -195,17 +179,17 @@ async def run_grpc_load(target: str, concurrency: int, duration_s: float,
                                for c in opened), return_exceptions=True)
         stubs = [InferenceStub(c) for c in opened]
         begin = time.perf_counter()
-        window = (begin + warmup_s, begin + warmup_s + duration_s)
+        tally = Tally(begin + warmup_s, begin + warmup_s + duration_s)
         sequence: BodySequence[Any] = BodySequence(pool, max(1, concurrency), shared_sequence)
         await asyncio.gather(*(
-            _worker(stubs[i % len(stubs)], sequence, i, window, latencies, statuses, samples,
-                    counts, request_timeout_s, tuple(metadata) or None)
+            _worker(stubs[i % len(stubs)], sequence, i, tally, request_timeout_s,
+                    tuple(metadata) or None)
             for i in range(concurrency)))
     finally:
         await asyncio.gather(*(c.close() for c in opened), return_exceptions=True)
     return summarise_window(LoadResult(url=f"grpc://{target}", concurrency=concurrency,
                                        duration_s=duration_s, warmup_s=warmup_s),
-                            latencies, statuses, samples, counts, sequence)
+                            tally, sequence)
 
 
 def main(argv: list[str] | None = None) -> int:

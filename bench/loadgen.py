@@ -152,11 +152,34 @@ class BodySequence(Generic[T]):
         return self.bodies[index % len(self.bodies)]
 
 
+@dataclass
+class Tally:
+    """What the closed-loop workers of one point record (the HTTP and gRPC generators):
+    a request counts when it completes inside the window ``[start, end]``."""
+
+    start: float
+    end: float
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    samples: list[list[str]] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def record(self, sent: float, done: float, status: str, ok: bool, detail: str) -> None:
+        if done < self.start:
+            self.counts["warmup"] += 1
+        elif done > self.end:
+            self.counts["drained"] += 1
+        else:
+            self.statuses[status] += 1
+            if ok:
+                self.latencies.append(done - sent)
+            elif len(self.samples) < MAX_ERROR_SAMPLES:
+                self.samples.append([status, detail])
+
+
 async def _worker(session: aiohttp.ClientSession, url: str, bodies: BodySequence[bytes],
-                  worker: int, window: tuple[float, float], latencies: list[float],
-                  statuses: Counter[str], samples: list[list[str]],
-                  counts: Counter[str], timeout: aiohttp.ClientTimeout) -> None:
-    start, end = window
+                  worker: int, tally: Tally, timeout: aiohttp.ClientTimeout) -> None:
+    end = tally.end
     headers = {"Content-Type": "application/json"}
     while True:
         sent = time.perf_counter()
@@ -178,17 +201,7 @@ async def _worker(session: aiohttp.ClientSession, url: str, bodies: BodySequence
         if not status.isdigit():
             # A refused connection fails at once; without a pause the loop would spin.
             await asyncio.sleep(0.01)
-        if done < start:
-            counts["warmup"] += 1
-            continue
-        if done > end:
-            counts["drained"] += 1
-            continue
-        statuses[status] += 1
-        if status == "200":
-            latencies.append(done - sent)
-        elif len(samples) < MAX_ERROR_SAMPLES:
-            samples.append([status, detail])
+        tally.record(sent, done, status, status == "200", detail)
 
 
 async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: float = 2.0,
@@ -203,34 +216,28 @@ async def run_load(url: str, concurrency: int, duration_s: float, warmup_s: floa
     if concurrency < 1 or duration_s <= 0 or warmup_s < 0:
         raise ValueError("concurrency >= 1, duration_s > 0 and warmup_s >= 0 are required")
     pool = bodies if bodies is not None else make_bodies()
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    counts: Counter[str] = Counter()
-    samples: list[list[str]] = []
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     # One keep-alive connection per worker, like N independent clients.
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency,
                                      force_close=False, enable_cleanup_closed=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         begin = time.perf_counter()
-        window = (begin + warmup_s, begin + warmup_s + duration_s)
+        tally = Tally(begin + warmup_s, begin + warmup_s + duration_s)
         # Workers start at different points of the pool so concurrent requests differ.
         sequence = BodySequence(pool, max(1, concurrency), shared_sequence)
-        await asyncio.gather(*(
-            _worker(session, url, sequence, i, window, latencies, statuses, samples,
-                    counts, timeout)
-            for i in range(concurrency)))
+        await asyncio.gather(*(_worker(session, url, sequence, i, tally, timeout)
+                               for i in range(concurrency)))
     return summarise_window(LoadResult(url=url, concurrency=concurrency,
                                        duration_s=duration_s, warmup_s=warmup_s),
-                            latencies, statuses, samples, counts, sequence)
+                            tally, sequence)
 
 
-def summarise_window(result: LoadResult, latencies: list[float], statuses: Counter[str],
-                     samples: list[list[str]], counts: Counter[str],
+def summarise_window(result: LoadResult, tally: Tally,
                      sequence: BodySequence[Any]) -> LoadResult:
-    """Fill ``result`` with what the workers recorded: ``latencies`` (s) of the requests
-    that succeeded in the window, ``statuses`` of all requests of the window, the error
-    ``samples``, the warm-up and drained ``counts``, and how far ``sequence`` went."""
+    """Fill ``result`` with what the workers recorded in ``tally`` (latencies of the
+    requests that succeeded in the window, statuses of all of them, error samples, the
+    warm-up and drained counts) and how far ``sequence`` went."""
+    latencies, statuses, counts = tally.latencies, tally.statuses, tally.counts
     duration_s = result.duration_s
     result.ok = len(latencies)
     result.requests = sum(statuses.values())
@@ -238,7 +245,7 @@ def summarise_window(result: LoadResult, latencies: list[float], statuses: Count
     result.error_rate = result.errors / result.requests if result.requests else 0.0
     result.rps = result.ok / duration_s
     result.statuses = dict(sorted(statuses.items()))
-    result.error_samples = samples
+    result.error_samples = tally.samples
     result.warmup_requests = counts["warmup"]
     result.drained_requests = counts["drained"]
     result.bodies_sent = sequence.sent

@@ -179,6 +179,17 @@ def build_cache(config: CacheConfig, slo: SloObserver) -> PredictionCache:
     return cache
 
 
+def _grpc_method(name: str) -> Callable[[Ingress, Any, Any], Awaitable[Message]]:
+    """The Ingress's method for one gRPC method of the protocol (Ray Serve passes the
+    call's context as ``grpc_context`` to a method that names it)."""
+
+    async def method(self: Ingress, request: Any, grpc_context: Any) -> Message:
+        return await self._grpc.call(name, request, grpc_context)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class Ingress:
@@ -265,21 +276,9 @@ class Ingress:
 
     # The Open Inference Protocol over gRPC (inference.GRPCInferenceService, registered by
     # grpc_options in serve_config.yaml): Ray Serve calls the method of each call's name.
-
-    async def ServerLive(self, request: Any, grpc_context: Any) -> Message:
-        return await self._grpc.call("ServerLive", request, grpc_context)
-
-    async def ServerReady(self, request: Any, grpc_context: Any) -> Message:
-        return await self._grpc.call("ServerReady", request, grpc_context)
-
-    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Message:
-        return await self._grpc.call("ServerMetadata", request, grpc_context)
-
-    async def ModelReady(self, request: Any, grpc_context: Any) -> Message:
-        return await self._grpc.call("ModelReady", request, grpc_context)
-
-    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Message:
-        return await self._grpc.call("ModelMetadata", request, grpc_context)
-
-    async def ModelInfer(self, request: Any, grpc_context: Any) -> Message:
-        return await self._grpc.call("ModelInfer", request, grpc_context)
+    ServerLive = _grpc_method("ServerLive")
+    ServerReady = _grpc_method("ServerReady")
+    ServerMetadata = _grpc_method("ServerMetadata")
+    ModelReady = _grpc_method("ModelReady")
+    ModelMetadata = _grpc_method("ModelMetadata")
+    ModelInfer = _grpc_method("ModelInfer")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from deployments.ingress.app import create_app
@@ -45,3 +47,19 @@ def client(backend: InProcessModels, ingress_config: MutableIngressConfig) -> It
     # Unexpected exceptions come back as the app's 500 answer, so a test sees the status.
     with TestClient(create_app(backend, ingress_config), raise_server_exceptions=False) as c:
         yield c
+
+
+#: The machine's Redis (CI starts one when none answers).
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A key prefix of the test's own in the machine's Redis; its keys deleted after."""
+    value = f"keel:test:{uuid.uuid4().hex[:12]}:"
+    yield value
+    sync = redis.Redis.from_url(REDIS_URL)
+    keys = list(sync.scan_iter(match=f"{value}*"))
+    if keys:
+        sync.delete(*keys)
+    sync.close()

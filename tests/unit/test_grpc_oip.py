@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import redis
 
 from deployments.cache.core import CacheConfig, PredictionCache, redis_store
 from deployments.contracts import InferCall, InferResult
@@ -31,7 +29,8 @@ from deployments.repository import ModelRepository
 from tests.modelkit import reference_probabilities
 from tests.unit.inprocess import InProcessModels, MutableIngressConfig
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's (tests/unit/conftest.py)
+
 ATOL = 1e-5
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -86,16 +85,6 @@ class Servicer:
             return await oip.call(method, request, context)
         return handler
 
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    value = f"keel:test:{uuid.uuid4().hex[:12]}:"
-    yield value
-    sync = redis.Redis.from_url(REDIS_URL)
-    keys = list(sync.scan_iter(match=f"{value}*"))
-    if keys:
-        sync.delete(*keys)
-    sync.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,7 +27,8 @@ from deployments.repository import ModelRepository
 from tests.modelkit import reference_probabilities
 from tests.unit.inprocess import InProcessModels, MutableIngressConfig
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's (tests/unit/conftest.py)
+
 ATOL = 1e-5
 
 
@@ -45,16 +45,6 @@ class CountingModels(InProcessModels):
             self.rows_seen.append(int(next(iter(call.inputs.values())).shape[0]))
         return await super().infer_many(name, calls)
 
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    value = f"keel:test:{uuid.uuid4().hex[:12]}:"
-    yield value
-    sync = redis.Redis.from_url(REDIS_URL)
-    keys = list(sync.scan_iter(match=f"{value}*"))
-    if keys:
-        sync.delete(*keys)
-    sync.close()
 
 
 @pytest.fixture
