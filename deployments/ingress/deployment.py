@@ -3,7 +3,9 @@
 It builds the data plane (deployments/ingress/dataplane.py) over the models placed
 in the ingress (``args.placement``) and the handles of the others, the prediction
 cache, the FeatureService handle and the SLO pusher; ``reconfigure`` applies the
-live knobs; ``__serve_build_asgi_app__`` hands Serve the REST application.
+live knobs; ``__serve_build_asgi_app__`` hands Serve the REST application, and the
+methods named after the gRPC protocol's (``ModelInfer``...) hand Serve's gRPC calls to
+``GrpcOip`` (deployments/ingress/grpc_oip.py), over the same data plane.
 """
 
 from __future__ import annotations
