@@ -286,3 +286,36 @@ def test_one_trace_per_request_across_deployments(tracing_app: str, keel_app: Ke
     # Tracing off (the main application): nothing of it arrived.
     assert not [s for s in spans if s.trace_id == quiet_trace]
     assert not [s for s in spans if s.resource.get("keel.application") not in (APP, None)]
+
+
+def test_a_grpc_call_is_one_trace_continuing_the_callers(tracing_app: str, keel_app: KeelApp,
+                                                         receiver: OtlpReceiver) -> None:
+    """ModelInfer over gRPC: the client's ``traceparent`` metadata continues into Keel's
+    ``keel.request`` span (rpc attributes), the cache and the model's batch."""
+    import grpc
+
+    from deployments.ingress import grpc_protocol as pb
+
+    x = np.random.default_rng(6).normal(size=(1, 12)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="risk_gbdt")
+    request.inputs.add(name="features", datatype="FP32", shape=[1, 12])
+    request.raw_input_contents.append(x.tobytes())
+    trace_id, parent = _traceparent()
+    with grpc.insecure_channel(keel_app.grpc_target) as channel:
+        answer = pb.InferenceStub(channel).ModelInfer(
+            request, timeout=30, metadata=(("application", APP), ("traceparent", parent)))
+    assert answer.model_name == "risk_gbdt"
+    stages = {"keel.request", "keel.cache.fetch", "keel.model.call", "keel.model.batch"}
+    spans = receiver.wait_for(
+        lambda got: stages <= {s.name for s in got if s.trace_id == trace_id})
+    trace = [s for s in spans if s.trace_id == trace_id]
+    by_id = {s.span_id: s for s in trace}
+    print(_tree(trace))
+    keel_request = _stage(trace, "keel.request")
+    assert keel_request.attributes["rpc.system"] == "grpc"
+    assert keel_request.attributes["rpc.method"] == "ModelInfer"
+    # Its ancestors lead back to the caller's span (directly, or through Serve's own).
+    chain = [keel_request.parent_id] + [by_id[p].parent_id for p in [keel_request.parent_id]
+                                        if p in by_id]
+    assert parent.split("-")[2] in chain, _tree(trace)
+    assert "keel.request" in _ancestors(_stage(trace, "keel.model.batch"), by_id)
