@@ -24,7 +24,7 @@ SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
 ## Run the demo cluster: install, build the demo models, serve them on :8000.
 demo: prepare
 	$(BIN)/keel check-config serve_config.yaml
-	PATH=$(CURDIR)/$(BIN):$$PATH $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
+	PATH=$(CURDIR)/$(BIN):$$PATH $(SERVE_ENV) $(BIN)/keel serve serve_config.yaml
 
 ## Run the whole test suite (lint, types, unit, Ray Serve, end-to-end).
 test: $(STAMP)

@@ -97,6 +97,12 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from graph.supervise import serve
+
+    return serve(args.config, grace_s=args.grace)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a committed file differs from a render")
     render.set_defaults(run=_render_k8s)
+    run = sub.add_parser("serve", help="`serve run` a config, and on Ctrl-C/SIGTERM end every "
+                         "process it started (Ray's HAProxy included)")
+    run.add_argument("config", nargs="?", default="serve_config.yaml")
+    run.add_argument("--grace", type=float, default=15.0,
+                     help="seconds Serve gets to stop before what is left is killed")
+    run.set_defaults(run=_serve)
     hashing = sub.add_parser("hash-key", help="print the KEEL_API_KEYS entry of an API key "
                              "(the key from the argument, stdin, or --new)")
     hashing.add_argument("key", nargs="?", default=None,
