@@ -8,7 +8,9 @@ typed BYTES as the binary tensor extension), so validation, the cache, coalescin
 every error message are the data plane's, shared with REST. ``KeelError`` statuses
 become gRPC status codes; the API key comes from the ``authorization`` (or
 ``x-api-key``) metadata; each answered call is reported to the request observer
-(metrics, SLO events) like a REST request, under its method path as the route.
+(metrics, SLO events) like a REST request, under its method path as the route, inside
+a ``keel.request`` span (a child of the span Ray Serve opens for the call, itself
+continuing a ``traceparent`` in the call's metadata).
 
 No Ray here: the context is anything with ``invocation_metadata``, ``set_code``,
 ``set_details`` and ``set_trailing_metadata`` (Ray's ``RayServegRPCContext`` or
@@ -18,17 +20,13 @@ grpcio's ``ServicerContext``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextvars import Token
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
-from opentelemetry import context as otel_context
-from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from deployments.contracts import InferenceRequest, RequestInput, RequestOutput
@@ -39,9 +37,7 @@ from deployments.ingress.auth import ApiKey, AuthConfig, authenticate, authorize
 from deployments.ingress.dataplane import DataPlane
 from deployments.ingress.scoring import Prediction, summarise
 from deployments.observability import tracing
-from deployments.observability.asgi import RequestObserver
-
-log = logging.getLogger(__name__)
+from deployments.observability.asgi import GuardedObserver, RequestObserver
 
 #: The typed-contents field that carries each datatype (FP16/BF16: raw contents only).
 CONTENTS_FIELD = {
@@ -224,8 +220,7 @@ class GrpcOip:
                  observer: RequestObserver | None = None) -> None:
         self.plane = plane
         self._auth = auth
-        self._observer = observer
-        self._failed_once = False
+        self._observer = GuardedObserver(observer) if observer is not None else None
         self._methods: dict[str, Callable[[Any, ApiKey | None], Awaitable[Message]]] = {
             "ServerLive": self._server_live, "ServerReady": self._server_ready,
             "ServerMetadata": self._server_metadata, "ModelReady": self._model_ready,
@@ -239,9 +234,7 @@ class GrpcOip:
         status = 500
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
         auth = self._auth()
-        # The metadata is read only where it is used (API keys, the client's trace).
-        metadata = metadata_of(context) if auth.enabled or tracing.enabled() else {}
-        token = _attach_trace(metadata)
+        metadata = metadata_of(context) if auth.enabled else {}  # read only for API keys
         try:
             with tracing.span("keel.request", {"rpc.system": "grpc",
                                                "rpc.service": pb.SERVICE,
@@ -264,8 +257,6 @@ class GrpcOip:
                     status = CLIENT_GONE  # the client's deadline passed, or it went away
                     raise
         finally:
-            if token is not None:
-                otel_context.detach(token)
             self._observe(method, model, status, (time.perf_counter() - started) * 1000)
 
     @staticmethod
@@ -279,14 +270,8 @@ class GrpcOip:
         return key
 
     def _observe(self, method: str, model: str, status: int, latency_ms: float) -> None:
-        if self._observer is None:
-            return
-        try:
+        if self._observer is not None:
             self._observer.request(pb.method_path(method), model, status, latency_ms)
-        except Exception:
-            if not self._failed_once:
-                self._failed_once = True
-                log.exception("request observer failed (logged once)")
 
     async def _server_live(self, request: Any, key: ApiKey | None) -> Message:
         return pb.ServerLiveResponse(live=True)
@@ -312,10 +297,11 @@ class GrpcOip:
 
     async def _model_infer(self, request: Any, key: ApiKey | None) -> Message:
         plane = self.plane
-        deadline = time.monotonic() + plane.config().request_timeout_s
+        config = plane.config()
+        deadline = time.monotonic() + config.request_timeout_s
         _require_name(request.model_name, "model_name")
-        plane.catalog.require(request.model_name)
-        limit = plane.config().max_body_bytes
+        plane.catalog.require(request.model_name)  # 404 before the size check, as REST
+        limit = config.max_body_bytes
         size = request.ByteSize()
         if size > limit:
             raise PayloadTooLarge(f"the request is {size} bytes; the limit is {limit} "
@@ -342,16 +328,3 @@ def _fail(context: GrpcContext, error: KeelError) -> None:
     if trailing:
         context.set_trailing_metadata(trailing)
 
-
-def _attach_trace(metadata: Mapping[str, str]) -> Token[Context] | None:
-    """Continue the client's trace (``traceparent`` metadata) when nothing around the
-    call has started one (REST gets Ray Serve's span; a gRPC call may not)."""
-    if not tracing.enabled() or "traceparent" not in metadata:
-        return None
-    from opentelemetry import trace
-
-    if trace.get_current_span().get_span_context().is_valid:
-        return None
-    parent = tracing.extract({k: metadata[k] for k in ("traceparent", "tracestate")
-                              if k in metadata})
-    return otel_context.attach(parent) if parent is not None else None

@@ -69,8 +69,6 @@ ModelMetadataRequest = message("ModelMetadataRequest")
 ModelMetadataResponse = message("ModelMetadataResponse")
 ModelInferRequest = message("ModelInferRequest")
 ModelInferResponse = message("ModelInferResponse")
-InferParameter = message("InferParameter")
-InferTensorContents = message("InferTensorContents")
 
 
 def method_path(method: str) -> str:

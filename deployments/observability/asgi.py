@@ -35,14 +35,30 @@ class RequestObserver(Protocol):
     def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None: ...
 
 
+class GuardedObserver:
+    """A ``RequestObserver`` that never fails the request it is told about: a failing one
+    is logged once (the REST middleware here and the gRPC service share it)."""
+
+    def __init__(self, observer: RequestObserver) -> None:
+        self._observer = observer
+        self._failed_once = False
+
+    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+        try:
+            self._observer.request(http_route, model, status, latency_ms)
+        except Exception:
+            if not self._failed_once:
+                self._failed_once = True
+                log.exception("request observer failed (logged once)")
+
+
 class Telemetry:
     """ASGI middleware: request metrics (when an observer is given) and spans (when
     tracing is on), wrapping ``send`` once for both."""
 
     def __init__(self, app: Any, observer: RequestObserver | None = None) -> None:
         self.app = app
-        self.observer = observer
-        self._failed_once = False
+        self.observer = GuardedObserver(observer) if observer is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http" or (self.observer is None and not tracing.enabled()):
@@ -87,9 +103,4 @@ class Telemetry:
         assert self.observer is not None
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         model = scope.get(MODEL_SCOPE_KEY) or scope.get("path_params", {}).get("name", "")
-        try:
-            self.observer.request(route, str(model), status, latency_ms)
-        except Exception:
-            if not self._failed_once:
-                self._failed_once = True
-                log.exception("request observer failed (logged once)")
+        self.observer.request(route, str(model), status, latency_ms)
