@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
-import socket
 import sys
 import tempfile
 import threading
@@ -35,6 +33,9 @@ from typing import Any
 
 import yaml
 from raydriver import serve_until_stopped, start_local_ray
+from run_bench import free_port_block
+
+from graph.config_check import grpc_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,27 +47,6 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
             _merge(into[key], value)
         else:
             into[key] = value
-
-
-def pick_free_port(low: int = 20000, high: int = 30000) -> int:
-    """A port nothing listens on, below the ephemeral range (as run_bench picks the HTTP
-    port: one of Ray's own gRPC servers may take an ephemeral port before Serve binds)."""
-    for _ in range(200):
-        port = random.randrange(low, high)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port in [{low}, {high})")
-
-
-def grpc_enabled(config: dict[str, Any]) -> bool:
-    """Whether Serve runs a gRPC server for this config (it does when
-    ``grpc_options.grpc_servicer_functions`` names at least one function)."""
-    return bool((config.get("grpc_options") or {}).get("grpc_servicer_functions"))
 
 
 def write_config(source: Path, host: str, port: int, grpc_port: int, into: Path,
@@ -198,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "max_batch_size": args.max_batch_size}
 
     if args.grpc_port is None:
-        args.grpc_port = pick_free_port()
+        args.grpc_port = free_port_block(20000, 30000, 1)  # below the ephemeral range
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
                                temp_dir, args.model_user_config, args.ingress_user_config,
                                args.deployment_options)
-    with_grpc = grpc_enabled(yaml.safe_load(config_path.read_text()))
+    with_grpc = grpc_port(yaml.safe_load(config_path.read_text())) is not None
     print("BENCH-SERVER-PORTS " + json.dumps(
         {"http": args.port, "grpc": args.grpc_port if with_grpc else None}), flush=True)
     start_local_ray(str(temp_dir / "ray"), args.dashboard_port,

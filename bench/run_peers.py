@@ -83,6 +83,8 @@ from run_bench import (
 )
 from run_bench import TARGETS as BENCH_TARGETS
 
+from graph.config_check import grpc_port
+
 #: Keel's prediction-cache keys go under this prefix (emptied before each point and at
 #: the end), so the benchmark never touches the keys of another Keel on the same Redis.
 KEEL_KEY_PREFIX = "keelbench:peers:"
@@ -226,10 +228,10 @@ def keel_grpc_unavailable(config: Path) -> str | None:
     """Why Keel's config serves no gRPC (None when ``grpc_options`` names a servicer
     function: Serve then runs its gRPC server, behind HAProxy with HA proxy on)."""
     try:
-        options = _keel_config(config).get("grpc_options") or {}
+        document = _keel_config(config)
     except (OSError, yaml.YAMLError) as exc:
         return f"cannot read {_rel(config)}: {exc}"
-    if not options.get("grpc_servicer_functions"):
+    if grpc_port(document) is None:
         return f"{_rel(config)} has no grpc_options.grpc_servicer_functions (no gRPC server)"
     return None
 

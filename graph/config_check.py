@@ -44,7 +44,7 @@ def check_serve_config(path: Path) -> list[str]:
     except ValidationError as exc:
         return field_errors(exc, prefix=f"{path}: ")
     problems: list[str] = grpc_problems(raw)
-    grpc_on = bool((raw.get("grpc_options") or {}).get("grpc_servicer_functions"))
+    grpc_on = grpc_port(raw) is not None
     for a, app in enumerate(schema.applications):
         where = f"applications[{a}] ({app.name})"
         if app.import_path != "graph.app:build_app":
@@ -86,6 +86,19 @@ def check_serve_config(path: Path) -> list[str]:
     return problems
 
 
+#: Ray Serve's gRPC port when ``grpc_options`` names none.
+DEFAULT_GRPC_PORT = 9000
+
+
+def grpc_port(config: dict[str, Any]) -> int | None:
+    """The port Serve's gRPC ingress listens on, or ``None`` when the config registers no
+    servicer function (Serve then runs no gRPC server)."""
+    grpc = config.get("grpc_options") or {}
+    if not grpc.get("grpc_servicer_functions"):
+        return None
+    return int(grpc.get("port", DEFAULT_GRPC_PORT))
+
+
 def grpc_problems(raw: dict[str, Any]) -> list[str]:
     """``grpc_options``: every servicer function importable and callable, and a port of
     its own (Ray would only find out when a replica starts its gRPC server)."""
@@ -103,10 +116,10 @@ def grpc_problems(raw: dict[str, Any]) -> list[str]:
         if not callable(function):
             problems.append(f"grpc_options.grpc_servicer_functions[{i}]: {path!r} is not a "
                             f"function")
-    http_port = (raw.get("http_options") or {}).get("port", 8000)
-    if grpc.get("grpc_servicer_functions") and grpc.get("port", 9000) == http_port:
-        problems.append(f"grpc_options.port: {grpc.get('port', 9000)} is also "
-                        f"http_options.port; gRPC needs a port of its own")
+    port = grpc_port(raw)
+    if port is not None and port == (raw.get("http_options") or {}).get("port", 8000):
+        problems.append(f"grpc_options.port: {port} is also http_options.port; gRPC needs "
+                        f"a port of its own")
     return problems
 
 

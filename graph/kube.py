@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import KeelError, field_errors
-from graph.config_check import check_serve_config
+from graph.config_check import check_serve_config, grpc_port
 
 SERVE_CONFIG = "serve_config.yaml"
 OVERLAY = "configs/serve/overlays/production.yaml"
@@ -265,21 +265,15 @@ def _container(name: str, image: str, size: PodSize, env: list[dict[str, Any]],
     }
 
 
-def serve_grpc_port(config: dict[str, Any]) -> int | None:
-    """The gRPC port of the serve config (``None`` when no gRPC service is registered)."""
-    grpc = config.get("grpc_options") or {}
-    return int(grpc.get("port", 9000)) if grpc.get("grpc_servicer_functions") else None
-
-
 def rayservice(config: dict[str, Any], cluster: ClusterSpec, image: str,
                feature_store_yaml: str) -> dict[str, Any]:
     """The RayService: ``serveConfigV2`` is ``config`` as YAML text."""
     env = keel_env(cluster, feature_store_yaml)
     http_port = int((config.get("http_options") or {}).get("port", 8000))
-    grpc_port = serve_grpc_port(config)
+    grpc = grpc_port(config)
     serve_ports = [{"containerPort": http_port, "name": "serve"}]
-    if grpc_port is not None:
-        serve_ports.append({"containerPort": grpc_port, "name": "grpc"})
+    if grpc is not None:
+        serve_ports.append({"containerPort": grpc, "name": "grpc"})
     head_ports = [{"containerPort": 6379, "name": "gcs-server"},
                   {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"},

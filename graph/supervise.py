@@ -44,23 +44,33 @@ class Supervisor:
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv, start_new_session=True, env=self.env)
-        self._remember(self.process.pid)
+        self._remember()
         threading.Thread(target=self._watch, name="keel-supervise", daemon=True).start()
 
-    def _remember(self, pid: int) -> None:
-        try:
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                self.seen.setdefault(proc.pid, proc.create_time())
-        except psutil.Error:
-            pass
+    def _remember(self) -> None:
+        """Add every process whose parent is the command or a process already on the list
+        (one scan of the process table; a known process reparented to init keeps its
+        children known, since they are found through it)."""
+        assert self.process is not None
+        if self.process.pid not in self.seen:
+            with contextlib.suppress(psutil.Error):
+                self.seen[self.process.pid] = psutil.Process(self.process.pid).create_time()
+        children: dict[int, list[psutil.Process]] = {}
+        started: dict[int, float] = {}
+        for proc in psutil.process_iter(["ppid", "create_time"]):
+            children.setdefault(proc.info["ppid"], []).append(proc)
+            started[proc.pid] = proc.info["create_time"]
+        # Only a listed process still running as itself (not a reused pid) has children.
+        frontier = [pid for pid, created in self.seen.items() if started.get(pid) == created]
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child.pid not in self.seen:
+                    self.seen[child.pid] = started[child.pid]
+                    frontier.append(child.pid)
 
     def _watch(self) -> None:
-        assert self.process is not None
         while not self._stopping.is_set():
-            self._remember(self.process.pid)
-            for pid in list(self.seen):  # children of processes whose parent already died
-                self._remember(pid)
+            self._remember()
             self._stopping.wait(self.poll_s)
 
     def alive(self) -> list[psutil.Process]:
@@ -100,7 +110,7 @@ class Supervisor:
         to every process of the list still running."""
         assert self.process is not None
         if self.process.poll() is None:
-            self._remember(self.process.pid)
+            self._remember()
             self.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline:
