@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,3 +67,18 @@ def reference_probabilities(x: np.ndarray, seed: int) -> np.ndarray:
     logits = x.astype(np.float64) @ weights + bias
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def raw_infer_request(model: str, x: np.ndarray, *, name: str = "features",
+                      datatype: str = "FP32", shape: list[int] | None = None,
+                      raw: bytes | None = None, **fields: Any) -> Any:
+    """A gRPC ``ModelInferRequest`` carrying ``x`` as one input's raw little-endian FP32
+    contents; ``name``, ``datatype``, ``shape`` and ``raw`` override what ``x`` says (for
+    bad-input tests); ``fields`` are the message's own (``id``, ``model_version``)."""
+    from deployments.ingress import grpc_protocol as pb
+
+    request = pb.ModelInferRequest(model_name=model, **fields)
+    request.inputs.add(name=name, datatype=datatype,
+                       shape=list(x.shape) if shape is None else shape)
+    request.raw_input_contents.append(x.astype("<f4").tobytes() if raw is None else raw)
+    return request

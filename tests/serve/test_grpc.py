@@ -25,6 +25,7 @@ import pytest
 from deployments.ingress import grpc_protocol as pb
 from deployments.ingress.auth import hash_key
 from tests.conftest import APP_NAME, KeelApp, serve_test_config
+from tests.modelkit import raw_infer_request as raw_request
 from tests.serve.test_backpressure import SLOW_BATCH_S, changed, served_rows
 
 pytestmark = pytest.mark.slow
@@ -60,16 +61,6 @@ def rows(n: int, seed: int, width: int = 12) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
 
 
-def raw_request(model: str, x: np.ndarray, *, name: str = "features", datatype: str = "FP32",
-                shape: list[int] | None = None, raw: bytes | None = None,
-                version: str = "") -> Any:
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
-    request.inputs.add(name=name, datatype=datatype,
-                       shape=list(x.shape) if shape is None else shape)
-    request.raw_input_contents.append(x.astype("<f4").tobytes() if raw is None else raw)
-    return request
-
-
 def with_nan() -> np.ndarray:
     x = rows(2, seed=3)
     x[0, 5] = np.nan
@@ -78,7 +69,7 @@ def with_nan() -> np.ndarray:
 
 BAD = [
     ("unknown model", raw_request("nope", rows(1, 1)), grpc.StatusCode.NOT_FOUND, ["'nope'"]),
-    ("unknown version", raw_request("risk_mlp", rows(1, 1), version="7"),
+    ("unknown version", raw_request("risk_mlp", rows(1, 1), model_version="7"),
      grpc.StatusCode.NOT_FOUND, ["'7'"]),
     ("wrong input name", raw_request("risk_mlp", rows(1, 1), name="x"),
      grpc.StatusCode.INVALID_ARGUMENT, ["'x'", "features"]),

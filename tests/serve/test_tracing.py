@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import KeelApp, serve_test_config
+from tests.modelkit import raw_infer_request
 from tests.redisserver import free_port
 from tests.serve.test_decide import entities
 
@@ -297,9 +298,7 @@ def test_a_grpc_call_is_one_trace_continuing_the_callers(tracing_app: str, keel_
     from deployments.ingress import grpc_protocol as pb
 
     x = np.random.default_rng(6).normal(size=(1, 12)).astype(np.float32)
-    request = pb.ModelInferRequest(model_name="risk_gbdt")
-    request.inputs.add(name="features", datatype="FP32", shape=[1, 12])
-    request.raw_input_contents.append(x.tobytes())
+    request = raw_infer_request("risk_gbdt", x)
     trace_id, parent = _traceparent()
     with grpc.insecure_channel(keel_app.grpc_target) as channel:
         answer = pb.InferenceStub(channel).ModelInfer(

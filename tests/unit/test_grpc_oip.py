@@ -26,6 +26,7 @@ from deployments.ingress.grpc_oip import GRPC_CODES, GrpcOip, to_request
 from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
+from tests.modelkit import raw_infer_request as raw_request
 from tests.modelkit import reference_probabilities
 from tests.unit.inprocess import InProcessModels, MutableIngressConfig
 
@@ -112,13 +113,6 @@ async def served(repository: ModelRepository, prefix: str) -> AsyncIterator[Serv
 
 def rows(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
-
-
-def raw_request(model: str, x: np.ndarray, **fields: Any) -> Any:
-    request = pb.ModelInferRequest(model_name=model, **fields)
-    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.astype("<f4").tobytes())
-    return request
 
 
 def probabilities(response: Any) -> np.ndarray:
@@ -229,15 +223,8 @@ async def test_concurrent_calls_are_coalesced_and_cached_as_rest_calls_are(
 # --- bad input: each the right code, naming the field; the next call answered ----------
 
 
-def _bad(model: str = "linear", x: np.ndarray | None = None, *, name: str = "features",
-         datatype: str = "FP32", shape: list[int] | None = None,
-         raw: bytes | None = None, version: str = "") -> Any:
-    x = rows(2, seed=3) if x is None else x
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
-    request.inputs.add(name=name, datatype=datatype,
-                       shape=list(x.shape) if shape is None else shape)
-    request.raw_input_contents.append(x.astype("<f4").tobytes() if raw is None else raw)
-    return request
+def _bad(model: str = "linear", x: np.ndarray | None = None, **overrides: Any) -> Any:
+    return raw_request(model, rows(2, seed=3) if x is None else x, **overrides)
 
 
 def _typed(field_name: str, values: list[Any], datatype: str = "FP32") -> Any:
@@ -255,7 +242,7 @@ def _nan_rows() -> np.ndarray:
 
 BAD_INPUTS: list[tuple[str, Any, grpc.StatusCode, list[str]]] = [
     ("unknown model", _bad("nope"), grpc.StatusCode.NOT_FOUND, ["'nope'"]),
-    ("unknown version", _bad(version="9"), grpc.StatusCode.NOT_FOUND, ["'9'", "linear"]),
+    ("unknown version", _bad(model_version="9"), grpc.StatusCode.NOT_FOUND, ["'9'", "linear"]),
     ("no model name", pb.ModelInferRequest(), grpc.StatusCode.INVALID_ARGUMENT, ["model_name"]),
     ("wrong input name", _bad(name="feats"), grpc.StatusCode.INVALID_ARGUMENT,
      ["'feats'", "features"]),
