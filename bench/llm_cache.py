@@ -4,7 +4,7 @@ Replays a prompt mix with Zipf repetition (``--requests`` draws over ``--prompts
 distinct deterministic prompts, exponent ``--zipf``) through Keel's ``ChatGateway``
 (the LLM gateway's core, as the ``LLMGateway`` replica runs it, prompt cache in the
 machine's Redis under a private prefix that is deleted afterwards) against the
-test suite's OpenAI-compatible upstream (tests/llm_upstream.py, a real HTTP server in
+test suite's OpenAI-compatible upstream (graph/demo/llm_upstream.py, a real HTTP server in
 a thread) with a fixed ``--delay-ms`` per call. Runs the mix twice, cache off and on,
 at ``--concurrency``, and measures the latency of a direct upstream call, a gateway
 miss and a gateway hit one at a time. Writes ``results/<timestamp>-llm-cache.json``.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from deployments.cache.core import redis_store  # noqa: E402
 from deployments.llm.core import ChatCall, ChatGateway, LLMGatewayConfig  # noqa: E402
-from tests.llm_upstream import FakeUpstream  # noqa: E402
+from graph.demo.llm_upstream import FakeUpstream  # noqa: E402
 
 PRICE = {"input_per_1k": 0.00015, "output_per_1k": 0.0006}  # a small hosted model's list price
 

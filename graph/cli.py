@@ -103,6 +103,20 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.config, grace_s=args.grace)
 
 
+def _demo_llm(args: argparse.Namespace) -> int:
+    from graph.demo.llm_upstream import FakeUpstream
+
+    upstream = FakeUpstream(host=args.host, port=args.port).start()
+    print(f"echoing chat completions on {upstream.url} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        upstream.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     hashing.add_argument("--models", nargs="*", default=None, help="models it may use "
                          "(default: all)")
     hashing.set_defaults(run=_hash_key)
+    echo = sub.add_parser("demo-llm", help="an OpenAI-compatible echo server for the demo's "
+                          "LLM gateway (serve_config.yaml's local-vllm upstream: port 8001)")
+    echo.add_argument("--host", default="127.0.0.1")
+    echo.add_argument("--port", type=int, default=8001)
+    echo.set_defaults(run=_demo_llm)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

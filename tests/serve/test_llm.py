@@ -2,7 +2,7 @@
 
 A second Keel application (Ingress + LLMGateway + one model) is deployed next to
 the session's main one; its upstream is a real OpenAI-compatible HTTP server in
-this test process (tests/llm_upstream.py), its prompt cache a private redis-server
+this test process (graph/demo/llm_upstream.py), its prompt cache a private redis-server
 that the last test stops.
 """
 
@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
+from graph.demo.llm_upstream import FakeUpstream
 from tests.conftest import KeelApp, serve_test_config
-from tests.llm_upstream import FakeUpstream
 from tests.redisserver import PrivateRedis
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """The LLM gateway's core: keys, determinism, cost, SSE replay, error mapping, the prompt
 cache on the real Redis and the ingress routes in process, against a real HTTP upstream
-(tests/llm_upstream.py in a thread)."""
+(graph/demo/llm_upstream.py in a thread)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from deployments.llm.core import (
     transport_error,
     upstream_error,
 )
-from tests.llm_upstream import FakeUpstream
+from graph.demo.llm_upstream import FakeUpstream
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

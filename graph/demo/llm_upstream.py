@@ -1,5 +1,6 @@
 """A small OpenAI-compatible chat completions server in a thread: the LLM gateway's upstream
-in tests and in bench/llm_cache.py.
+for the demo (``keel demo-llm``: the tour's LLM calls work with no vLLM), the tests and the
+LLM cache benchmark. It echoes; it is no model.
 
 It speaks the real wire format: JSON answers with ``usage``, and for ``stream: true``
 server-sent events ``data: {...}`` with ``choices[].delta``, a final usage chunk when
@@ -33,6 +34,8 @@ class FakeUpstream:
     """``start()`` then use ``url`` (ends in ``/v1``); ``calls`` records every request."""
 
     delay_s: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 0
     retry_after: str = "7"
     calls: list[UpstreamCall] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
@@ -42,7 +45,7 @@ class FakeUpstream:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return f"http://{self.host}:{self._server.server_address[1]}/v1"
 
     def chat_calls(self) -> int:
         with self._lock:
@@ -67,7 +70,7 @@ class FakeUpstream:
                     upstream.calls.append(UpstreamCall(body, self.headers.get("authorization")))
                 upstream.answer(self, body)
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server((self.host, self.port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
