@@ -6,7 +6,7 @@ these are the third of Keel's three disjoint sets of configuration names.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,3 +24,69 @@ class RedisSettings(BaseSettings):
     socket_timeout_s: float = Field(default=0.1, gt=0)
     #: Includes the TLS handshake for ``rediss://``, which took over 0.2 s on a busy host.
     connect_timeout_s: float = Field(default=0.5, gt=0)
+
+
+class AuthSettings(BaseSettings):
+    """Who may call the ingress (deployments/ingress/auth.py checks the values)."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
+
+    #: ``on`` or ``off``.
+    auth: str = "off"
+    #: A JSON list of key entries (``keel hash-key`` prints one).
+    api_keys: SecretStr = SecretStr("")
+    #: A file with the same list, JSON or YAML.
+    api_keys_file: str = ""
+
+
+class TracingSettings(BaseSettings):
+    """Where spans go, under OpenTelemetry's own variable names (the SDK reads the rest
+    of ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` itself)."""
+
+    model_config = SettingsConfigDict(env_prefix="OTEL_", extra="ignore")
+
+    #: Used as given; wins over the generic endpoint.
+    exporter_otlp_traces_endpoint: str = ""
+    #: ``/v1/traces`` is appended.
+    exporter_otlp_endpoint: str = ""
+    #: Each replica's service name is ``<this or keel>.<deployment>``.
+    service_name: str = ""
+    #: Kept, with Keel's attributes appended.
+    resource_attributes: str = ""
+
+    def traces_endpoint(self) -> str | None:
+        """The OTLP/HTTP traces URL, or ``None`` (tracing stays off)."""
+        traces = self.exporter_otlp_traces_endpoint.strip()
+        if traces:
+            return traces
+        generic = self.exporter_otlp_endpoint.strip()
+        return generic.rstrip("/") + "/v1/traces" if generic else None
+
+
+class ProfilingSettings(BaseSettings):
+    """The Pyroscope server continuous profiles go to; no address, no profiling."""
+
+    model_config = SettingsConfigDict(env_prefix="PYROSCOPE_", extra="ignore",
+                                      populate_by_name=True)
+
+    #: ``KEEL_PYROSCOPE_ADDRESS`` wins over ``PYROSCOPE_SERVER_ADDRESS``.
+    address: str = Field(default="", validation_alias=AliasChoices(
+        "KEEL_PYROSCOPE_ADDRESS", "PYROSCOPE_SERVER_ADDRESS"))
+    application_name: str = "keel"
+    #: Samples per second.
+    sample_rate: int = Field(default=100, gt=0)
+    basic_auth_user: str = ""
+    basic_auth_password: SecretStr = SecretStr("")
+    tenant_id: str = ""
+
+
+class RepositorySettings(BaseSettings):
+    """Where replicas find the model and feature repositories (each wins over the
+    application's ``args``, for images that bake them in at another path)."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_", extra="ignore")
+
+    model_repository: str = ""
+    feature_repo: str = ""
+    #: The feature_store.yaml inside the feature repository.
+    feature_store_yaml: str = ""

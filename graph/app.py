@@ -11,7 +11,6 @@ autoscaling, ``max_ongoing_requests``, ``user_config``) live in that file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +26,7 @@ from deployments.observability.deployment import SloMonitor
 from deployments.onnx.deployment import OnnxModel
 from deployments.paths import search_paths
 from deployments.repository import ModelRepository
+from deployments.settings import RepositorySettings
 
 
 class AppArgs(BaseModel):
@@ -56,12 +56,10 @@ class AppArgs(BaseModel):
     placement: dict[str, Placement] = Field(default_factory=dict)
 
 
-def resolve_repository(path: str, *, env: str = "KEEL_MODEL_REPOSITORY",
-                       what: str = "model repository") -> Path:
-    """Find a repository directory as an absolute path (replicas may run elsewhere):
-    the environment variable ``env`` first, then ``path``; relative paths are tried
-    against the working directory, then the project root."""
-    chosen = Path(os.environ.get(env) or path).expanduser()
+def resolve_repository(path: str, *, what: str = "model repository") -> Path:
+    """Find a repository directory as an absolute path (replicas may run elsewhere);
+    relative paths are tried against the working directory, then the project root."""
+    chosen = Path(path).expanduser()
     candidates = search_paths(chosen)
     for candidate in candidates:
         if candidate.is_dir():
@@ -72,11 +70,12 @@ def resolve_repository(path: str, *, env: str = "KEEL_MODEL_REPOSITORY",
 
 def resolve_feature_store(args: AppArgs) -> tuple[Path, Path] | None:
     """The Feast repository and its feature_store.yaml, or ``None`` when turned off."""
-    if args.feature_repo is None and not os.environ.get("KEEL_FEATURE_REPO"):
+    settings = RepositorySettings()
+    if args.feature_repo is None and not settings.feature_repo:
         return None
-    repo = resolve_repository(args.feature_repo or "", env="KEEL_FEATURE_REPO",
+    repo = resolve_repository(settings.feature_repo or args.feature_repo or "",
                               what="feature repository")
-    yaml_file = repo / (os.environ.get("KEEL_FEATURE_STORE_YAML") or args.feature_store_yaml)
+    yaml_file = repo / (settings.feature_store_yaml or args.feature_store_yaml)
     if not yaml_file.is_file():
         raise ConfigError(f"args.feature_store_yaml: {str(yaml_file)!r} does not exist")
     return repo, yaml_file
@@ -85,7 +84,7 @@ def resolve_feature_store(args: AppArgs) -> tuple[Path, Path] | None:
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     """Bind the ingress and one ``OnnxModel`` deployment per model not placed in it."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    root = resolve_repository(parsed.model_repository)
+    root = resolve_repository(RepositorySettings().model_repository or parsed.model_repository)
     repository = ModelRepository(root)
     available = repository.model_names()
     names = parsed.models or available

@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from deployments.errors import ConfigError, Forbidden, Unauthorized, field_errors
+from deployments.settings import AuthSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,15 @@ def parse_keys(raw: Any, source: str) -> list[ApiKey]:
         raise ConfigError(f"{source}: " + "; ".join(field_errors(exc, limit=5))) from exc
 
 
-def load_auth(env: Mapping[str, str] | None = None) -> AuthConfig:
+def load_auth(settings: AuthSettings | None = None) -> AuthConfig:
     """The auth configuration from the environment; refuses (``ConfigError``) anything
     malformed, and ``KEEL_AUTH=on`` without a key."""
-    env = os.environ if env is None else env
-    mode = env.get("KEEL_AUTH", "off").strip().lower() or "off"
+    settings = settings or AuthSettings()
+    mode = settings.auth.strip().lower() or "off"
     if mode not in ("on", "off"):
         raise ConfigError(f"KEEL_AUTH: expected 'on' or 'off' (got {mode!r})")
     keys: list[ApiKey] = []
-    text = env.get("KEEL_API_KEYS", "").strip()
+    text = settings.api_keys.get_secret_value().strip()
     if text:
         try:
             raw = json.loads(text)
@@ -99,7 +99,7 @@ def load_auth(env: Mapping[str, str] | None = None) -> AuthConfig:
             raise ConfigError(f"KEEL_API_KEYS: not valid JSON ({exc.__class__.__name__})") \
                 from exc
         keys += parse_keys(raw, "KEEL_API_KEYS")
-    path = env.get("KEEL_API_KEYS_FILE", "").strip()
+    path = settings.api_keys_file.strip()
     if path:
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

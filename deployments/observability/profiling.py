@@ -11,26 +11,20 @@ server never touches a request; a failure to start the agent is logged, not rais
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from typing import Any
+
+from deployments.settings import ProfilingSettings
 
 log = logging.getLogger(__name__)
 
-ADDRESS_VARS = ("KEEL_PYROSCOPE_ADDRESS", "PYROSCOPE_SERVER_ADDRESS")
 
 #: The tags this process was configured with; ``None`` until profiling started here.
 _configured: dict[str, str] | None = None
 
 
-def server_address(env: Mapping[str, str] | None = None) -> str | None:
+def server_address(settings: ProfilingSettings | None = None) -> str | None:
     """The Pyroscope server to send profiles to, or ``None`` (profiling off)."""
-    env = os.environ if env is None else env
-    for name in ADDRESS_VARS:
-        value = env.get(name, "").strip()
-        if value:
-            return value
-    return None
+    return (settings or ProfilingSettings()).address.strip() or None
 
 
 def profiling_tags(application: str | None, deployment: str | None,
@@ -42,7 +36,7 @@ def profiling_tags(application: str | None, deployment: str | None,
 
 def configure_profiling(application: str | None, deployment: str | None,
                         model: str | None = None, *,
-                        env: Mapping[str, str] | None = None) -> bool:
+                        settings: ProfilingSettings | None = None) -> bool:
     """Start the Pyroscope agent in this process, once; ``True`` if it runs now.
 
     Application name: ``PYROSCOPE_APPLICATION_NAME`` or ``keel``; tags: application,
@@ -50,8 +44,8 @@ def configure_profiling(application: str | None, deployment: str | None,
     ``PYROSCOPE_BASIC_AUTH_USER``/``_PASSWORD`` and ``PYROSCOPE_TENANT_ID``.
     """
     global _configured
-    env = os.environ if env is None else env
-    address = server_address(env)
+    settings = settings or ProfilingSettings()
+    address = server_address(settings)
     if address is None:
         return False
     tags = profiling_tags(application, deployment, model)
@@ -64,12 +58,12 @@ def configure_profiling(application: str | None, deployment: str | None,
         import pyroscope
 
         options: dict[str, Any] = {
-            "application_name": env.get("PYROSCOPE_APPLICATION_NAME", "").strip() or "keel",
+            "application_name": settings.application_name.strip() or "keel",
             "server_address": address,
-            "sample_rate": int(env.get("PYROSCOPE_SAMPLE_RATE", "100")),
-            "basic_auth_username": env.get("PYROSCOPE_BASIC_AUTH_USER", ""),
-            "basic_auth_password": env.get("PYROSCOPE_BASIC_AUTH_PASSWORD", ""),
-            "tenant_id": env.get("PYROSCOPE_TENANT_ID", ""),
+            "sample_rate": settings.sample_rate,
+            "basic_auth_username": settings.basic_auth_user,
+            "basic_auth_password": settings.basic_auth_password.get_secret_value(),
+            "tenant_id": settings.tenant_id,
             "tags": tags,
             # Request handlers run on Ray's event loop threads; sample every thread.
             "gil_only": False,

@@ -38,6 +38,8 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from deployments.settings import TracingSettings
+
 log = logging.getLogger(__name__)
 
 #: Where spans go: the per-signal variable wins, as in every OpenTelemetry SDK.
@@ -52,18 +54,13 @@ _enabled = False
 _replica_attributes: dict[str, str] = {}
 
 
-def otlp_endpoint(env: Mapping[str, str] | None = None) -> str | None:
+def otlp_endpoint(settings: TracingSettings | None = None) -> str | None:
     """The OTLP/HTTP traces URL, or ``None`` (tracing stays off).
 
     As the SDK does: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is used as given, the generic
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` gets ``/v1/traces`` appended.
     """
-    env = os.environ if env is None else env
-    traces = env.get(ENDPOINT_VARS[0], "").strip()
-    if traces:
-        return traces
-    generic = env.get(ENDPOINT_VARS[1], "").strip()
-    return generic.rstrip("/") + "/v1/traces" if generic else None
+    return (settings or TracingSettings()).traces_endpoint()
 
 
 def enabled() -> bool:
@@ -82,7 +79,7 @@ def set_replica_attributes(application: str | None, deployment: str | None,
 
 
 def resource_attributes_env(application: str | None, deployment: str | None,
-                            env: Mapping[str, str] | None = None) -> dict[str, str]:
+                            settings: TracingSettings | None = None) -> dict[str, str]:
     """``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` for a replica.
 
     Ray builds the tracer provider itself, with the SDK's default resource, which reads
@@ -91,12 +88,12 @@ def resource_attributes_env(application: str | None, deployment: str | None,
     so Jaeger and Tempo list each deployment as a service; attributes already in
     ``OTEL_RESOURCE_ATTRIBUTES`` are kept.
     """
-    env = os.environ if env is None else env
-    base = env.get("OTEL_SERVICE_NAME", "").strip() or "keel"
+    settings = settings or TracingSettings()
+    base = settings.service_name.strip() or "keel"
     extra = {"keel.application": application, "keel.deployment": deployment,
              "process.pid": str(os.getpid())}
     pairs = [f"{key}={quote(value, safe='')}" for key, value in extra.items() if value]
-    existing = env.get("OTEL_RESOURCE_ATTRIBUTES", "").strip()
+    existing = settings.resource_attributes.strip()
     return {
         "OTEL_SERVICE_NAME": f"{base}.{deployment}" if deployment else base,
         "OTEL_RESOURCE_ATTRIBUTES": ",".join(([existing] if existing else []) + pairs),
@@ -115,7 +112,7 @@ class ReplicaAttributes(SpanProcessor):
         pass
 
 
-def otlp_span_processors(env: Mapping[str, str] | None = None) -> list[SpanProcessor]:
+def otlp_span_processors(settings: TracingSettings | None = None) -> list[SpanProcessor]:
     """The span processors for Ray's exporter hook: OTLP/HTTP when an endpoint is set.
 
     With no endpoint the list is empty and Keel's spans stay off (Ray's own spans are
@@ -124,7 +121,7 @@ def otlp_span_processors(env: Mapping[str, str] | None = None) -> list[SpanProce
     exporter reads ``OTEL_EXPORTER_OTLP_*`` (headers, timeout, certificate).
     """
     global _enabled
-    endpoint = otlp_endpoint(env)
+    endpoint = otlp_endpoint(settings)
     if endpoint is None:
         log.warning("tracing hook installed but no OTLP endpoint is set (%s): spans are "
                     "dropped", " / ".join(ENDPOINT_VARS))

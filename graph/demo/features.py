@@ -20,10 +20,11 @@ lookup returns every row's event time).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal, cast, get_args
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from graph.demo.dataset import (
     ACCOUNT_KEY,
@@ -86,17 +87,29 @@ class FeatureDefinitions:
                 self.risk_features]
 
 
+class DemoSourceSettings(BaseSettings):
+    """Where ``feast apply`` run by hand finds the demo's sources (``KEEL_FEAST_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_FEAST_", extra="ignore")
+
+    #: ``file`` (parquet) or ``postgres``.
+    source: str = ""
+    market_table: str = ""
+    portfolio_table: str = ""
+
+
 def default_tables(kind: SourceKind) -> SourceTables:
     """The source locations of ``kind``: parquet paths, or table names (env overrides)."""
     if kind == "file":
         return SourceTables(MARKET_PARQUET, PORTFOLIO_PARQUET)
-    return SourceTables(os.environ.get(MARKET_TABLE_ENV) or DEFAULT_MARKET_TABLE,
-                        os.environ.get(PORTFOLIO_TABLE_ENV) or DEFAULT_PORTFOLIO_TABLE)
+    settings = DemoSourceSettings()
+    return SourceTables(settings.market_table or DEFAULT_MARKET_TABLE,
+                        settings.portfolio_table or DEFAULT_PORTFOLIO_TABLE)
 
 
 def source_kind_from_env() -> SourceKind:
     """``KEEL_FEAST_SOURCE`` (``file`` unless set), for ``feast apply`` run by hand."""
-    kind = os.environ.get(SOURCE_KIND_ENV) or "file"
+    kind = DemoSourceSettings().source or "file"
     if kind not in SOURCE_KINDS:
         raise ValueError(f"{SOURCE_KIND_ENV}={kind!r}: expected one of {list(SOURCE_KINDS)}")
     return cast(SourceKind, kind)

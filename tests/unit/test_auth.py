@@ -11,14 +11,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from deployments.llm.core import ChatAnswer, ChatCall
 from fastapi.testclient import TestClient
 
 from deployments.errors import ConfigError
 from deployments.ingress import auth as auth_module
 from deployments.ingress.app import create_app
 from deployments.ingress.auth import ApiKey, AuthConfig, announce, hash_key, load_auth
-from deployments.llm.core import ChatAnswer, ChatCall
+from deployments.settings import AuthSettings
 from graph.cli import main as cli_main
+from tests.support.env import settings_from
 from tests.unit.inprocess import InProcessModels, MutableIngressConfig
 
 GOOD = "k-good-0123456789abcdef-secret"
@@ -51,6 +53,11 @@ class RecordingLLM:
 
 
 @pytest.fixture
+
+def auth_from(env: dict[str, str]) -> AuthConfig:
+    """The ingress's auth configuration in an environment that is exactly ``env``."""
+    return load_auth(settings_from(AuthSettings, env))
+
 def llm() -> RecordingLLM:
     return RecordingLLM()
 
@@ -161,7 +168,7 @@ def test_every_stored_hash_is_compared_in_constant_time(
 
 
 def test_auth_off_by_default_and_warned(caplog: pytest.LogCaptureFixture) -> None:
-    config = load_auth({})
+    config = auth_from({})
     assert not config.enabled
     with caplog.at_level(logging.WARNING):
         announce(config)
@@ -170,7 +177,7 @@ def test_auth_off_by_default_and_warned(caplog: pytest.LogCaptureFixture) -> Non
 
 def test_keys_from_the_environment() -> None:
     entries = [{"name": "a", "sha256": hash_key(GOOD), "tenant": "t1", "models": ["linear"]}]
-    config = load_auth({"KEEL_AUTH": "on", "KEEL_API_KEYS": json.dumps(entries)})
+    config = auth_from({"KEEL_AUTH": "on", "KEEL_API_KEYS": json.dumps(entries)})
     assert config.enabled
     assert config.keys == (ApiKey(name="a", sha256=hash_key(GOOD), tenant="t1",
                                   models=("linear",)),)
@@ -179,12 +186,12 @@ def test_keys_from_the_environment() -> None:
 def test_keys_from_a_file_json_or_yaml(tmp_path: Path) -> None:
     yaml_file = tmp_path / "keys.yaml"
     yaml_file.write_text(f"- name: b\n  sha256: {hash_key(GOOD)}\n")
-    config = load_auth({"KEEL_AUTH": "on", "KEEL_API_KEYS_FILE": str(yaml_file)})
+    config = auth_from({"KEEL_AUTH": "on", "KEEL_API_KEYS_FILE": str(yaml_file)})
     assert [k.name for k in config.keys] == ["b"]
     assert config.keys[0].models == ("*",)
     json_file = tmp_path / "keys.json"
     json_file.write_text(json.dumps([{"name": "c", "sha256": hash_key(WRONG)}]))
-    config = load_auth({"KEEL_AUTH": "on", "KEEL_API_KEYS_FILE": str(json_file)})
+    config = auth_from({"KEEL_AUTH": "on", "KEEL_API_KEYS_FILE": str(json_file)})
     assert [k.name for k in config.keys] == ["c"]
 
 
@@ -200,7 +207,7 @@ def test_keys_from_a_file_json_or_yaml(tmp_path: Path) -> None:
 def test_malformed_configuration_is_refused_naming_the_field(env: dict[str, str],
                                                              names: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_auth(env)
+        auth_from(env)
     assert names in caught.value.message
 
 
@@ -208,5 +215,5 @@ def test_hash_key_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["hash-key", GOOD, "--name", "x", "--tenant", "t"]) == 0
     entry = json.loads(capsys.readouterr().out)
     assert entry == {"name": "x", "sha256": hash_key(GOOD), "tenant": "t", "models": ["*"]}
-    assert load_auth({"KEEL_AUTH": "on", "KEEL_API_KEYS": json.dumps([entry])}).keys
+    assert auth_from({"KEEL_AUTH": "on", "KEEL_API_KEYS": json.dumps([entry])}).keys
     assert cli_main(["hash-key", "short"]) == 2

@@ -157,8 +157,11 @@ def test_build_app_binds_the_feature_service(tmp_path: Path,
 
 
 def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_linear_model(tmp_path, "from_env")
     monkeypatch.setenv("KEEL_MODEL_REPOSITORY", str(tmp_path))
-    assert resolve_repository("models") == tmp_path.resolve()
+    app = build_app({"model_repository": "models"})
+    assert app._bound_deployment.init_args[-1] == str(tmp_path.resolve())
+    assert resolve_repository(str(tmp_path)) == tmp_path.resolve()
 
 
 @pytest.mark.parametrize(

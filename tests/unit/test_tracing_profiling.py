@@ -14,6 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from deployments.observability import profiling, tracing
+from deployments.settings import ProfilingSettings, TracingSettings
+from tests.support.env import settings_from
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -45,27 +47,31 @@ def test_off_by_default_costs_nothing() -> None:
     with tracing.span("keel.x", {"a": 1}) as span:
         assert span is None
     assert tracing.carrier() is None
-    assert tracing.otlp_span_processors({}) == []
+    assert tracing.otlp_span_processors(settings_from(TracingSettings, {})) == []
     assert not tracing.enabled()
 
 
 def test_endpoint_from_the_standard_variables() -> None:
-    assert tracing.otlp_endpoint({}) is None
-    assert tracing.otlp_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == \
+    def endpoint(env: dict[str, str]) -> str | None:
+        return tracing.otlp_endpoint(settings_from(TracingSettings, env))
+
+    assert endpoint({}) is None
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == \
         "http://c:4318/v1/traces"
-    assert tracing.otlp_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
-                                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x"}) == \
-        "http://t/x"
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x"}) == "http://t/x"
 
 
 def test_resource_names_the_replica() -> None:
     env = tracing.resource_attributes_env("keel", "risk_mlp",
-                                          {"OTEL_RESOURCE_ATTRIBUTES": "team=risk"})
+                                          settings_from(TracingSettings,
+                                                        {"OTEL_RESOURCE_ATTRIBUTES": "team=risk"}))
     assert env["OTEL_SERVICE_NAME"] == "keel.risk_mlp"
     attributes = env["OTEL_RESOURCE_ATTRIBUTES"].split(",")
     assert attributes[0] == "team=risk"
     assert "keel.application=keel" in attributes and "keel.deployment=risk_mlp" in attributes
-    assert tracing.resource_attributes_env(None, None, {"OTEL_SERVICE_NAME": "svc"})[
+    assert tracing.resource_attributes_env(
+        None, None, settings_from(TracingSettings, {"OTEL_SERVICE_NAME": "svc"}))[
         "OTEL_SERVICE_NAME"] == "svc"
 
 
@@ -103,8 +109,8 @@ def test_children_carriers_links_and_errors(spans: InMemorySpanExporter) -> None
 
 
 def test_an_unreachable_collector_never_fails_the_caller(spans: InMemorySpanExporter) -> None:
-    processors = tracing.otlp_span_processors(
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
+    processors = tracing.otlp_span_processors(settings_from(
+        TracingSettings, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}))
     assert len(processors) == 2
     batch = processors[1]
     tracer = TracerProvider()
@@ -116,22 +122,23 @@ def test_an_unreachable_collector_never_fails_the_caller(spans: InMemorySpanExpo
 
 
 def test_profiling_is_off_without_an_address() -> None:
-    assert profiling.server_address({}) is None
-    assert not profiling.configure_profiling("app", "Ingress", env={})
-    assert profiling.server_address({"PYROSCOPE_SERVER_ADDRESS": "http://p:4040",
-                                     "KEEL_PYROSCOPE_ADDRESS": "http://k:4040"}) == \
-        "http://k:4040"
+    assert profiling.server_address(settings_from(ProfilingSettings, {})) is None
+    assert not profiling.configure_profiling("app", "Ingress",
+                                             settings=settings_from(ProfilingSettings, {}))
+    both = {"PYROSCOPE_SERVER_ADDRESS": "http://p:4040", "KEEL_PYROSCOPE_ADDRESS": "http://k:4040"}
+    assert profiling.server_address(settings_from(ProfilingSettings, both)) == "http://k:4040"
     assert profiling.profiling_tags("app", "risk_mlp", None) == {
         "application": "app", "deployment": "risk_mlp"}
 
 
 def test_an_unreachable_pyroscope_server_never_breaks_the_caller() -> None:
-    env = {"PYROSCOPE_SERVER_ADDRESS": f"http://127.0.0.1:{_closed_port()}",
-           "PYROSCOPE_SAMPLE_RATE": "1000"}
+    env = settings_from(ProfilingSettings, {
+        "PYROSCOPE_SERVER_ADDRESS": f"http://127.0.0.1:{_closed_port()}",
+        "PYROSCOPE_SAMPLE_RATE": "1000"})
     try:
-        assert profiling.configure_profiling("app", "risk_mlp", "risk_mlp", env=env)
+        assert profiling.configure_profiling("app", "risk_mlp", "risk_mlp", settings=env)
         # Configured once per process; a second call is harmless.
-        assert profiling.configure_profiling("app", "risk_mlp", "risk_mlp", env=env)
+        assert profiling.configure_profiling("app", "risk_mlp", "risk_mlp", settings=env)
         total = sum(i * i for i in range(200_000))  # the profiled code keeps working
         assert total > 0
     finally:
