@@ -18,7 +18,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from graph.demo.build import build_demo_repository
 
     started = time.perf_counter()
-    built = build_demo_repository(Path(args.repository), force=args.force)
+
+    def step(what: str) -> None:
+        print(f"  [{time.perf_counter() - started:5.1f} s] {what}", file=sys.stderr, flush=True)
+
+    built = build_demo_repository(Path(args.repository), force=args.force, step=step)
     for model in built:
         state = "up to date" if model.skipped else "built"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(model.metrics.items()))
@@ -30,7 +34,7 @@ def _prepare(args: argparse.Namespace) -> int:
         from graph.demo.feast_store import prepare_feature_store
 
         prepared = prepare_feature_store(args.feature_repo, fs_yaml=args.feature_store_yaml,
-                                         force=args.force)
+                                         force=args.force, step=step)
         print(prepared.describe())
         print(f"feature repository {args.feature_repo} ready in "
               f"{time.perf_counter() - started:.1f} s")

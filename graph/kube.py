@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import tempfile
 import tomllib
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import KeelError, field_errors
 from graph.config_check import check_serve_config, grpc_port
+from graph.files import write_atomic
 
 SERVE_CONFIG = "serve_config.yaml"
 OVERLAY = "configs/serve/overlays/production.yaml"
@@ -534,22 +534,13 @@ def render(root: Path, crd: Path, serve_config: Path | None = None,
 
 
 def write(root: Path, files: dict[str, str]) -> list[str]:
-    """Write the files that changed, each atomically (temporary file + rename)."""
+    """Write the files that changed, each atomically (:func:`graph.files.write_atomic`)."""
     changed = []
     for name, text in files.items():
         target = root / name
         if target.is_file() and target.read_text() == text:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, text.encode())
         changed.append(name)
     return changed
 

@@ -6,3 +6,12 @@ gradient-boosted tree on it, exports both to ONNX, quantises the MLP to INT8
 and writes ``<root>/<name>/<version>/model.onnx`` + ``model.yaml`` for each.
 Only ``build`` needs the ``train`` extra (scikit-learn, skl2onnx).
 """
+
+from collections.abc import Callable
+
+#: Told each step of a long build as it starts (``keel prepare`` prints them).
+Step = Callable[[str], None]
+
+
+def quiet(_: str) -> None:
+    """A :data:`Step` that says nothing."""

@@ -52,8 +52,9 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from deployments.repository import DecisionRule, ModelRepository, ModelSpec, TensorSpec, dump_spec
+from graph.demo import Step, quiet
 from graph.demo.dataset import FEATURE_REFS, DatasetConfig, generate, training_matrix
-from graph.demo.files import exclusive, write_atomic
+from graph.files import exclusive, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,13 @@ def build_demo_repository(
     config: DatasetConfig = DatasetConfig(),
     version: str = "1",
     force: bool = False,
+    step: Step | None = None,
 ) -> list[BuiltModel]:
     """Train, export and write the demo models under ``root``; reuse a matching build.
 
     Returns one :class:`BuiltModel` per model, in :data:`MODEL_NAMES` order, with
     ``skipped=True`` when the recorded build was reused. ``force=True`` rebuilds.
+    ``step`` is told each step of a build as it starts (``keel prepare`` prints them).
     """
     if not _VERSION.match(version):
         raise ValueError(f"version {version!r} is not a valid model version directory name")
@@ -157,14 +160,16 @@ def build_demo_repository(
         # The matrices are tiny: BLAS threads only add contention. On a loaded
         # 2-core machine the MLP trained 3-12x faster with one thread.
         with threadpool_limits(limits=1):
-            return _build(root, config, version, fingerprint)
+            return _build(root, config, version, fingerprint, step or quiet)
 
 
-def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str) -> list[BuiltModel]:
+def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str,
+           step: Step) -> list[BuiltModel]:
     started, cpu_started = time.perf_counter(), time.process_time()
     # A stale manifest must not vouch for files this build is about to replace.
     (root / MANIFEST_FILE).unlink(missing_ok=True)
 
+    step("generating the demo dataset")
     dataset = generate(config)
     features, labels = training_matrix(dataset)
     x_train, x_test, y_train, y_test = train_test_split(
@@ -175,9 +180,13 @@ def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str) ->
     common = {"dataset_seed": str(config.seed), "built_by": "keel prepare",
               "holdout": holdout, "build_fingerprint": fingerprint[:16]}
 
+    step("training risk_mlp")
     mlp = _train_mlp(x_train, y_train, config.seed, common)
+    step("training risk_gbdt")
     gbdt = _train_gbdt(x_train, y_train, config.seed, common)
+    step("quantising risk_mlp to INT8")
     mlp_int8 = _quantize(mlp, version, common)
+    step("evaluating on the holdout")
 
     fp32_probs = _evaluate(mlp, x_test, y_test)
     _evaluate(gbdt, x_test, y_test)
@@ -192,6 +201,7 @@ def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str) ->
         "max_abs_diff_row_vs_batch": _batch_dependence(mlp_int8, x_test[:256]),
     })
 
+    step(f"writing {root}")
     built = [_write_version(root, candidate, version) for candidate in (mlp, gbdt, mlp_int8)]
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     _write_manifest(root, fingerprint, config, version, built, elapsed, cpu)

@@ -49,6 +49,7 @@ from deployments.features.core import (
     resolve_feature_repo,
     resolve_fs_yaml,
 )
+from graph.demo import Step, quiet
 from graph.demo.dataset import (
     ACCOUNT_KEY,
     FEATURE_REFS,
@@ -68,7 +69,7 @@ from graph.demo.features import (
     SourceTables,
     default_tables,
 )
-from graph.demo.files import exclusive, replace_atomically, write_atomic
+from graph.files import exclusive, replace_atomically, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def prepare_feature_store(
     *,
     tables: SourceTables | None = None,
     today: date | None = None,
+    step: Step | None = None,
 ) -> PreparedFeatureStore:
     """Write the demo sources, apply the definitions and materialise them; reuse a
     matching preparation unless ``force``.
@@ -161,7 +163,7 @@ def prepare_feature_store(
             return found
         manifest_path.unlink(missing_ok=True)  # must not vouch for a half-done prepare
         prepared = _prepare(repo, store_file, dataset_config, kind, where,
-                            today or datetime.now(UTC).date(), started)
+                            today or datetime.now(UTC).date(), started, step or quiet)
         _write_manifest(manifest_path, fingerprint, prepared, _probe_entities(dataset_config))
         return prepared
 
@@ -229,18 +231,20 @@ def _fingerprint(config: DatasetConfig, store_file: _StoreFile, kind: SourceKind
 
 def _prepare(repo: Path, store_file: _StoreFile, dataset_config: DatasetConfig,
              kind: SourceKind, tables: SourceTables, today: date,
-             started: float) -> PreparedFeatureStore:
+             started: float, step: Step) -> PreparedFeatureStore:
     from graph.demo.features import feature_definitions
 
     config_file = store_file.path
     store = open_feature_store(repo, config_file)
     repo_config = store.config
 
+    step("generating the feature rows")
     dataset = generate(dataset_config)
     shift_days = (today - dataset_config.end_date).days
     market = _shifted(dataset.market, shift_days)
     portfolio = _shifted(dataset.portfolio, shift_days)
 
+    step(f"writing the offline store ({kind})")
     if kind == "file":
         _write_parquet(repo / tables.market, market)
         _write_parquet(repo / tables.portfolio, portfolio)
@@ -248,12 +252,15 @@ def _prepare(repo: Path, store_file: _StoreFile, dataset_config: DatasetConfig,
         _write_postgres(repo_config.offline_store, {tables.market: market,
                                                     tables.portfolio: portfolio})
 
+    step("feast apply")
     store.apply(feature_definitions(kind, tables).objects())
     start = min(market[TIMESTAMP_FIELD].min(), portfolio[TIMESTAMP_FIELD].min())
     end = max(market[TIMESTAMP_FIELD].max(), portfolio[TIMESTAMP_FIELD].max())
     # Feast's window is [start, end); one second either side covers every row.
+    step("feast materialize (online store)")
     store.materialize(start_date=start.to_pydatetime() - timedelta(seconds=1),
                       end_date=end.to_pydatetime() + timedelta(seconds=1))
+    step("checking the online store answers")
     _check_served(repo, config_file, dataset)
 
     seconds = time.perf_counter() - started

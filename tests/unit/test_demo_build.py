@@ -249,13 +249,19 @@ def test_force_rebuilds(tmp_path: Path) -> None:
     model = tmp_path / "risk_mlp" / "1" / "model.onnx"
     mtime = model.stat().st_mtime_ns
     before = {b.name: b.path.read_bytes() for b in first}
-    forced = build_demo_repository(tmp_path, config=config, force=True)
+    steps: list[str] = []
+    forced = build_demo_repository(tmp_path, config=config, force=True, step=steps.append)
     assert not any(b.skipped for b in forced)
+    assert steps[0] == "generating the demo dataset" and "training risk_gbdt" in steps
+    assert steps[-1] == f"writing {tmp_path}"
     assert model.stat().st_mtime_ns > mtime
     # Same inputs, same models: the build is deterministic down to the bytes.
     assert [b.metrics for b in forced] == [b.metrics for b in first]
     assert {b.name: b.path.read_bytes() for b in forced} == before
-    assert all(b.skipped for b in build_demo_repository(tmp_path, config=config))
+    steps.clear()
+    assert all(b.skipped for b in build_demo_repository(tmp_path, config=config,
+                                                        step=steps.append))
+    assert steps == []  # nothing to do, nothing said
 
 
 def test_rejects_bad_version(tmp_path: Path) -> None:

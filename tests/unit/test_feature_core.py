@@ -242,8 +242,12 @@ def test_a_deleted_online_store_is_prepared_again(tmp_path: Path,
     repo = copy_repo(tmp_path / "repo")
     prepare_feature_store(repo, SMALL)
     (repo / "data" / "online.db").unlink()
-    again = prepare_feature_store(repo, SMALL)
+    steps: list[str] = []
+    again = prepare_feature_store(repo, SMALL, step=steps.append)
     assert not again.skipped
+    assert steps == ["generating the feature rows", "writing the offline store (file)",
+                     "feast apply", "feast materialize (online store)",
+                     "checking the online store answers"]
     rows = FeatureFetcher(repo).lookup([{SYMBOL_KEY: "SYM001", ACCOUNT_KEY: "ACC0002"}],
                                        FEATURE_REFS)
     np.testing.assert_array_equal(rows.values[0], expected_row(latest, "SYM001", "ACC0002"))

@@ -1,4 +1,4 @@
-"""Atomic file writes and a build lock, shared by the demo model and feature builders."""
+"""Atomic file writes and a build lock: the demo builders and `keel render-k8s` share them."""
 
 from __future__ import annotations
 
