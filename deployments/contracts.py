@@ -13,6 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from deployments.repository import ModelSpec
 
+# The cache-status vocabulary, defined once: the contracts, the metrics' ``result`` label,
+# the ``X-Keel-Cache`` header, the gRPC ``cache`` parameter and span attributes use it.
+
+#: What a prediction-cache lookup made of one row: hit (from the cache), miss (computed
+#: for this request), shared (computed by a concurrent identical request).
+CacheStatus = Literal["hit", "miss", "shared"]
+#: A row's status in an answer: a lookup's, or off (the cache was not used).
+RowCache = Literal["hit", "miss", "shared", "off"]
+#: One word for a whole request: hit (no row computed for it), miss (every row computed
+#: for it), partial, or off.
+RequestCache = Literal["hit", "miss", "partial", "off"]
+
 # --- Open Inference Protocol (REST) -------------------------------------------------
 
 
@@ -181,9 +193,8 @@ class Decision(BaseModel):
     threshold: float
     model: str
     model_version: str
-    #: hit: from the cache; miss: computed now; shared: computed by a concurrent
-    #: identical request; off: the cache is disabled or unreachable for this model.
-    cache: Literal["hit", "miss", "shared", "off"]
+    #: See :data:`RowCache` (off: the cache is disabled or unreachable for this model).
+    cache: RowCache
     timings_ms: DecideTimings
 
 

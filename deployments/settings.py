@@ -90,3 +90,26 @@ class RepositorySettings(BaseSettings):
     feature_repo: str = ""
     #: The feature_store.yaml inside the feature repository.
     feature_store_yaml: str = ""
+
+
+class LLMSettings(BaseSettings):
+    """An LLM upstream's API key, sent as ``Authorization: Bearer``.
+
+    Read from the variable the upstream's ``api_key_env`` names: ``KEEL_LLM_API_KEY``
+    unless its config names another (``OPENAI_API_KEY``...), which ``reading`` reads.
+    """
+
+    model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True,
+                                      extra="ignore")
+
+    #: Unset or empty: the upstream gets no Authorization header.
+    api_key: SecretStr | None = Field(default=None, validation_alias="KEEL_LLM_API_KEY")
+
+    @classmethod
+    def reading(cls, variable: str) -> LLMSettings:
+        """The settings with ``api_key`` read from the environment variable ``variable``."""
+        from pydantic import create_model
+
+        named = create_model(cls.__name__, __base__=cls, api_key=(
+            SecretStr | None, Field(default=None, validation_alias=variable)))
+        return named()

@@ -21,19 +21,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import blake3
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.background import AfterAnswer
+from deployments.contracts import CacheStatus
 from deployments.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
 HashName = Literal["blake3", "sha256"]
-CacheStatus = Literal["hit", "miss", "shared"]
 CachePolicy = Literal["auto", "always", "never"]
 
 
@@ -255,6 +255,10 @@ class LocalStore:
             self._data.popitem(last=False)
 
 
+#: One Redis command and its arguments, as Redis spells it: ``("HINCRBY", key, field, 1)``.
+RedisCommand = tuple[str | bytes | int | float, ...]
+
+
 class RemoteStore:
     """What ``PredictionCache`` needs of Redis (``redis.asyncio.Redis`` has it)."""
 
@@ -262,6 +266,12 @@ class RemoteStore:
         raise NotImplementedError
 
     async def set_many(self, items: dict[str, bytes], ttl_s: float) -> None:
+        raise NotImplementedError
+
+    async def execute(self, commands: Sequence[RedisCommand]) -> list[Any]:
+        """Run ``commands`` in one round trip (a pipeline, not a transaction); their
+        replies in order, parsed as redis-py parses them (``HINCRBYFLOAT`` a float,
+        ``PFCOUNT`` an int, ``HGETALL`` a dict, ``SMEMBERS`` a set)."""
         raise NotImplementedError
 
 
@@ -281,6 +291,13 @@ class RedisStore(RemoteStore):
             for key, value in items.items():
                 pipe.set(key, value, px=ttl_ms)
             await pipe.execute()
+
+    async def execute(self, commands: Sequence[RedisCommand]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute()
+            return replies
 
 
 def redis_store(url: str, *, password: str | None = None, ssl_ca_certs: str | None = None,
@@ -347,8 +364,8 @@ class CacheCounters:
 Compute = Callable[[list[int]], Awaitable[dict[str, np.ndarray]]]
 
 
-class CacheObserver:
-    """Told about every lookup and every Redis failure (the metrics layer subclasses it)."""
+class CacheObserver(Protocol):
+    """Told about every lookup and every Redis failure (the metrics layer)."""
 
     def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
         """One request's rows: from the cache, computed, computed by a concurrent request."""
@@ -443,6 +460,24 @@ class ByteCache:
         if not self.local_first:
             self.local.set_many(items, ttl_s)
 
+    async def execute_remote(self, commands: Sequence[RedisCommand], operation: str
+                             ) -> list[Any] | None:
+        """Run Redis commands in one round trip, for data that lives in Redis alone
+        (counters, sets, HyperLogLogs: nothing the in-process layer could stand in for).
+
+        Their replies (see ``RemoteStore.execute``), or ``None`` when there is no Redis,
+        while it is being given ``retry_after_s`` after a failure, or when the commands
+        fail: a failure counted, reported and logged as ``operation``, like any other.
+        """
+        if not self.remote_available:
+            return None
+        assert self.remote is not None
+        try:
+            return await self.remote.execute(commands)
+        except Exception as exc:  # see get_many
+            self.remote_failed(operation, exc)
+            return None
+
     def remote_failed(self, what: str, exc: Exception) -> None:
         """Count a Redis failure, log it (rate-limited) and stop asking for a while."""
         self.errors += 1
@@ -527,7 +562,7 @@ class PredictionCache:
         #: Where write-backs run once the rows are answered (bounded; dropped and counted).
         self.background = background or AfterAnswer()
         self._inflight: dict[str, asyncio.Future[_Shared]] = {}
-        self.observer = CacheObserver()
+        self.observer: CacheObserver | None = None
 
     @property
     def remote(self) -> RemoteStore | None:
@@ -623,7 +658,8 @@ class PredictionCache:
         self.counters.add(self.counters.hits, model, hit_n)
         self.counters.add(self.counters.misses, model, miss_n)
         self.counters.add(self.counters.shared, model, shared_n)
-        self.observer.rows(model, hit_n, miss_n, shared_n)
+        if self.observer is not None:
+            self.observer.rows(model, hit_n, miss_n, shared_n)
         return outputs, statuses
 
     async def _lead(self, leaders: dict[str, list[int]], compute: Compute
@@ -664,7 +700,8 @@ class PredictionCache:
 
     def _remote_failed(self, what: str) -> None:
         self.counters.errors += 1
-        self.observer.remote_failed(what)
+        if self.observer is not None:
+            self.observer.remote_failed(what)
 
 
 def _assemble(n: int, hits: dict[int, dict[str, np.ndarray]], shared: dict[int, _Shared],

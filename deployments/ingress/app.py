@@ -37,7 +37,7 @@ from deployments.ingress.rest_admin import add_admin_routes
 from deployments.ingress.rest_decide import add_decide_routes
 from deployments.ingress.rest_llm import LLMBackend, add_llm_routes
 from deployments.ingress.rest_oip import add_oip_routes
-from deployments.llm.core import ChatRequest
+from deployments.llm.chat import ChatRequest
 from deployments.observability.asgi import RequestObserver, Telemetry
 
 __all__ = ["IngressConfig", "build_plane", "create_app", "create_rest_app"]

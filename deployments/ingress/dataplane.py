@@ -30,7 +30,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.cache.core import CacheConfig, PredictionCache
-from deployments.contracts import DecideRequest, InferenceRequest, ModelStatus
+from deployments.contracts import DecideRequest, InferenceRequest, ModelStatus, RequestCache
 from deployments.errors import (
     DependencyUnavailable,
     InvalidInput,
@@ -209,7 +209,7 @@ class InferAnswer:
     body: bytes
     #: With binary outputs: the length of the JSON part (``None``: all JSON).
     json_length: int | None
-    cache: str
+    cache: RequestCache
     model: str
     version: str
 
@@ -217,7 +217,7 @@ class InferAnswer:
 @dataclass
 class DecideAnswer:
     body: bytes
-    cache: str
+    cache: RequestCache
     model: str
 
 

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI
 from google.protobuf.message import Message
@@ -26,11 +26,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.cache.core import (
     CacheConfig,
-    CacheObserver,
     PredictionCache,
     redacted,
     redis_store_from_env,
 )
+from deployments.contracts import CacheStatus
 from deployments.errors import parse_user_config
 from deployments.ingress.app import build_plane, create_rest_app
 from deployments.ingress.auth import announce, load_auth
@@ -48,7 +48,7 @@ from deployments.settings import RedisSettings
 log = logging.getLogger(__name__)
 
 
-class CacheMetrics(CacheObserver):
+class CacheMetrics:
     """The prediction cache's counts as Ray Serve metrics and SLO events."""
 
     def __init__(self, cache: PredictionCache, slo: SloObserver) -> None:
@@ -59,7 +59,7 @@ class CacheMetrics(CacheObserver):
         self._ratio = make(catalog.CACHE_HIT_RATIO)
 
     def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
-        for result, count in (("hit", hits), ("miss", misses), ("shared", shared)):
+        for result, count in zip(get_args(CacheStatus), (hits, misses, shared), strict=True):
             if count:
                 self._rows.inc(count, tags={"model": model, "result": result})
         ratio = self._cache.counters.hit_ratio(model)

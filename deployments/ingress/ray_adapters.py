@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import DependencyUnavailable, KeelError, ModelNotFound, Overloaded
 from deployments.features.core import FeatureRows
-from deployments.llm.core import ChatAnswer, ChatCall
+from deployments.llm.chat import ChatAnswer, ChatCall
 from deployments.observability import tracing
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from deployments.errors import DependencyUnavailable, InvalidInput
 from deployments.ingress.auth import authorize, key_of
 from deployments.ingress.http import MODEL_SCOPE_KEY, read_body
-from deployments.llm.core import USER_HEADER, ChatAnswer, ChatCall, tenant_of
+from deployments.llm.chat import USER_HEADER, ChatAnswer, ChatCall, tenant_of
 
 
 class LLMBackend(Protocol):

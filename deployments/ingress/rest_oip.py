@@ -86,7 +86,7 @@ async def infer_response(plane: DataPlane, name: str, version: str | None,
     plane.catalog.require(name)  # 404 before reading any body
     body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
     answer = await plane.infer(name, version, body, binary_json_length(request))
-    headers = {"X-Keel-Cache": answer.cache}
+    headers: dict[str, str] = {"X-Keel-Cache": answer.cache}
     if answer.json_length is None:
         return Response(answer.body, media_type="application/json", headers=headers)
     headers["Inference-Header-Content-Length"] = str(answer.json_length)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
 
 from deployments.cache.core import PredictionCache
-from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.contracts import InferCall, InferResult, ModelStatus, RequestCache, RowCache
 from deployments.errors import ModelNotFound, UpstreamTimeout
 from deployments.observability import tracing
 from deployments.repository import ModelSpec
@@ -62,9 +62,8 @@ class Prediction:
 
     spec: ModelSpec
     outputs: dict[str, np.ndarray]
-    #: Per row: "hit" (cache), "miss" (computed for this request), "shared" (computed
-    #: by a concurrent identical request), or "off" (the cache was not used).
-    cache: list[str]
+    #: Per row (see :data:`~deployments.contracts.RowCache`).
+    cache: list[RowCache]
     cache_ms: float = 0.0
     model_ms: float = 0.0
     batch_size: int = 0
@@ -163,14 +162,14 @@ class Predictor:
                                                "keel.rows": len(keys)}) as span:
             outputs, statuses = await cache.fetch(name, keys, compute)
             if span is not None:
-                span.set_attribute("keel.cache.result", summarise(list[str](statuses)))
+                span.set_attribute("keel.cache.result", summarise(statuses))
                 span.set_attribute("keel.cache.hits", statuses.count("hit"))
         total_ms = (time.perf_counter() - started) * 1000
         cache_ms = max(0.0, total_ms - model_ms)
         cache.costs.lookup(name, cache_ms)
         if compute_cost:
             cache.costs.compute(name, compute_cost)
-        return Prediction(spec=spec, outputs=outputs, cache=list[str](statuses),
+        return Prediction(spec=spec, outputs=outputs, cache=list[RowCache](statuses),
                           cache_ms=cache_ms, model_ms=model_ms, batch_size=batch_size)
 
     def _compute_cost(self, name: str, started: float, result: InferResult) -> float:
@@ -213,7 +212,7 @@ def _n_rows(inputs: dict[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
-def summarise(statuses: list[str]) -> str:
+def summarise(statuses: Sequence[RowCache]) -> RequestCache:
     """One word for a request's rows: hit (none computed for it: cached or shared with a
     concurrent request), miss (all computed), partial, or off (cache not used)."""
     kinds = set(statuses)

@@ -10,14 +10,9 @@ from ray import serve
 
 from deployments.cache.core import redacted, redis_store_from_env
 from deployments.errors import parse_user_config
-from deployments.llm.core import (
-    CacheResult,
-    ChatAnswer,
-    ChatCall,
-    ChatGateway,
-    LLMGatewayConfig,
-    LLMObserver,
-)
+from deployments.llm.chat import CacheResult, ChatAnswer, ChatCall
+from deployments.llm.config import LLMGatewayConfig
+from deployments.llm.gateway import ChatGateway
 from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
 from deployments.settings import RedisSettings
@@ -25,8 +20,9 @@ from deployments.settings import RedisSettings
 log = logging.getLogger(__name__)
 
 
-class LLMMetrics(LLMObserver):
-    """The gateway's requests, tokens, dollars and upstream calls as Ray Serve metrics."""
+class LLMMetrics:
+    """The gateway's requests, tokens, dollars and upstream calls as Ray Serve metrics
+    (an ``LLMObserver``)."""
 
     def __init__(self) -> None:
         self._requests = make(catalog.LLM_REQUESTS)
@@ -71,7 +67,8 @@ class LLMMetrics(LLMObserver):
 class LLMGateway:
     """OpenAI-compatible chat completions to the configured upstreams, through the prompt
     cache in the prediction cache's Redis (``KEEL_REDIS_*``); API keys from the
-    environment variable each upstream names (default ``KEEL_LLM_API_KEY``)."""
+    environment variable each upstream names (default ``KEEL_LLM_API_KEY``, read by
+    ``LLMSettings``)."""
 
     def __init__(self) -> None:
         settings = RedisSettings()

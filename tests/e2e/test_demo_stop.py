@@ -18,8 +18,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT, SERVE_ENV, serve_test_config
-from tests.redisserver import free_port
+from tests.support.redisserver import free_port
+from tests.support.serve_app import PROJECT_ROOT, SERVE_ENV, serve_test_config
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from deployments.ingress import grpc_protocol as pb
-from tests.conftest import KeelApp
+from tests.support.serve_app import KeelApp
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import KeelApp
+from tests.support.serve_app import KeelApp
 
 pytestmark = pytest.mark.slow
 

@@ -21,9 +21,9 @@ import pytest
 from ray import serve
 from ray.serve._private.common import ReplicaState
 
-from tests.conftest import KeelApp, serve_test_config, wait_running
-from tests.modelkit import reference_probabilities
-from tests.steadyload import SteadyLoad, per_second, table
+from tests.support.modelkit import reference_probabilities
+from tests.support.serve_app import KeelApp, serve_test_config, wait_running
+from tests.support.steadyload import SteadyLoad, per_second, table
 
 pytestmark = pytest.mark.slow
 

@@ -6,48 +6,18 @@ NOT reliably cancelled behind HAProxy and Serve's direct ingress: see the README
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from ray import serve
 
-from tests.conftest import APP_NAME, KeelApp
+from tests.support.serve_app import SLOW_BATCH_S, KeelApp, changed, served_rows
 
 pytestmark = pytest.mark.slow
 
-#: Longer than the ingress's budget in these tests: a request waits that long for its batch.
-SLOW_BATCH_S = 1.0
 BUDGET_S = 0.4
-
-
-def stats(deployment: str) -> dict[str, Any]:
-    handle = serve.get_deployment_handle(deployment, app_name=APP_NAME)
-    return handle.stats.remote().result(timeout_s=30)  # type: ignore[no-any-return]
-
-
-def served_rows(deployment: str) -> int:
-    """Rows (model) or lookups (features) that reached a batch so far."""
-    return sum(int(size) * count for size, count in stats(deployment)["batch_sizes"].items())
-
-
-@contextmanager
-def changed(keel_app: KeelApp, **user_configs: dict[str, Any]) -> Iterator[None]:
-    """Deploy with some deployments' user_config keys changed; restore afterwards."""
-    original = keel_app.modified()
-    config = keel_app.modified()
-    for name, values in user_configs.items():
-        dep = keel_app.deployment(name, config)
-        dep["user_config"] = {**dep.get("user_config", {}), **values}
-    keel_app.deploy(config)
-    try:
-        yield
-    finally:
-        keel_app.deploy(original)
 
 
 def infer_row(seed: int) -> dict[str, Any]:

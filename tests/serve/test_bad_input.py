@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import KeelApp
+from tests.support.serve_app import KeelApp
 
 pytestmark = pytest.mark.slow
 

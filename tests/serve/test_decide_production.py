@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import KeelApp, copy_feature_repo, serve_test_config
-from tests.redisserver import PrivateRedis
-from tests.serve.test_decide import entities, expected_scores
+from tests.support.decisions import entities, expected_scores
+from tests.support.redisserver import PrivateRedis
+from tests.support.serve_app import KeelApp, copy_feature_repo, serve_test_config
 
 pytestmark = pytest.mark.slow
 

@@ -34,10 +34,10 @@ import pytest
 import ray
 from ray import serve
 
-from tests.conftest import KeelApp, serve_test_config
-from tests.modelkit import write_linear_model
-from tests.serve.test_decide import entities
-from tests.steadyload import Request, SteadyLoad
+from tests.support.decisions import entities
+from tests.support.modelkit import write_linear_model
+from tests.support.serve_app import KeelApp, serve_test_config
+from tests.support.steadyload import Request, SteadyLoad
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +201,7 @@ def test_a_killed_model_replica_is_replaced_and_requests_recover(faults_app: Fau
 # -- e. a replica that fails its health checks ------------------------------------------------
 
 
-def test_e_a_hung_replica_fails_its_health_checks_and_is_replaced(
+def test_a_hung_replica_fails_its_health_checks_and_is_replaced(
         faults_app: FaultsApp) -> None:
     before = replicas()
     assert len(before) == 2, before
@@ -235,7 +235,7 @@ def test_e_a_hung_replica_fails_its_health_checks_and_is_replaced(
 # -- d. the embedded feature store's online DB becomes unreadable ---------------------------
 
 
-def test_d_an_unreadable_online_store_is_503_for_decide_and_tensors_still_work(
+def test_an_unreadable_online_store_is_503_for_decide_and_tensors_still_work(
         faults_app: FaultsApp) -> None:
     # Feast's SQLite store keeps one connection open, so chmod or moving the file away
     # changes nothing for a running replica. What does reach it is the file going bad under
@@ -290,7 +290,7 @@ def _app_status() -> str:
     return str(getattr(status, "value", status))
 
 
-def test_b_a_corrupt_model_file_fails_the_rollout_and_the_old_version_keeps_serving(
+def test_a_corrupt_model_file_fails_the_rollout_and_the_old_version_keeps_serving(
         keel_app: KeelApp, faults_app: FaultsApp) -> None:
     write_linear_model(faults_app.model_repo, MODEL, "2", n_features=4, seed=7)
     broken = faults_app.model_repo / MODEL / "2" / "model.onnx"

@@ -24,9 +24,15 @@ import pytest
 
 from deployments.ingress import grpc_protocol as pb
 from deployments.ingress.auth import hash_key
-from tests.conftest import APP_NAME, KeelApp, serve_test_config
-from tests.modelkit import raw_infer_request as raw_request
-from tests.serve.test_backpressure import SLOW_BATCH_S, changed, served_rows
+from tests.support.modelkit import raw_infer_request as raw_request
+from tests.support.serve_app import (
+    APP_NAME,
+    SLOW_BATCH_S,
+    KeelApp,
+    changed,
+    serve_test_config,
+    served_rows,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from graph.demo.llm_upstream import FakeUpstream
-from tests.conftest import KeelApp, serve_test_config
-from tests.redisserver import PrivateRedis
+from tests.support.redisserver import PrivateRedis
+from tests.support.serve_app import KeelApp, serve_test_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Keel on a Ray cluster of two nodes (head and worker, on this machine), losing one.
 
-The scenario runs in tests/cluster_driver.py, in its own process with its own Ray
+The scenario runs in tests/support/cluster_driver.py, in its own process with its own Ray
 cluster (this pytest process already has a Ray instance, and ``ray.init`` happens
 once per process); this test starts it, reads its JSON result, and always cleans up
 every process it started, by process id, whatever happened.
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from tests.support.serve_app import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_keel_serves_through_the_loss_of_a_node(tmp_path: Path) -> None:
     started = time.monotonic()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.cluster_driver", "--temp-dir", str(temp_dir),
+            [sys.executable, "-m", "tests.support.cluster_driver", "--temp-dir", str(temp_dir),
              "--out", str(out)],
             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)

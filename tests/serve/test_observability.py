@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from deployments.observability import catalog
-from tests.conftest import KeelApp, serve_test_config
+from tests.support.serve_app import KeelApp, serve_test_config
 
 pytestmark = pytest.mark.slow
 

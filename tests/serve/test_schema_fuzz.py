@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import KeelApp
+from tests.support.serve_app import KeelApp
 
 pytestmark = pytest.mark.slow
 

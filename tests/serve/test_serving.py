@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 from ray import serve
 
-from tests.conftest import APP_NAME, KeelApp, serve_test_config, wait_running
-from tests.modelkit import reference_probabilities, write_linear_model
+from tests.support.modelkit import reference_probabilities, write_linear_model
+from tests.support.serve_app import APP_NAME, KeelApp, serve_test_config, wait_running
 
 pytestmark = pytest.mark.slow
 

@@ -24,10 +24,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import KeelApp, serve_test_config
-from tests.modelkit import raw_infer_request
-from tests.redisserver import free_port
-from tests.serve.test_decide import entities
+from tests.support.decisions import entities
+from tests.support.modelkit import raw_infer_request
+from tests.support.redisserver import free_port
+from tests.support.serve_app import KeelApp, serve_test_config
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from deployments.ingress.app import create_app
 from deployments.repository import ModelRepository
-from tests.modelkit import write_linear_model
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.modelkit import write_linear_model
 
 
 @pytest.fixture

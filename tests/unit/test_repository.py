@@ -17,7 +17,7 @@ from deployments.repository import (
     parse_spec,
     version_key,
 )
-from tests.modelkit import write_linear_model
+from tests.support.modelkit import write_linear_model
 
 SOURCE = "models/linear/1/model.yaml"
 

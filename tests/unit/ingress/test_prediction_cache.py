@@ -24,8 +24,8 @@ from deployments.errors import KeelError
 from deployments.ingress.app import IngressConfig, create_app
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
-from tests.modelkit import reference_probabilities
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.modelkit import reference_probabilities
 
 REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's (tests/unit/conftest.py)
 

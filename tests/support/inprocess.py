@@ -6,12 +6,15 @@ does, minus ``@serve.batch``: one ``infer_batch`` call per coalesced batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import KeelError, ModelNotFound
 from deployments.ingress.app import IngressConfig
+from deployments.llm.chat import ChatCall
+from deployments.llm.gateway import ChatGateway
 from deployments.onnx.core import ModelVersions, OnnxModelConfig
 from deployments.repository import ModelRepository
 
@@ -59,3 +62,19 @@ class MutableIngressConfig:
 
     def __call__(self) -> IngressConfig:
         return self.value
+
+
+class InProcessLLM:
+    """The routes' backend without Ray: a ``ChatGateway`` in this process."""
+
+    def __init__(self, gateway: ChatGateway) -> None:
+        self.gateway = gateway
+
+    async def complete(self, call: ChatCall) -> Any:
+        return await self.gateway.complete(call)
+
+    def stream(self, call: ChatCall) -> AsyncIterator[str]:
+        return self.gateway.stream(call)
+
+    async def usage(self) -> dict[str, Any]:
+        return await self.gateway.usage()

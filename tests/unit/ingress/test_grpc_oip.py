@@ -26,9 +26,9 @@ from deployments.ingress.grpc_oip import GRPC_CODES, GrpcOip, to_request
 from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
-from tests.modelkit import raw_infer_request as raw_request
-from tests.modelkit import reference_probabilities
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.modelkit import raw_infer_request as raw_request
+from tests.support.modelkit import reference_probabilities
 
 REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's (tests/unit/conftest.py)
 

@@ -3,7 +3,7 @@
 Run as its own process (a pytest process may call ``ray.init`` only once, and its
 session already has a Ray instance)::
 
-    .venv/bin/python -m tests.cluster_driver --temp-dir /tmp/kmnXXXX --out result.json
+    .venv/bin/python -m tests.support.cluster_driver --temp-dir /tmp/kmnXXXX --out result.json
 
 What it does, in order:
 
@@ -45,7 +45,7 @@ import traceback
 from pathlib import Path
 from typing import Any, cast
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 #: GCS health checks of raylets (see the module docstring).
@@ -84,7 +84,7 @@ def isolate(temp_dir: Path, ports: dict[str, int]) -> None:
     RAY_TMPDIR keeps the cluster's address file (``ray_current_cluster``) out of
     /tmp/ray, where a ``ray.init()`` elsewhere on the machine would find it and join.
     """
-    from tests.conftest import SERVE_ENV
+    from tests.support.serve_app import SERVE_ENV
 
     hap = temp_dir / "hap"
     os.environ.update(SERVE_ENV)
@@ -122,7 +122,7 @@ def node_args(resources: dict[str, float], head: bool) -> dict[str, Any]:
 
 def app_config(model_repo: Path) -> dict[str, Any]:
     """The test configuration of serve_config.yaml, placed on the two nodes."""
-    from tests.conftest import serve_test_config
+    from tests.support.serve_app import serve_test_config
 
     config = serve_test_config(model_repo)
     app = config["applications"][0]
@@ -214,9 +214,9 @@ def run(temp_dir: Path, result: dict[str, Any]) -> None:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    from tests.conftest import wait_running
-    from tests.modelkit import reference_probabilities, write_linear_model
-    from tests.steadyload import SteadyLoad
+    from tests.support.modelkit import reference_probabilities, write_linear_model
+    from tests.support.serve_app import wait_running
+    from tests.support.steadyload import SteadyLoad
 
     started = time.monotonic()
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True,

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from deployments.ingress.app import create_app
 from deployments.observability.slo import MODEL, Recorder, SloBook, SloObserver, SloReport
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
 
 
 class LocalSlo:

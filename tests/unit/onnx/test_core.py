@@ -19,7 +19,7 @@ from deployments.onnx.core import (
     load_runner,
 )
 from deployments.repository import ModelRepository, ModelSpec, TensorSpec, dump_spec
-from tests.modelkit import reference_probabilities, write_linear_model
+from tests.support.modelkit import reference_probabilities, write_linear_model
 
 ATOL = 1e-5
 

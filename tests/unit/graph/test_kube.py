@@ -13,7 +13,7 @@ from graph import kube
 from graph.cli import main
 from graph.config_check import check_serve_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CRD = ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
 
 

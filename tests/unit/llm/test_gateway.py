@@ -17,7 +17,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from deployments.cache.core import redis_store
+from deployments.cache.core import ByteCache, redis_store
 from deployments.errors import (
     BadGateway,
     ConfigError,
@@ -30,24 +30,22 @@ from deployments.errors import (
     parse_user_config,
 )
 from deployments.ingress.app import IngressConfig, create_app
-from deployments.llm.core import (
+from deployments.llm.chat import (
+    CacheResult,
     ChatCall,
-    ChatGateway,
     ChatRequest,
-    LLMGatewayConfig,
-    ModelPrice,
-    decode_entry,
-    encode_entry,
     is_deterministic,
     parse_chat,
-    prompt_key,
     replay_stream,
     sse_event,
     tenant_of,
-    transport_error,
-    upstream_error,
 )
+from deployments.llm.config import LLMGatewayConfig, ModelPrice
+from deployments.llm.gateway import ChatGateway
+from deployments.llm.prompt_cache import decode_entry, encode_entry, prompt_key
+from deployments.llm.upstream import transport_error, upstream_error
 from graph.demo.llm_upstream import FakeUpstream
+from tests.support.inprocess import InProcessLLM
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -85,6 +83,17 @@ def test_every_input_that_decides_the_answer_changes_the_key() -> None:
     assert len(set(variants.values()) | {base}) == len(variants) + 1, variants
     # Fields that cannot change the answer do not split the cache.
     assert _key(user="alice", metadata={"x": "y"}) == base
+
+
+def test_keys_are_pinned() -> None:
+    """Keys are shared by every replica and survive upgrades: they must not drift."""
+    assert _key() == ("keel:llm:c:t:"
+                      "61e581be7f2d2b639d111a8a7e662a2ca716087b8054c59f54d144e70b0ce566")
+    streamed = _request(stream=True, stream_options={"include_usage": True}, top_p=0.9,
+                        user="x")
+    assert prompt_key("acme", "fake", "up-model", streamed, hash_name="sha256",
+                      prefix="p:") == ("p:c:acme:5dff9bcee65ac43677659c8280f180104f0175cca17a"
+                                       "a16a166ce3a2d09c957a")
 
 
 def test_field_order_and_nones_do_not_change_the_key() -> None:
@@ -364,23 +373,101 @@ async def test_unreachable_upstream_is_502_naming_it(prefix: str) -> None:
     assert time.monotonic() - started < 3
 
 
-# --- the routes in process -------------------------------------------------------------
+async def test_the_api_key_comes_from_the_variable_the_upstream_names(
+        upstream: FakeUpstream, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEL_LLM_API_KEY", "sk-default")
+    monkeypatch.setenv("KEEL_TEST_UPSTREAM_KEY", "sk-named")
+    monkeypatch.setenv("KEEL_TEST_EMPTY_KEY", "")
+    authorizations = []
+    for api_key_env in ("KEEL_LLM_API_KEY", "KEEL_TEST_UPSTREAM_KEY", "KEEL_TEST_EMPTY_KEY",
+                        "KEEL_TEST_UNSET_KEY"):
+        config = _config(upstream.url, prefix, enabled=False)
+        config = config.model_copy(update={"upstreams": [
+            config.upstreams[0].model_copy(update={"api_key_env": api_key_env})]})
+        gateway = ChatGateway(None, config)
+        await gateway.complete(_call())
+        await gateway.aclose()
+        authorizations.append(upstream.calls[-1].authorization)
+    # Unset or empty: no Authorization header at all.
+    assert authorizations == ["Bearer sk-default", "Bearer sk-named", None, None]
 
 
-class InProcessLLM:
-    """The routes' backend without Ray: a ``ChatGateway`` in this process."""
+class RecordingObserver:
+    """An ``LLMObserver`` (structurally: no base class) that keeps what it is told."""
 
-    def __init__(self, gateway: ChatGateway) -> None:
-        self.gateway = gateway
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
 
-    async def complete(self, call: ChatCall) -> Any:
-        return await self.gateway.complete(call)
+    def request(self, tenant: str, model: str, cache: CacheResult) -> None:
+        self.seen.append(("request", tenant, model, cache))
 
-    def stream(self, call: ChatCall) -> AsyncIterator[str]:
-        return self.gateway.stream(call)
+    def tokens(self, tenant: str, model: str, prompt: int, completion: int,
+               cached: bool) -> None:
+        self.seen.append(("tokens", cached))
 
-    async def usage(self) -> dict[str, Any]:
-        return await self.gateway.usage()
+    def cost(self, tenant: str, model: str, spent_usd: float, avoided_usd: float) -> None:
+        self.seen.append(("cost", spent_usd > 0, avoided_usd > 0))
+
+    def upstream_call(self, upstream: str, model: str, outcome: str) -> None:
+        self.seen.append(("upstream_call", upstream, model, outcome))
+
+    def hit_ratio(self, ratio: float) -> None:
+        self.seen.append(("hit_ratio", ratio))
+
+    def cost_per_mau(self, tenant: str, usd: float) -> None:
+        self.seen.append(("cost_per_mau", tenant, usd > 0))
+
+    def cache_failed(self, operation: str) -> None:
+        self.seen.append(("cache_failed", operation))
+
+
+async def test_the_observer_is_told_everything(upstream: FakeUpstream, prefix: str) -> None:
+    observer = RecordingObserver()
+    store = redis_store(REDIS_URL)
+    gateway = ChatGateway(store, _config(upstream.url, prefix), observer)
+    await gateway.complete(_call())
+    await gateway.complete(_call())
+    with pytest.raises(RateLimited):
+        await gateway.complete(_call("!status 429"))
+    assert observer.seen == [
+        ("upstream_call", "fake", "pub", "ok"), ("request", "acme", "pub", "miss"),
+        ("tokens", False), ("cost", True, False), ("hit_ratio", 0.0),
+        ("cost_per_mau", "acme", True),
+        ("request", "acme", "pub", "hit"), ("tokens", True), ("cost", False, True),
+        ("hit_ratio", 0.5), ("cost_per_mau", "acme", True),
+        ("upstream_call", "fake", "pub", "429")]
+    await gateway.aclose()
+    await store.client.aclose()
+    dead = ChatGateway(redis_store("redis://127.0.0.1:1/0"), _config(upstream.url, prefix),
+                       observer)
+    await dead.complete(_call())
+    assert ("cache_failed", "MGET") in observer.seen
+    await dead.aclose()
+
+
+async def test_redis_commands_through_the_cache_layer(prefix: str) -> None:
+    store = redis_store(REDIS_URL)
+    failures: list[str] = []
+    cache = ByteCache(store, on_failure=failures.append)
+    counters, users, members = prefix + "h", prefix + "u", prefix + "s"
+    replies = await cache.execute_remote([
+        ("HINCRBY", counters, "n", 2), ("HINCRBYFLOAT", counters, "usd", 0.25),
+        ("EXPIRE", counters, 60), ("SADD", members, "a"), ("PFADD", users, "x"),
+        ("PFADD", users, "x"), ("PFCOUNT", users)], "TEST")
+    assert replies == [2, 0.25, True, 1, 1, 0, 1]
+    replies = await cache.execute_remote([("HGETALL", counters), ("SMEMBERS", members)],
+                                         "TEST")
+    assert replies == [{b"n": b"2", b"usd": b"0.25"}, {b"a"}]
+    assert await cache.execute_remote([], "TEST") == [] and failures == []
+    await store.client.aclose()
+    assert await ByteCache(None).execute_remote([("PFCOUNT", users)], "TEST") is None
+    dead = ByteCache(redis_store("redis://127.0.0.1:1/0"), on_failure=failures.append,
+                     retry_after_s=60)
+    assert await dead.execute_remote([("PFCOUNT", users)], "TEST") is None
+    assert failures == ["TEST"] and dead.errors == 1 and not dead.remote_available
+    # While Redis is given its retry interval, it is not asked (nothing more counted).
+    assert await dead.execute_remote([("PFCOUNT", users)], "TEST") is None
+    assert failures == ["TEST"]
 
 
 def test_routes_answer_http(upstream: FakeUpstream, prefix: str) -> None:
@@ -433,7 +520,7 @@ async def test_concurrent_identical_misses_call_the_upstream_once(
 
 def test_build_app_binds_the_gateway_unless_turned_off(tmp_path: Any) -> None:
     from graph.app import build_app
-    from tests.modelkit import write_linear_model
+    from tests.support.modelkit import write_linear_model
 
     write_linear_model(tmp_path, "a")
     ingress = build_app({"model_repository": str(tmp_path)})._bound_deployment

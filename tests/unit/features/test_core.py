@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,24 +34,15 @@ from graph.demo.dataset import (
     MARKET_VIEW,
     PORTFOLIO_VIEW,
     SYMBOL_KEY,
-    DatasetConfig,
     generate,
 )
 from graph.demo.feast_store import latest_values, prepare_feature_store
 from graph.demo.features import SourceTables
-from tests.redisserver import PrivateRedis
+from tests.support.feature_data import ACCOUNTS, SMALL, SYMBOLS
+from tests.support.redisserver import PrivateRedis
+from tests.support.serve_app import copy_feature_repo
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "feast"
-SMALL = DatasetConfig(n_symbols=5, n_accounts=8, n_days=5, n_train_rows=100)
-SYMBOLS = [f"SYM{i:03d}" for i in range(SMALL.n_symbols)]
-ACCOUNTS = [f"ACC{i:04d}" for i in range(SMALL.n_accounts)]
 DAY = 86_400.0
-
-
-def copy_repo(target: Path) -> Path:
-    """The checked-in repository without its generated data."""
-    shutil.copytree(CONFIGS, target, ignore=shutil.ignore_patterns("data", "__pycache__"))
-    return target
 
 
 def expected_row(latest: dict[str, dict[str, np.ndarray]], symbol: str,
@@ -67,7 +57,7 @@ def latest() -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def embedded_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("feast") / "repo")
+    repo = copy_feature_repo(tmp_path_factory.mktemp("feast") / "repo")
     prepared = prepare_feature_store(repo, SMALL)
     assert not prepared.skipped
     return repo
@@ -239,7 +229,7 @@ def test_prepare_again_is_a_no_op(embedded_repo: Path) -> None:
 
 def test_a_deleted_online_store_is_prepared_again(tmp_path: Path,
                                                   latest: dict[str, Any]) -> None:
-    repo = copy_repo(tmp_path / "repo")
+    repo = copy_feature_repo(tmp_path / "repo")
     prepare_feature_store(repo, SMALL)
     (repo / "data" / "online.db").unlink()
     steps: list[str] = []
@@ -255,7 +245,7 @@ def test_a_deleted_online_store_is_prepared_again(tmp_path: Path,
 
 def test_config_errors_name_the_problem(tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    repo = copy_repo(tmp_path / "repo")
+    repo = copy_feature_repo(tmp_path / "repo")
     for name in ("KEEL_FEAST_REDIS", "KEEL_FEAST_PG_HOST"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match=r"KEEL_FEAST_REDIS.*not set"):
@@ -312,7 +302,7 @@ def test_production_config_postgres_to_redis(tmp_path: Path, production_env: str
     import psycopg
 
     name = production_env
-    repo = copy_repo(tmp_path / "repo")
+    repo = copy_feature_repo(tmp_path / "repo")
     with_project(repo, "feature_store.production.yaml", name)
     tables = SourceTables(market=f"{name}_market", portfolio=f"{name}_portfolio")
     client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
@@ -346,7 +336,7 @@ def test_a_dead_redis_fails_the_lookup_fast_with_503(tmp_path: Path) -> None:
     server = PrivateRedis()
     server.start()
     try:
-        repo = copy_repo(tmp_path / "repo")
+        repo = copy_feature_repo(tmp_path / "repo")
         # Parquet sources, the private Redis as online store, the production socket timeouts.
         (repo / "dead.yaml").write_text(
             "project: keel\nprovider: local\n"

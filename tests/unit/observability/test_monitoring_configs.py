@@ -18,7 +18,7 @@ import yaml
 from deployments.observability.catalog import exported_names
 from deployments.observability.slo import DEFAULT_OBJECTIVES
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MON = ROOT / "configs" / "monitoring"
 PROM = MON / "prometheus"
 GRAFANA = MON / "grafana"

@@ -23,10 +23,10 @@ from deployments.contracts import InferenceRequest
 from deployments.errors import InvalidInput, ModelNotFound, quoted
 from deployments.ingress.app import IngressConfig, create_app
 from deployments.ingress.codec import MAX_RANK, decode_inputs, parse_request
-from deployments.llm.core import ChatGateway, LLMGatewayConfig
+from deployments.llm.config import LLMGatewayConfig
+from deployments.llm.gateway import ChatGateway
 from deployments.repository import ModelRepository, ModelSpec, TensorSpec
-from tests.unit.inprocess import InProcessModels
-from tests.unit.test_llm_core import InProcessLLM
+from tests.support.inprocess import InProcessLLM, InProcessModels
 
 GOOD = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
                     "data": [0.1, 0.2, 0.3, 0.4]}]}

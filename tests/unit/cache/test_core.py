@@ -25,7 +25,7 @@ from deployments.cache.core import (
     redis_store_from_env,
     row_keys,
 )
-from tests.redisserver import PrivateRedis, TlsFiles, free_port
+from tests.support.redisserver import PrivateRedis, TlsFiles, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

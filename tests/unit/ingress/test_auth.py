@@ -11,17 +11,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deployments.llm.core import ChatAnswer, ChatCall
 from fastapi.testclient import TestClient
 
 from deployments.errors import ConfigError
 from deployments.ingress import auth as auth_module
 from deployments.ingress.app import create_app
 from deployments.ingress.auth import ApiKey, AuthConfig, announce, hash_key, load_auth
+from deployments.llm.chat import ChatAnswer, ChatCall
 from deployments.settings import AuthSettings
 from graph.cli import main as cli_main
 from tests.support.env import settings_from
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
 
 GOOD = "k-good-0123456789abcdef-secret"
 LIMITED = "k-limited-0123456789abcdef-secret"
@@ -52,12 +52,12 @@ class RecordingLLM:
         return {}
 
 
-@pytest.fixture
-
 def auth_from(env: dict[str, str]) -> AuthConfig:
     """The ingress's auth configuration in an environment that is exactly ``env``."""
     return load_auth(settings_from(AuthSettings, env))
 
+
+@pytest.fixture
 def llm() -> RecordingLLM:
     return RecordingLLM()
 

@@ -13,9 +13,9 @@ from deployments.errors import ConfigError
 from graph.app import AppArgs, build_app, resolve_repository
 from graph.cli import main
 from graph.config_check import check_serve_config
-from tests.modelkit import write_linear_model
+from tests.support.modelkit import write_linear_model
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = [ROOT / "serve_config.yaml", *sorted((ROOT / "configs" / "serve").glob("*.yaml"))]
 
 

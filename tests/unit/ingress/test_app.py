@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from deployments.ingress.app import IngressConfig
 from deployments.onnx.core import OnnxModelConfig
-from tests.modelkit import reference_probabilities
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.modelkit import reference_probabilities
 
 ATOL = 1e-5
 

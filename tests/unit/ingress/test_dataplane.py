@@ -22,9 +22,10 @@ from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
 from graph.demo.dataset import ACCOUNT_KEY, SYMBOL_KEY
-from tests.modelkit import reference_probabilities
-from tests.unit.inprocess import InProcessModels, MutableIngressConfig
-from tests.unit.test_feature_core import ACCOUNTS, SMALL, SYMBOLS, copy_repo
+from tests.support.feature_data import ACCOUNTS, SMALL, SYMBOLS
+from tests.support.inprocess import InProcessModels, MutableIngressConfig
+from tests.support.modelkit import reference_probabilities
+from tests.support.serve_app import copy_feature_repo
 
 ATOL = 1e-5
 
@@ -201,7 +202,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FeatureFetcher
 
     models = tmp_path_factory.mktemp("models")
     build_demo_repository(models, config=SMALL)
-    repo = copy_repo(tmp_path_factory.mktemp("feast") / "repo")
+    repo = copy_feature_repo(tmp_path_factory.mktemp("feast") / "repo")
     prepare_feature_store(repo, SMALL)
     return models, FeatureFetcher(repo)
 
