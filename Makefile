@@ -18,7 +18,7 @@ prepare: $(STAMP)
 	$(BIN)/keel prepare
 
 # Ray Serve's throughput-optimised mode (direct ingress, gRPC between deployments) with
-# HAProxy on port 8000: 3-4x the Python proxy here (README, Benchmarks). Set to 0 to compare.
+# HAProxy on port 8000: 3-4x the Python proxy here (docs/benchmarks/). Set to 0 to compare.
 SERVE_ENV ?= RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
 
 ## Run the demo cluster: install, build the demo models, serve them on :8000.
@@ -30,6 +30,7 @@ demo: prepare
 test: $(STAMP)
 	$(BIN)/ruff check deployments graph tests bench
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(or $(TMPDIR),/tmp)/keel-site
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -38,7 +39,7 @@ lint: $(STAMP)
 
 bench: prepare
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/run_bench.py
+	$(BIN)/python -m bench.serving_core
 
 clean:
 	rm -rf $(VENV) models/risk_mlp models/risk_gbdt models/risk_mlp_int8 models/.demo-build.json

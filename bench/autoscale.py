@@ -1,6 +1,6 @@
 """Autoscaling of a model deployment under a load step, with the shipped knobs.
 
-Starts a private local Ray instance (see ``raydriver``) with Serve in the mode
+Starts a private local Ray instance (see ``harness.local_ray``) with Serve in the mode
 ``make demo`` runs (throughput-optimised, HAProxy), deploys Keel from
 serve_config.yaml reduced to the Ingress, the SloMonitor and one model, and then:
 
@@ -24,8 +24,8 @@ control loop's reaction times and the errors while replicas come and go, not a
 capacity gain. (With ``--clients 64`` one replica's batches do fill, and it answers
 faster than four replicas whose batches never do: scaling out splits batches.)
 
-    .venv/bin/python bench/autoscale.py                       # shipped knobs, ~4 min
-    .venv/bin/python bench/autoscale.py --autoscaling '{"upscale_delay_s": 1}'
+    .venv/bin/python -m bench.autoscale                       # shipped knobs, ~4 min
+    .venv/bin/python -m bench.autoscale --autoscaling '{"upscale_delay_s": 1}'
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import tempfile
 import threading
@@ -45,19 +44,17 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.harness.http_load import make_bodies
+from bench.harness.network import quiet_port
+from bench.harness.progress import Progress
+from bench.harness.report import REPO_ROOT, RESULTS_DIR, pyplot, save_figure, text_table
+from bench.harness.statistics import percentiles
+
+RESULTS = RESULTS_DIR
 STAMP = "2026-11-27"
 # The demo model in its own (autoscaled) deployment; the MLPs run in the ingress.
 MODEL = "risk_gbdt"
 WIDTH = 12
-
-
-def quiet_port() -> int:
-    """A free port below the ephemeral range, where port-0 binds cannot take it."""
-    from run_bench import free_port_block
-
-    return free_port_block(20000, 30000, 1)
 
 
 def model_repository(temp_dir: Path) -> Path:
@@ -113,11 +110,10 @@ class Timeline:
             ok = [a[2] for a in answers if a[1] == "200"]
             sample: dict[str, Any] = next(
                 (s for s in reversed(self.samples) if s["t"] < second + 1), {})
-            ok.sort()
             rows.append({"t": second, "replicas": sample.get("replicas"),
                          "target": sample.get("target"), "ok": len(ok),
                          "failed": len(answers) - len(ok),
-                         "p50_ms": round(ok[len(ok) // 2] * 1000, 1) if ok else None})
+                         **percentiles([v * 1000 for v in ok], (50,), digits=1)})
         return rows
 
 
@@ -158,28 +154,29 @@ def poll_replicas(serve_client: Any, app: str, timeline: Timeline,
 
 
 async def drive(url: str, args: argparse.Namespace, timeline: Timeline,
-                min_replicas: int) -> None:
+                min_replicas: int, progress: Progress) -> None:
     import aiohttp
 
-    rng = random.Random(7)
-    bodies = [json.dumps({"inputs": [{"name": "features", "shape": [1, WIDTH],
-                                      "datatype": "FP32",
-                                      "data": [round(rng.gauss(0, 1), 5) for _ in range(WIDTH)]}
-                                     ]}).encode() for _ in range(512)]
+    bodies = make_bodies(width=WIDTH, pool=512, seed=7)
     timeout = aiohttp.ClientTimeout(total=60)
     connector = aiohttp.TCPConnector(limit=args.clients + 1)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         trickle_stop, load_stop = asyncio.Event(), asyncio.Event()
         trickle = [asyncio.create_task(client(session, url, bodies, 0, trickle_stop, timeline))]
         timeline.mark("idle")
+        progress.step(f"idle, {args.idle_s:g} s")
         await asyncio.sleep(args.idle_s)
+        progress.advance("idle")
         timeline.mark("load")
+        progress.step(f"load, {args.clients} clients for {args.load_s:g} s")
         load = [asyncio.create_task(client(session, url, bodies, k + 1, load_stop, timeline))
                 for k in range(args.clients)]
         await asyncio.sleep(args.load_s)
         load_stop.set()
         await asyncio.gather(*load)
+        progress.advance("load")
         timeline.mark("cool")
+        progress.step(f"cool, until min_replicas (at most {args.cool_s:g} s)")
         deadline = time.monotonic() + args.cool_s
         while time.monotonic() < deadline:
             recent = [s for s in timeline.samples if s["t"] > timeline.marks["cool"] + 1]
@@ -190,6 +187,7 @@ async def drive(url: str, args: argparse.Namespace, timeline: Timeline,
         await asyncio.sleep(3)  # a few seconds at min_replicas, still serving
         trickle_stop.set()
         await asyncio.gather(*trickle)
+        progress.advance("cool")
         timeline.mark("end")
 
 
@@ -219,37 +217,21 @@ def phase_summary(timeline: Timeline) -> list[dict[str, Any]]:
     for start, end in bounds:
         t0, t1 = timeline.marks[start], timeline.marks[end]
         answers = [a for a in timeline.answers if t0 <= a[0] < t1]
-        ok = sorted(a[2] for a in answers if a[1] == "200")
+        ok = [a[2] * 1000 for a in answers if a[1] == "200"]
         samples = [s for s in timeline.samples if t0 <= s["t"] < t1]
-
-        def pct(p: float, values: list[float] = ok) -> float | None:
-            return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 1) \
-                if values else None
-
         rows.append({"phase": start, "seconds": round(t1 - t0, 1),
                      "requests": len(answers), "failed": len(answers) - len(ok),
                      "rps": round(len(ok) / (t1 - t0), 1) if t1 > t0 else None,
-                     "p50_ms": pct(0.5), "p95_ms": pct(0.95),
+                     **percentiles(ok, (50, 95), digits=1),
                      "replicas_min": min((s["replicas"] for s in samples), default=None),
                      "replicas_max": max((s["replicas"] for s in samples), default=None),
                      "statuses": dict(Counter(a[1] for a in answers))})
     return rows
 
 
-def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c)).rjust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
 def plot(rows: list[dict[str, Any]], marks: dict[str, float], knobs: dict[str, Any],
          path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     t = [r["t"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.step(t, [r["replicas"] or 0 for r in rows], where="post", label="running replicas",
@@ -276,13 +258,11 @@ def plot(rows: list[dict[str, Any]], marks: dict[str, float], knobs: dict[str, A
                  f"ongoing, up {knobs['upscale_delay_s']} s, down "
                  f"{knobs['downscale_delay_s']} s)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--clients", type=int, default=56,
                         help="closed-loop clients in the step (keep below 64: see above)")
@@ -309,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(temp_dir / "hap" / "haproxy.cfg"),
                        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(temp_dir / "hap" / "admin.sock")})
     os.environ.pop("RAY_ADDRESS", None)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
-    from raydriver import shutdown, start_local_ray
+
+    from bench.harness.local_ray import shutdown, start_local_ray
 
     repo = model_repository(temp_dir)
     config = app_config(repo, port, args)
@@ -344,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                                   daemon=True)
         poller.start()
         url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
-        asyncio.run(drive(url, args, timeline, knobs["min_replicas"]))
+        with Progress("autoscale", 3, unit="phases") as progress:
+            asyncio.run(drive(url, args, timeline, knobs["min_replicas"], progress))
     finally:
         stop_polling.set()
         shutdown()

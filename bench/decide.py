@@ -2,15 +2,15 @@
 
 Servers:
 
-- ``keel``: ``serve run serve_config.yaml`` (``keel_server.py``) with
+- ``keel``: ``serve run serve_config.yaml`` (``harness.keel_server``) with
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``, load to the
   HTTP port (HAProxy -> Ingress -> FeatureService / Redis / OnnxModel); the
   Ingress's cache key prefix is changed to ``keelbench:keel:``;
-- ``baseline_decide``: ``baseline_decide.py``, Keel's cores (FeatureFetcher,
+- ``baseline_decide``: ``harness.baseline_decide``, Keel's cores (FeatureFetcher,
   PredictionCache, Predictor, ModelVersions) in one uvicorn process, key prefix
   ``keelbench:baseline:``.
 
-Workloads (``decide_load.py``): ``hit`` (a warmed pool), ``miss`` (every pair
+Workloads (``harness.decide_load``): ``hit`` (a warmed pool), ``miss`` (every pair
 once, cache emptied first), ``zipf`` (truncated Zipf over symbols and accounts,
 cache emptied first), each at every ``--concurrency`` with one entity per
 request, plus each at ``--batch-concurrency`` with ``--batch`` entities per
@@ -20,8 +20,8 @@ server in turn (the order alternates between repeats) is started, swept and
 stopped completely. Writes ``results/<timestamp>-decide.json`` and ``.png`` and
 prints the markdown tables of medians, ratios and the targets' verdicts.
 
-    .venv/bin/python bench/run_decide.py                 # the full default run (~18 min)
-    .venv/bin/python bench/run_decide.py --repeats 1 --duration 3 --warmup 1 \
+    .venv/bin/python -m bench.decide                     # the full default run (~18 min)
+    .venv/bin/python -m bench.decide --repeats 1 --duration 3 --warmup 1 \
         --concurrency 1 8 --batch 0                      # a smoke run
 """
 
@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
-import signal
 import sys
 import time
 import urllib.error
@@ -41,25 +39,34 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from decide_load import WORKLOADS, Workload, make_workload, run_decide_load
-from loadgen import install_fast_loop
-from run_bench import (
-    BENCH_DIR,
-    PYTHON,
+from bench.harness import options, report
+from bench.harness.cache_keys import delete_prefix, redis_client
+from bench.harness.decide_load import WORKLOADS, Workload, make_workload, run_decide_load
+from bench.harness.http_load import install_fast_loop
+from bench.harness.network import http_get
+from bench.harness.progress import Progress, log
+from bench.harness.report import (
     REPO_ROOT,
-    TP,
+    RunDocument,
+    environment,
+    fmt,
+    interrupt_on_sigterm,
+    rel,
+    run_interruptibly,
+    stamped_paths,
+)
+from bench.harness.servers import (
+    HA,
     Server,
     ServerFailed,
     Target,
-    _rel,
-    environment,
-    http_get,
-    log,
-    median_or_none,
-    ratios_against,
+    check_point,
+    module_argv,
+    new_run,
+    serving,
 )
+from bench.harness.statistics import batch_delta, mean_batch, median_or_none, ratios_against
 
-HA = {**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 SERVERS: dict[str, Target] = {t.name: t for t in [
     Target("keel", "keel",
            "serve_config.yaml as `make demo` runs it: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
@@ -76,40 +83,11 @@ METRICS = ["rps", "eps", "p50_ms", "p95_ms", "p99_ms", "error_rate", "hit_ratio"
 STAGES = ["features", "cache", "model", "total"]
 
 
-# --------------------------------------------------------------------------- Redis
-
-
-def redis_client() -> Any:
-    import redis
-
-    from deployments.settings import RedisSettings
-
-    settings = RedisSettings()
-    password = settings.password.get_secret_value() if settings.password else None
-    return redis.Redis.from_url(settings.url, password=password, socket_timeout=5)
-
-
-def delete_prefix(client: Any, prefix: str) -> int:
-    """Delete every key under ``prefix`` (SCAN + UNLINK): only this server's keys."""
-    if not prefix or any(c in prefix for c in "*?[]\\"):
-        raise ValueError(f"refusing to delete keys under the prefix {prefix!r}")
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=prefix + "*", count=2000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
-
-
 # --------------------------------------------------------------------------- servers
 
 
 class DecideServer(Server):
-    """run_bench's Server, probing and loading ``/v1/decide`` with its own key prefix."""
+    """A ``Server``, probed and loaded on ``/v1/decide``, with its own key prefix."""
 
     def __init__(self, target: Target, args: argparse.Namespace, log_path: Path) -> None:
         super().__init__(target, args, log_path)
@@ -120,11 +98,11 @@ class DecideServer(Server):
         if self.target.kind == "keel":
             return [*super()._argv(), "--ingress-user-config",
                     json.dumps({"cache": {"key_prefix": self.key_prefix}})]
-        return [PYTHON, str(BENCH_DIR / "baseline_decide.py"),
-                "--repository", str(a.repository), "--feature-repo", str(a.feature_repo),
-                "--key-prefix", self.key_prefix, "--host", "127.0.0.1",
-                "--port", str(self.port),
-                *([] if a.access_log else ["--no-access-log"])]
+        return module_argv("baseline_decide", "--repository", str(a.repository),
+                           "--feature-repo", str(a.feature_repo),
+                           "--key-prefix", self.key_prefix, "--host", "127.0.0.1",
+                           "--port", str(self.port),
+                           *([] if a.access_log else ["--no-access-log"]))
 
     def infer_url(self) -> str:
         return f"http://127.0.0.1:{self.load_port}/v1/decide"
@@ -152,19 +130,6 @@ def counter_delta(before: dict[str, Any] | None, after: dict[str, Any] | None,
     total = delta["hits"] + delta["shared"] + delta["misses"]
     delta["hit_ratio"] = (delta["hits"] + delta["shared"]) / total if total else None
     return delta
-
-
-def batch_mean(before: dict[str, Any] | None, after: dict[str, Any] | None,
-               deployment: str) -> float | None:
-    """Mean batch size a deployment ran between two stats snapshots (Keel only)."""
-    try:
-        old = {int(k): v for k, v in before["models"][deployment]["batch_sizes"].items()}  # type: ignore[index]
-        new = {int(k): v for k, v in after["models"][deployment]["batch_sizes"].items()}  # type: ignore[index]
-    except (KeyError, TypeError):
-        return None
-    calls = {k: new.get(k, 0) - old.get(k, 0) for k in new}
-    n = sum(calls.values())
-    return sum(k * v for k, v in calls.items()) / n if n > 0 else None
 
 
 # --------------------------------------------------------------------------- runs
@@ -204,77 +169,57 @@ def prepare_point(server: DecideServer, client: Any, workload: Workload,
     return info
 
 
+def run_points(server: DecideServer, run: dict[str, Any], args: argparse.Namespace,
+               client: Any, workloads: dict[tuple[str, int], Workload], label: str,
+               progress: Progress) -> None:
+    """Every point of ``plan`` against a ready server."""
+    for workload_name, batch, concurrency in plan(args):
+        name = f"{label} {workload_name} b={batch} c={concurrency}"
+        progress.step(name)
+        workload = workloads[(workload_name, batch)]
+        prepared = prepare_point(server, client, workload, args.model)
+        counters_before = server.cache_counters()
+        stats_before = server.stats() if args.stats else None
+        result = asyncio.run(run_decide_load(server.infer_url(), workload, concurrency,
+                                             args.duration, args.warmup,
+                                             args.request_timeout))
+        point = result.to_dict()
+        point["prepare"] = prepared
+        stats_after = server.stats() if args.stats else None
+        point["server_cache"] = counter_delta(counters_before, server.cache_counters(),
+                                              args.model)
+        point["server_hit_ratio"] = (point["server_cache"] or {}).get("hit_ratio")
+        point["mean_batch_model"] = mean_batch(batch_delta(stats_before, stats_after,
+                                                           args.model))
+        point["mean_batch_features"] = mean_batch(batch_delta(stats_before, stats_after,
+                                                              "FeatureService"))
+        point["replicas"] = (stats_after or {}).get("replicas")
+        run["points"].append(point)
+        hits = (f"{100 * point['hit_ratio']:.0f} %" if point["hit_ratio"] is not None
+                else "-")
+        log(f"{name}: {point['rps']:.0f} rps, p95 {fmt(point['p95_ms'])} ms, hits {hits}, "
+            f"errors {point['errors']}, server ms {point['timings_p50']}")
+        progress.advance(name)
+        check_point(server, point, label)
+
+
 def run_server(target: Target, repeat: int, args: argparse.Namespace, client: Any,
-               workloads: dict[tuple[str, int], Workload], logs_dir: Path) -> dict[str, Any]:
+               workloads: dict[tuple[str, int], Workload], logs_dir: Path,
+               progress: Progress) -> dict[str, Any]:
     """Start one server, run every point, stop it; everything it measured."""
-    run: dict[str, Any] = {"server": target.name, "repeat": repeat,
-                           "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-                           "points": []}
-    log_path = logs_dir / f"{target.name}-r{repeat}.log"
-    server = DecideServer(target, args, log_path)
-    run["server_log"] = _rel(log_path)
+    run = new_run("server", target.name, repeat)
+    server = DecideServer(target, args, logs_dir / f"{target.name}-r{repeat}.log")
     run["key_prefix"] = server.key_prefix
-    failed = False
     probe = json.dumps({"model": args.model, "entities": [
         {"symbol": "SYM000", "account_id": "ACC0000"}]}).encode()
-    try:
-        began = time.monotonic()
-        server.start()
-        run["probe"] = server.wait_ready(args.startup_timeout, probe)
-        run["startup_s"] = round(time.monotonic() - began, 2)
-        run["ports"] = {"http": server.port, "direct_ingress": server.direct_port,
-                        "load": server.load_port}
-        log(f"{target.name} r{repeat}: ready in {run['startup_s']} s, load -> "
-            f"{server.infer_url()}")
-        for workload_name, batch, concurrency in plan(args):
-            workload = workloads[(workload_name, batch)]
-            prepared = prepare_point(server, client, workload, args.model)
-            counters_before = server.cache_counters()
-            stats_before = server.stats() if args.stats else None
-            result = asyncio.run(run_decide_load(server.infer_url(), workload, concurrency,
-                                                 args.duration, args.warmup,
-                                                 args.request_timeout))
-            point = result.to_dict()
-            point["prepare"] = prepared
-            stats_after = server.stats() if args.stats else None
-            point["server_cache"] = counter_delta(counters_before, server.cache_counters(),
-                                                  args.model)
-            point["server_hit_ratio"] = (point["server_cache"] or {}).get("hit_ratio")
-            point["mean_batch_model"] = batch_mean(stats_before, stats_after, args.model)
-            point["mean_batch_features"] = batch_mean(stats_before, stats_after,
-                                                      "FeatureService")
-            point["replicas"] = (stats_after or {}).get("replicas")
-            run["points"].append(point)
-            p95 = f"{point['p95_ms']:.1f}" if point["p95_ms"] is not None else "-"
-            hits = (f"{100 * point['hit_ratio']:.0f} %" if point["hit_ratio"] is not None
-                    else "-")
-            log(f"{target.name} r{repeat} {workload_name} b={batch} c={concurrency}: "
-                f"{point['rps']:.0f} rps, p95 {p95} ms, hits {hits}, errors {point['errors']}"
-                f", server ms {point['timings_p50']}")
-            if point["errors"]:
-                failed = True
-                log(f"  error samples: {point['error_samples'][:2]}")
-            if server.proc is not None and server.proc.poll() is not None:
-                raise ServerFailed(f"{target.name} exited with {server.proc.returncode} "
-                                   f"during the load")
-    except Exception as exc:  # record it, stop the server, go on to the next
-        failed = True
-        run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"{target.name} r{repeat}: FAILED: {exc}")
-    finally:
-        # A second Ctrl-C must not cut the teardown short and leave Ray running.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if failed and server.uses_ray:
-                server.collect_ray_logs(logs_dir / f"{target.name}-r{repeat}-ray")
-            run["stop"] = server.stop()
-            server.cleanup()
-            with contextlib.suppress(Exception):
-                delete_prefix(client, server.key_prefix)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        log(f"{target.name} r{repeat}: stopped in {run['stop'].get('stop_s')} s "
-            f"({', '.join(run['stop'].get('steps', []))})")
+    label = f"{target.name} r{repeat}"
+    progress.step(f"{label} starting")
+    with serving(server, run, logs_dir, label, probe=probe,
+                 startup_timeout=args.startup_timeout,
+                 on_stop=lambda: delete_prefix(client, server.key_prefix)):
+        run_points(server, run, args, client, workloads, label, progress)
+    for _ in range(len(plan(args)) - len(run["points"])):
+        progress.advance(f"{label} skipped")
     return run
 
 
@@ -350,9 +295,6 @@ def verdicts(medians: dict[str, dict[str, dict[str, Any]]], servers: list[str],
 
 def markdown(summary: dict[str, Any], servers: list[str],
              points: list[tuple[str, int, int]]) -> str:
-    def fmt(value: Any, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:,.{digits}f}"
-
     def pct(value: Any) -> str:
         return "-" if value is None else f"{100 * value:.0f} %"
 
@@ -412,12 +354,7 @@ def markdown(summary: dict[str, Any], servers: list[str],
 def plot(summary: dict[str, Any], servers: list[str], workloads: list[str],
          path: Path, title: str) -> None:
     """req/s and p95 against concurrency per workload (one entity per request)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
+    plt = report.pyplot()
     fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 8), squeeze=False)
     for col, workload in enumerate(workloads):
         ax_rps, ax_p95 = axes[0][col], axes[1][col]
@@ -436,52 +373,30 @@ def plot(summary: dict[str, Any], servers: list[str], workloads: list[str],
                              for r in rows], style, marker="o", label=name)
         ax_p95.axhline(TARGETS["api_p95_ms"], color="grey", linestyle=":", linewidth=1,
                        label="p95 target 80 ms")
-        for ax, ylabel in ((ax_rps, "requests/s (median, log)"),
-                           (ax_p95, "p95 latency, ms (median, log)")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            if xs_all:
-                ticks = sorted(xs_all)
-                ax.set_xticks(ticks, [str(c) for c in ticks])
-                ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xlabel("concurrent clients")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, which="both", alpha=0.3)
+        report.concurrency_axes([(ax_rps, "requests/s (median, log)"),
+                                 (ax_p95, "p95 latency, ms (median, log)")], sorted(xs_all))
         ax_rps.set_title(f"/v1/decide, workload {workload}")
         if ax_p95.lines:
             ax_p95.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path, title)
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="POST /v1/decide: Keel vs one FastAPI process with Keel's cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = options.parser(
+        "POST /v1/decide: Keel vs one FastAPI process with Keel's cores.",
         epilog="servers: " + "; ".join(f"{t.name}: {t.description}" for t in SERVERS.values()))
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    options.add_sweep(parser, concurrency=[1, 8, 32, 64], duration=8.0)
     parser.add_argument("--batch", type=int, default=16,
                         help="entities per request of the batch points (0 or 1: none)")
     parser.add_argument("--batch-concurrency", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=8.0, help="measured s per point")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default="risk_mlp")
-    parser.add_argument("--seed", type=int, default=20240611,
-                        help="workload seed (repeat r uses seed + r; both servers the same)")
     parser.add_argument("--hit-pool", type=int, default=64, help="pairs of the hit workload")
     parser.add_argument("--zipf-s", type=float, default=1.1)
-    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--feature-repo", type=Path, default=REPO_ROOT / "configs" / "feast")
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml",
-                        help="Keel's serve config (port and cache key prefix replaced)")
     parser.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
                         help="build the demo models and the feature store first (fast "
                              "no-ops when up to date)")
@@ -489,17 +404,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="read Keel's batch sizes before and after each point")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="uvicorn's access log in the baseline (its default)")
-    parser.add_argument("--request-timeout", type=float, default=30.0)
-    parser.add_argument("--startup-timeout", type=float, default=240.0)
-    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
-                        help="start Ray's dashboard with Keel, as `serve run` does")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or any(c < 1 for c in args.concurrency) or args.batch_concurrency < 1:
-        parser.error("--repeats and concurrencies must be >= 1")
-    args.repository, args.feature_repo, args.config, args.out = (
-        p.resolve() for p in (args.repository, args.feature_repo, args.config, args.out))
-    return args
+    options.add_servers(parser, repository="model repository of the baseline (Keel reads the "
+                                           "one in its config)",
+                        config="Keel's serve config (port and cache key prefix replaced)")
+    return options.finish(parser, argv, concurrencies=("concurrency", "batch_concurrency"))
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -512,71 +420,72 @@ def prepare(args: argparse.Namespace) -> None:
     log(f"prepared in {time.monotonic() - started:.1f} s: {prepared.describe()}")
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def repeat_workloads(args: argparse.Namespace, repeat: int) -> dict[tuple[str, int], Workload]:
+    """The bodies of every (workload, entities per request) of one repeat: seed + repeat,
+    the same for both servers."""
+    return {(w, b): make_workload(w, model=args.model, batch=b, seed=args.seed + repeat,
+                                  hit_pool=args.hit_pool, zipf_s=args.zipf_s)
+            for w, b, _ in plan(args)}
+
+
+def run_repeat(repeat: int, args: argparse.Namespace, client: Any, servers: list[str],
+               workloads: dict[tuple[str, int], Workload], logs_dir: Path,
+               progress: Progress, on_run: Any = None) -> list[dict[str, Any]]:
+    """Each server in turn (the order alternates between repeats); their runs."""
+    runs = []
+    for name in servers if repeat % 2 else list(reversed(servers)):
+        runs.append(run_server(SERVERS[name], repeat, args, client, workloads, logs_dir,
+                               progress))
+        if on_run is not None:
+            on_run(runs[-1])
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM tears down like Ctrl-C: every started server is stopped on the way out.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     if args.prepare:
         prepare(args)
     client = redis_client()
     client.ping()
     install_fast_loop()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    logs_dir = args.out / f"{stamp}-decide-logs"
-    logs_dir.mkdir()
+    json_path, logs_dir = stamped_paths(args.out, "decide")
+    logs_dir.mkdir(parents=True)
     points = plan(args)
-    document: dict[str, Any] = {
-        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "servers": {n: SERVERS[n].description for n in args.servers},
-        "key_prefixes": {n: KEY_PREFIXES[n] for n in args.servers},
-        "targets": TARGETS,
-        "environment": environment(),
-        "runs": [],
-    }
-    json_path = args.out / f"{stamp}-decide.json"
-    began = time.monotonic()
+    document = RunDocument(
+        json_path, args, lambda d: summarise(d["runs"], args.servers, points),
+        servers={n: SERVERS[n].description for n in args.servers},
+        key_prefixes={n: KEY_PREFIXES[n] for n in args.servers},
+        targets=TARGETS, environment=environment())
 
-    def save() -> None:
-        document.update(summarise(document["runs"], args.servers, points))
-        document["elapsed_s"] = round(time.monotonic() - began, 1)
-        json_path.write_text(json.dumps(document, indent=2) + "\n")
+    def keep(run: dict[str, Any]) -> None:
+        document["runs"].append(run)
+        document.save()  # partial results survive an interrupted run
 
-    interrupted = False
+    def measure() -> None:
+        with Progress("decide", args.repeats * len(args.servers) * len(points)) as progress:
+            for repeat in range(1, args.repeats + 1):
+                workloads = repeat_workloads(args, repeat)
+                document.data.setdefault("workloads", {})[str(repeat)] = {
+                    f"{w}|{b}": {"bodies": len(x.bodies), "distinct_pairs": x.distinct_pairs}
+                    for (w, b), x in workloads.items()}
+                run_repeat(repeat, args, client, args.servers, workloads, logs_dir, progress,
+                           keep)
+
     try:
-        for repeat in range(1, args.repeats + 1):
-            seed = args.seed + repeat
-            workloads = {(w, b): make_workload(w, model=args.model, batch=b, seed=seed,
-                                               hit_pool=args.hit_pool, zipf_s=args.zipf_s)
-                         for w, b, _ in points}
-            document.setdefault("workloads", {})[str(repeat)] = {
-                f"{w}|{b}": {"bodies": len(x.bodies), "distinct_pairs": x.distinct_pairs}
-                for (w, b), x in workloads.items()}
-            order = args.servers if repeat % 2 else list(reversed(args.servers))
-            for name in order:
-                document["runs"].append(run_server(SERVERS[name], repeat, args, client,
-                                                   workloads, logs_dir))
-                save()  # partial results survive an interrupted run
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: writing what was measured")
+        interrupted = run_interruptibly(measure)
     finally:
         for prefix in (KEY_PREFIXES[n] for n in args.servers):
             with contextlib.suppress(Exception):
                 delete_prefix(client, prefix)
-    save()
+    document.save()
     png_path = json_path.with_suffix(".png")
     title = (f"POST /v1/decide ({args.model}), {os.cpu_count()} CPUs shared by servers and "
              f"load generator, {args.duration:g} s per point, median of {args.repeats}")
-    plot(document, args.servers, args.workloads, png_path, title)
-    print(markdown(document, args.servers, points))
-    log(f"wrote {_rel(json_path)} and {_rel(png_path)} in {document['elapsed_s']} s; "
-        f"server logs in {_rel(logs_dir)}")
+    plot(document.data, args.servers, args.workloads, png_path, title)
+    print(markdown(document.data, args.servers, points))
+    log(f"wrote {rel(json_path)} and {rel(png_path)} in {document['elapsed_s']} s; "
+        f"server logs in {rel(logs_dir)}")
     return 130 if interrupted else 0
 
 

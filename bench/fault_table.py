@@ -1,13 +1,15 @@
 """Run the fault-injection tests and print their figures as a markdown table.
 
-    .venv/bin/python bench/fault_table.py            # ~5 min on 2 cores
-    .venv/bin/python bench/fault_table.py --json out.jsonl
+    .venv/bin/python -m bench.fault_table            # ~5 min on 2 cores
+    .venv/bin/python -m bench.fault_table --json out.jsonl
 
 Runs ``tests/serve/test_faults.py`` (each test appends one JSON line per fault to
 ``$KEEL_FAULT_REPORT``) and the Redis-cache fault that ``tests/serve/test_decide.py``
 already covers. That test records nothing itself: its row is read from its outcome
 (it sends 40 requests while the cache's Redis is stopped and asserts every one is 200).
-Exits with pytest's status.
+Writes ``<out>/<timestamp>-faults.json`` (the rows and pytest's status) and ``.png``
+(requests accepted and failed per fault, and the recovery time). Exits with pytest's
+status.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness.progress import Progress, log
+from bench.harness.report import REPO_ROOT as ROOT
+from bench.harness.report import RESULTS_DIR, RunDocument, plot_bars, rel, stamped_paths
+
 REDIS_TEST = ("tests/serve/test_decide.py::"
               "test_redis_stopped_mid_run_loses_no_request_and_the_cache_resumes")
 REDIS_REQUESTS = 40  # what that test sends while Redis is down
@@ -58,17 +63,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Requests accepted and failed per fault (and the recovery time, s)."""
+    names = [row["fault"][:28] for row in rows]
+    plot_bars(names, {key: [row.get(key) for row in rows]
+                      for key in ("accepted", "failed", "recovery_s")},
+              path, "Fault injection: requests accepted and failed, recovery s",
+              ylabel="requests (recovery: s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--json", type=Path, help="also keep the JSON lines here")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="where the JSON document and the PNG go")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "faults.jsonl"
         junit = Path(tmp) / "junit.xml"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                    f"--junitxml={junit}", "tests/serve/test_faults.py", REDIS_TEST]
         env = {**os.environ, "KEEL_FAULT_REPORT": str(report)}
-        status = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
+        with Progress("fault_table", 1, unit="pytest runs") as progress:
+            progress.step("tests/serve/test_faults.py + the Redis test")
+            status = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
+            progress.advance(f"pytest exited with {status}")
         rows = ([json.loads(line) for line in report.read_text().splitlines() if line]
                 if report.exists() else [])
         extra = redis_row(junit) if junit.exists() else None
@@ -76,8 +95,13 @@ def main() -> int:
             rows.append(extra)
         if args.json:
             args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    json_path, _ = stamped_paths(args.out.resolve(), "faults")
+    document = RunDocument(json_path, args, pytest_status=status, runs=rows)
+    document.save()
+    plot(rows, json_path.with_suffix(".png"))
     print()
     print(table(rows))
+    log(f"wrote {rel(json_path)} and {rel(json_path.with_suffix('.png'))}")
     return status
 
 

@@ -6,11 +6,11 @@ downstream deployment in the background at start-up and answers 503 with
 ``"warming": true`` until that is done), so that the first ``/v1/decide`` is as fast as
 the next ones (target: 50 ms or less; before the warm-up it took 0.5-6.6 s).
 
-Each run starts Keel as ``make demo`` runs it (run_bench's ``keel_haproxy`` target:
-``keel_server.py``, i.e. ``serve run serve_config.yaml`` with
+Each run starts Keel as ``make demo`` runs it (serving_core's ``keel_haproxy`` target:
+``harness.keel_server``, i.e. ``serve run serve_config.yaml`` with
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1`` in a private local Ray
 instance, the HTTP port served by HAProxy), polls ``GET /v2/health/ready`` every 20 ms
-(nothing else is sent before it answers 200; run_bench's ``wait_ready`` would send
+(nothing else is sent before it answers 200; ``Server.wait_ready`` would send
 inferences, so it is not used), and the moment it answers 200 sends, one after the
 other, each on a new connection:
 
@@ -19,14 +19,17 @@ other, each on a new connection:
     c. POST /v2/models/risk_gbdt/infer  one FP32 row [1, 12] (new each run)
     d. POST /v1/decide        risk_mlp,  SYM033/ACC0187
 
-then stops the whole server tree (run_bench's ``Server.stop``; never ``ray stop``).
+then stops the whole server tree (``Server.stop``; never ``ray stop``).
 Besides the ports, three things differ from ``make demo``, all for measuring: the
 prediction cache's key prefix (``keelbench:first:``, emptied before and after every run,
 so no run finds the previous one's predictions in Redis), private ports for Serve's
 fallback proxy (see FirstRequestServer) and unbuffered replica logs (UNBUFFERED_LOGS).
 
-    .venv/bin/python bench/first_request.py --markdown            # 3 runs, ~4-6 min
-    .venv/bin/python bench/first_request.py --runs 1 --out /tmp/first.json
+    .venv/bin/python -m bench.first_request --markdown            # 3 runs, ~4-6 min
+    .venv/bin/python -m bench.first_request --runs 1 --out /tmp/first.json
+
+Writes the JSON and a PNG beside it (each request's latency per run, and the time to
+readiness).
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import statistics
 import sys
 import time
 import urllib.parse
@@ -50,17 +51,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from run_bench import (
-    BENCH_DIR,
+from bench.harness.cache_keys import empty_prefix
+from bench.harness.progress import Progress, log
+from bench.harness.report import (
     REPO_ROOT,
-    TARGETS,
-    Server,
-    ServerFailed,
-    Target,
-    _rel,
+    RESULTS_DIR,
+    RunDocument,
     environment,
-    log,
+    fmt,
+    interrupt_on_sigterm,
+    pyplot,
+    rel,
+    run_interruptibly,
+    save_figure,
 )
+from bench.harness.servers import TARGETS, Server, ServerFailed, Target, serving
+from bench.harness.statistics import median_or_none
 
 TARGET = TARGETS["keel_haproxy"]
 #: With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a replica keeps its log records in memory until
@@ -147,22 +153,12 @@ def target(args: argparse.Namespace) -> Target:
 
 
 class FirstRequestServer(Server):
-    """run_bench's Server (private ports, Serve's fallback proxy included) with the
+    """A ``Server`` (private ports, Serve's fallback proxy included) with the
     Ingress's cache under this benchmark's key prefix."""
 
     def _argv(self) -> list[str]:
         return [*super()._argv(), "--ingress-user-config",
                 json.dumps({"cache": {"key_prefix": KEY_PREFIX}})]
-
-
-def empty_cache_prefix() -> int | str:
-    """Delete this benchmark's keys (only its prefix); the count, or why not."""
-    try:
-        from run_decide import delete_prefix, redis_client
-
-        return delete_prefix(redis_client(), KEY_PREFIX)
-    except Exception as exc:  # Redis down: Keel falls back to its in-process cache
-        return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def repository_models(repository: Path) -> set[str]:
@@ -324,13 +320,16 @@ def one_run(run: int, args: argparse.Namespace, logs_dir: Path) -> dict[str, Any
     result: dict[str, Any] = {"run": run,
                               "started_at": dt.datetime.now().isoformat(timespec="seconds")}
     server = FirstRequestServer(target(args), args, logs_dir / f"keel-r{run}.log")
-    result["server_log"] = _rel(server.log_path)
-    result["cache_keys_deleted_before"] = empty_cache_prefix()
+    result["cache_keys_deleted_before"] = empty_prefix(KEY_PREFIX)
     ready: dict[str, Any] = {}
-    try:
-        began = time.monotonic()
-        server.start()
-        ready = wait_ready(server, began, args.startup_timeout,
+
+    def keep_ingress_logs() -> None:  # before the server's temp dir goes
+        result["ingress_replicas"] = ingress_logs(server, ready.get("ready_wall"),
+                                                  logs_dir / f"r{run}-ray")
+
+    with serving(server, result, logs_dir, f"run {run}", probe=None,
+                 startup_timeout=args.startup_timeout, on_stop=keep_ingress_logs):
+        ready = wait_ready(server, time.monotonic(), args.startup_timeout,
                            repository_models(args.repository))
         result["requests"] = send_requests(server, request_bodies(run, args.seed))
         result["readiness"] = ready
@@ -339,17 +338,7 @@ def one_run(run: int, args: argparse.Namespace, logs_dir: Path) -> dict[str, Any
                             for k, a in result["requests"].items())
         log(f"run {run}: ready in {ready['ready_s']} s after "
             f"{ready['answers_503']} x 503 ({ready['warming_503']}); {summary}")
-    except (ServerFailed, OSError) as exc:
-        result["error"] = str(exc)
-        log(f"run {run}: FAILED: {exc}")
-    finally:
-        result["stop"] = server.stop()
-        result["ingress_replicas"] = ingress_logs(server, ready.get("ready_wall"),
-                                                  logs_dir / f"r{run}-ray")
-        server.cleanup()
-        result["cache_keys_deleted_after"] = empty_cache_prefix()
-        log(f"run {run}: stopped in {result['stop'].get('stop_s')} s "
-            f"({', '.join(result['stop'].get('steps', []))})")
+    result["cache_keys_deleted_after"] = empty_prefix(KEY_PREFIX)
     return result
 
 
@@ -360,14 +349,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         answers = [r["requests"][key] for r in runs if "requests" in r]
         ms = [a["ms"] for a in answers if a.get("ms") is not None]
         rows[key] = {"label": label, "n": len(answers),
-                     "median_ms": round(statistics.median(ms), 2) if ms else None,
+                     "median_ms": _rounded(median_or_none(ms), 2),
                      "max_ms": round(max(ms), 2) if ms else None,
                      "statuses": dict(Counter(str(a.get("status")) for a in answers)),
                      "over_target": sum(m > TARGET_MS for m in ms)}
     ready = [r["readiness"] for r in runs if "readiness" in r]
 
     def med_max(values: list[float]) -> dict[str, float | None]:
-        return {"median": round(statistics.median(values), 3) if values else None,
+        return {"median": _rounded(median_or_none(values), 3),
                 "max": round(max(values), 3) if values else None}
 
     return {"requests": rows, "ready_s": med_max([r["ready_s"] for r in ready]),
@@ -375,10 +364,37 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "failed_runs": sum("error" in r for r in runs), "target_ms": TARGET_MS}
 
 
-def markdown(summary: dict[str, Any], runs: int) -> str:
-    def fmt(value: float | None, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:,.{digits}f}"
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
+
+def plot(document: dict[str, Any], path: Path) -> None:
+    """Per run: each request's latency (bars, log scale) and the time to readiness."""
+    runs = [r for r in document["runs"] if "requests" in r]
+    plt = pyplot()
+    fig, (ax_ms, ax_ready) = plt.subplots(1, 2, figsize=(12, 4.5),
+                                          gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        values = [run["requests"][key].get("ms") or float("nan") for key, _, _ in REQUESTS]
+        ax_ms.bar([k - 0.4 + width * (i + 0.5) for k in range(len(REQUESTS))], values, width,
+                  label=f"run {run['run']}")
+    ax_ms.axhline(TARGET_MS, color="grey", linestyle=":", label=f"target {TARGET_MS:g} ms")
+    ax_ms.set_xticks(range(len(REQUESTS)), [label for _, label, _ in REQUESTS], fontsize=8)
+    ax_ms.set_yscale("log")
+    ax_ms.set_ylabel("ms from sending to the last byte (log)")
+    ax_ms.grid(True, axis="y", which="both", alpha=0.3)
+    if runs:
+        ax_ms.legend(fontsize=8)
+    ax_ready.bar([str(r["run"]) for r in runs], [r["readiness"]["ready_s"] for r in runs])
+    ax_ready.set_xlabel("run")
+    ax_ready.set_ylabel("start -> ready, s")
+    ax_ready.grid(True, axis="y", alpha=0.3)
+    save_figure(fig, path, "Keel's first requests the moment /v2/health/ready turns 200 "
+                f"({document['target']['name']})")
+
+
+def markdown(summary: dict[str, Any], runs: int) -> str:
     lines = [f"| first requests after ready (n = {runs}) | median ms | max ms | statuses "
              f"| over {TARGET_MS:g} ms |", "|---|---:|---:|---|---:|"]
     for row in summary["requests"].values():
@@ -395,7 +411,7 @@ def markdown(summary: dict[str, Any], runs: int) -> str:
 
 
 def default_out() -> Path:
-    path = BENCH_DIR / "results" / f"{dt.date.today():%Y-%m-%d}-first-request.json"
+    path = RESULTS_DIR / f"{dt.date.today():%Y-%m-%d}-first-request.json"
     if path.exists():
         path = path.with_name(f"{dt.datetime.now():%Y-%m-%d-%H%M%S}-first-request.json")
     return path
@@ -423,15 +439,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--runs must be >= 1")
     args.out = (args.out or default_out()).resolve()
     args.config = args.config.resolve()
-    # What run_bench's Server reads.
+    # What a Server reads.
     args.dashboard = True  # as `serve run` does
     args.model = "risk_mlp"
     args.repository = REPO_ROOT / "models"
     return args
-
-
-def _terminate(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,39 +451,36 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.repository / "risk_gbdt").is_dir():
         log(f"{args.repository} has no demo models: run `.venv/bin/keel prepare` first")
         return 2
-    signal.signal(signal.SIGTERM, _terminate)  # stop the server on SIGTERM too
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    interrupt_on_sigterm()  # stop the server on SIGTERM too
     logs_dir = args.out.with_name(args.out.name.removesuffix(".json") + "-logs")
     logs_dir.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {
-        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-        "target": {"name": TARGET.name, "description": target(args).description,
-                   "env": target(args).env,
-                   "config": _rel(args.config), "cache_key_prefix": KEY_PREFIX},
-        "settings": {"runs": args.runs, "poll_interval_s": POLL_INTERVAL_S,
-                     "startup_timeout_s": args.startup_timeout, "seed": args.seed,
-                     "requests": [{"key": k, "label": lb, "path": p} for k, lb, p in REQUESTS]},
-        "environment": environment(),
-        "runs": [],
-    }
+    document = RunDocument(
+        args.out,
+        {"runs": args.runs, "poll_interval_s": POLL_INTERVAL_S,
+         "startup_timeout_s": args.startup_timeout, "seed": args.seed,
+         "requests": [{"key": k, "label": lb, "path": p} for k, lb, p in REQUESTS]},
+        lambda d: {"summary": summarise(d["runs"])},
+        target={"name": TARGET.name, "description": target(args).description,
+                "env": target(args).env, "config": rel(args.config),
+                "cache_key_prefix": KEY_PREFIX},
+        environment=environment())
 
-    def save() -> None:
-        document["summary"] = summarise(document["runs"])
-        args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    def measure() -> None:
+        with Progress("first_request", args.runs, unit="runs") as progress:
+            for run in range(1, args.runs + 1):
+                progress.step(f"run {run}: start, readiness, a-d")
+                document["runs"].append(one_run(run, args, logs_dir))
+                document.save()
+                progress.advance(f"run {run}")
 
-    interrupted = False
-    try:
-        for run in range(1, args.runs + 1):
-            document["runs"].append(one_run(run, args, logs_dir))
-            save()
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: writing what was measured")
-    document["load_average_end"] = list(os.getloadavg())
-    save()
+    interrupted = run_interruptibly(measure)
+    document.data["load_average_end"] = list(os.getloadavg())
+    document.save()
+    png_path = args.out.with_suffix(".png")
+    plot(document.data, png_path)
     if args.markdown:
         print(markdown(document["summary"], len(document["runs"])))
-    log(f"wrote {_rel(args.out)}; logs in {_rel(logs_dir)}")
+    log(f"wrote {rel(args.out)} and {rel(png_path)}; logs in {rel(logs_dir)}")
     return 130 if interrupted else 0
 
 

@@ -1,6 +1,6 @@
 """What Keel's observability costs, and whether its figures agree with the client's.
 
-Keel runs as ``make demo`` runs it (``keel_server.py``: ``serve run serve_config.yaml``
+Keel runs as ``make demo`` runs it (``harness.keel_server``: ``serve run serve_config.yaml``
 with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``, load to HAProxy
 on the HTTP port), in two or three configurations, each started and stopped in turn,
 interleaved per repeat (the order alternates), medians over the repeats:
@@ -10,7 +10,7 @@ interleaved per repeat (the order alternates), medians over the repeats:
 - ``on``: ``metrics: true`` and Serve's tracing with Keel's exporter for every request
   (``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH=deployments.observability.replica:span_processors``,
   ``RAY_SERVE_TRACING_SAMPLING_RATIO=1.0``), spans sent over OTLP/HTTP to
-  ``otlp_sink.py`` (a separate process started here that counts and discards them);
+  ``harness.otlp_sink`` (a separate process started here that counts and discards them);
 - ``on_sampled_1pct`` (optional): the same with a sampling ratio of 0.01.
 
 Both use ``cache: {enabled: false}`` on the Ingress, so every request reaches the
@@ -25,8 +25,8 @@ that load, a scrape of Ray's Prometheus endpoint (``ray_keel_*`` and some
 Writes ``results/<ts>-observability.json``, ``.png``, ``<ts>-metrics-scrape.txt``,
 the server logs in ``<ts>-observability-logs/``, and prints markdown tables.
 
-    .venv/bin/python bench/run_observability.py                       # ~13 min
-    .venv/bin/python bench/run_observability.py --repeats 1 --duration 3 --warmup 1 \
+    .venv/bin/python -m bench.observability                           # ~13 min
+    .venv/bin/python -m bench.observability --repeats 1 --duration 3 --warmup 1 \
         --concurrency 8 --slo-duration 15                              # a smoke run
 """
 
@@ -40,43 +40,53 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
-from loadgen import install_fast_loop, make_bodies, run_load
-from run_bench import (
-    BENCH_DIR,
-    PYTHON,
+
+from bench.harness import options
+from bench.harness.http_load import install_fast_loop, make_bodies
+from bench.harness.network import free_port
+from bench.harness.network import http_get_or_error as http_get_full
+from bench.harness.progress import Progress, log
+from bench.harness.report import (
     REPO_ROOT,
-    TP,
-    Server,
-    ServerFailed,
-    Target,
-    _rel,
-    batch_delta,
+    RunDocument,
     environment,
-    free_port,
-    log,
-    mean_batch,
+    fmt,
+    interrupt_on_sigterm,
+    median_table,
+    plot_sweep,
+    ratio_table,
+    rel,
+    run_interruptibly,
+    stamped_paths,
+)
+from bench.harness.servers import (
+    HA,
+    Server,
+    Target,
+    module_argv,
+    new_run,
+    serving,
+)
+from bench.harness.statistics import (
     median_rows,
-    plot,
+    percentiles,
     ratios_against,
 )
-
+from bench.harness.sweep import PointHook, sweep
 from deployments.observability.catalog import LATENCY_BUCKETS_MS
 from deployments.observability.slo import quantile
 
-HA = {**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 #: = deployments.observability.replica.EXPORTER_IMPORT_PATH (not imported: it imports Ray).
 EXPORTER_IMPORT_PATH = "deployments.observability.replica:span_processors"
 #: Variables of the shell that would change what a configuration means.
@@ -106,13 +116,13 @@ SERVE_SERIES = re.compile(r"^ray_serve_(num_http_requests_total|deployment_reque
 
 
 class Sink:
-    """``otlp_sink.py`` in its own process (its own session, stopped by pid)."""
+    """``harness.otlp_sink`` in its own process (its own session, stopped by pid)."""
 
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PYTHON, str(BENCH_DIR / "otlp_sink.py"), "--port", str(self.port)],
+            module_argv("otlp_sink", "--port", str(self.port)),
             cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + 20
@@ -164,7 +174,7 @@ def make_target(name: str, sink_url: str) -> Target:
 
 
 class ObsServer(Server):
-    """run_bench's Server with Keel's observability switched by the configuration."""
+    """A ``Server`` with Keel's observability switched by the configuration."""
 
     def __init__(self, target: Target, args: argparse.Namespace, log_path: Path) -> None:
         super().__init__(target, args, log_path)
@@ -229,9 +239,7 @@ def client_figures(records: list[tuple[float, float, int]], since: float,
     out: dict[str, Any] = {"requests": len(chosen), "ok": int(ok_ms.size),
                            "errors": len(chosen) - int(ok_ms.size)}
     if ok_ms.size:
-        p50, p95, p99 = np.percentile(ok_ms, [50, 95, 99])
-        out.update(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
-                   mean_ms=float(ok_ms.mean()))
+        out.update(percentiles(ok_ms), mean_ms=float(ok_ms.mean()))
         # The same latencies through the server's buckets and interpolation: how much of
         # a difference is the histogram's resolution rather than time spent elsewhere.
         buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
@@ -388,102 +396,63 @@ def slo_phase(server: ObsServer, args: argparse.Namespace, bodies: list[bytes],
         if raw:
             phase[f"scrape_{key}"] = scrape_checks(raw, args.model, sent)
     scrape_path.write_text("\n".join(lines))
-    phase["scrape_file"] = _rel(scrape_path)
+    phase["scrape_file"] = rel(scrape_path)
     return phase
-
-
-def http_get_full(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    """GET the whole body (``run_bench.http_get`` keeps only 2,000 characters)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
-    except (OSError, urllib.error.URLError) as exc:
-        return 0, f"{type(exc).__name__}: {exc}"
 
 
 # --------------------------------------------------------------------------- runs
 
 
-def run_config(target: Target, repeat: int, args: argparse.Namespace, bodies: list[bytes],
-               sink: Sink, logs_dir: Path, slo_here: bool,
-               scrape_path: Path) -> dict[str, Any]:
-    run: dict[str, Any] = {"config": target.name, "repeat": repeat,
-                           "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-                           "points": []}
-    log_path = logs_dir / f"{target.name}-r{repeat}.log"
-    server = ObsServer(target, args, log_path)
-    run["server_log"] = _rel(log_path)
-    sent: dict[str, int] = {"infer": 0}
-    spans_start = sink.spans()
-    failed = False
-    try:
-        began = time.monotonic()
-        server.start()
-        run["probe"] = server.wait_ready(args.startup_timeout, bodies[0])
-        sent["infer"] += 1
-        run["startup_s"] = round(time.monotonic() - began, 2)
-        run["ports"] = {"http": server.port, "load": server.load_port,
-                        "metrics": server.metrics_port}
-        log(f"{target.name} r{repeat}: ready in {run['startup_s']} s")
-        before = server.stats()
-        for concurrency in args.concurrency:
-            spans_before, t0 = sink.spans(), time.monotonic()
-            result = asyncio.run(run_load(server.infer_url(), concurrency, args.duration,
-                                          args.warmup, bodies, args.request_timeout))
+def span_counter(sink: Sink, sent: dict[str, int], config: str) -> PointHook:
+    """Per point: the spans the sink received and the requests sent (``sweep``'s hook)."""
+
+    def start() -> Callable[[dict[str, Any]], str]:
+        spans_before, t0 = sink.spans(), time.monotonic()
+
+        def finish(point: dict[str, Any]) -> str:
             wall = time.monotonic() - t0
             spans = sink.spans() - spans_before
-            point = result.to_dict()
-            sent_here = result.requests + result.warmup_requests + result.drained_requests
+            sent_here = point["requests"] + point["warmup_requests"] + point["drained_requests"]
             sent["infer"] += sent_here
-            after = server.stats()
-            point["batch_sizes"] = batch_delta(before, after, args.model)
-            point["mean_batch"] = mean_batch(point["batch_sizes"])
-            point["replicas"] = (after or {}).get("replicas")
-            before = after
             point["wall_s"] = round(wall, 2)
             point["requests_sent"] = sent_here
             point["spans"] = spans
-            point["spans_per_s"] = spans / wall if target.name != "off" else None
-            point["spans_per_request"] = (spans / sent_here if sent_here and
-                                          target.name != "off" else None)
-            run["points"].append(point)
-            p95 = f"{point['p95_ms']:.1f}" if point["p95_ms"] is not None else "-"
-            log(f"{target.name} r{repeat} c={concurrency}: {point['rps']:.0f} rps, "
-                f"p95 {p95} ms, errors {point['errors']}, spans {spans} "
-                f"({spans / wall:.0f}/s)"
-                + (f", mean batch {point['mean_batch']:.1f}" if point["mean_batch"] else ""))
-            if point["errors"]:
-                failed = True
-                log(f"  error samples: {point['error_samples'][:2]}")
-            if server.proc is not None and server.proc.poll() is not None:
-                raise ServerFailed(f"{target.name} exited during the load")
+            point["spans_per_s"] = spans / wall if config != "off" else None
+            point["spans_per_request"] = (spans / sent_here if sent_here and config != "off"
+                                          else None)
+            return f", spans {spans} ({spans / wall:.0f}/s)"
+
+        return finish
+
+    return start
+
+
+def run_config(target: Target, repeat: int, args: argparse.Namespace, bodies: list[bytes],
+               sink: Sink, logs_dir: Path, slo_here: bool,
+               scrape_path: Path, progress: Progress) -> dict[str, Any]:
+    run = new_run("config", target.name, repeat)
+    server = ObsServer(target, args, logs_dir / f"{target.name}-r{repeat}.log")
+    sent: dict[str, int] = {"infer": 0}
+    spans_start = sink.spans()
+    label = f"{target.name} r{repeat}"
+    progress.step(f"{label} starting")
+    with serving(server, run, logs_dir, label, probe=bodies[0],
+                 startup_timeout=args.startup_timeout):
+        sent["infer"] += 1
+        run["ports"]["metrics"] = server.metrics_port
+        sweep(server, run, args, bodies, label, progress,
+              span_counter(sink, sent, target.name))
         if slo_here:
-            log(f"{target.name} r{repeat}: /v1/slo check, {args.slo_duration:g} s at "
-                f"c={args.slo_concurrency}")
+            progress.step(f"{label} /v1/slo check")
+            log(f"{label}: /v1/slo check, {args.slo_duration:g} s at c={args.slo_concurrency}")
             run["slo_check"] = slo_phase(server, args, bodies, sent, scrape_path)
-            log(f"{target.name} r{repeat}: /v1/slo answered "
-                f"{run['slo_check'].get('slo_status')}")
+            log(f"{label}: /v1/slo answered {run['slo_check'].get('slo_status')}")
+            progress.advance(f"{label} /v1/slo check")
         run["requests_sent"] = sent["infer"]
-    except Exception as exc:  # record it, stop the server, go on
-        failed = True
-        run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"{target.name} r{repeat}: FAILED: {exc}")
-    finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            if failed:
-                server.collect_ray_logs(logs_dir / f"{target.name}-r{repeat}-ray")
-            run["stop"] = server.stop()
-            server.cleanup()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        run["spans_total"] = sink.spans() - spans_start
-        run["spans_per_request_total"] = (run["spans_total"] / sent["infer"]
-                                          if sent["infer"] and target.name != "off" else None)
-        log(f"{target.name} r{repeat}: stopped in {run['stop'].get('stop_s')} s; "
-            f"spans received while it ran: {run['spans_total']}")
+    run["spans_total"] = sink.spans() - spans_start
+    run["spans_per_request_total"] = (run["spans_total"] / sent["infer"]
+                                      if sent["infer"] and target.name != "off" else None)
+    log(f"{label}: spans received while it ran: {run['spans_total']}")
     return run
 
 
@@ -496,32 +465,16 @@ def summarise(runs: list[dict[str, Any]], configs: list[str],
     return {"medians": medians, "ratios": ratios}
 
 
-def fmt(value: Any, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def markdown(document: dict[str, Any], configs: list[str], concurrencies: list[int]) -> str:
-    lines = ["| config | c | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | "
-             "spans/s | spans/req |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in configs:
-        for concurrency in concurrencies:
-            row = document["medians"].get(name, {}).get(str(concurrency))
-            if row is None:
-                lines.append(f"| {name} | {concurrency} | failed | | | | | | | |")
-                continue
-            lines.append(
-                f"| {name} | {concurrency} | {fmt(row['rps'], 0)} | {fmt(row['p50_ms'])} | "
-                f"{fmt(row['p95_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | "
-                f"{fmt(row['mean_batch'])} | {fmt(row['spans_per_s'], 0)} | "
-                f"{fmt(row['spans_per_request'], 2)} |")
+    lines = median_table(
+        document["medians"], configs, concurrencies,
+        ["config", "c", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch",
+         "spans/s", "spans/req"],
+        lambda row: [fmt(row["rps"], 0), fmt(row["p50_ms"]), fmt(row["p95_ms"]),
+                     fmt(row["p99_ms"]), str(row["errors"]), fmt(row["mean_batch"]),
+                     fmt(row["spans_per_s"], 0), fmt(row["spans_per_request"], 2)])
     if document["ratios"]:
-        lines += ["", "| ratio | c | req/s | p50 | p95 | p99 |", "|---|---:|---:|---:|---:|---:|"]
-        for key, by_c in document["ratios"].items():
-            for concurrency, row in by_c.items():
-                lines.append(f"| {key} | {concurrency} | {fmt(row['rps'], 2)} | "
-                             f"{fmt(row['p50_ms'], 2)} | {fmt(row['p95_ms'], 2)} | "
-                             f"{fmt(row['p99_ms'], 2)} |")
+        lines += ["", *ratio_table(document["ratios"], point_head="c")]
     for name in (c for c in configs if c != "off"):
         values = [r["spans_per_request_total"] for r in document["runs"]
                   if r["config"] == name and r.get("spans_per_request_total")]
@@ -563,16 +516,11 @@ def markdown(document: dict[str, Any], configs: list[str], concurrencies: list[i
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Keel with tracing + metrics on vs off; /v1/slo vs the client; a scrape "
-                    "of Ray's metrics endpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = options.parser("Keel with tracing + metrics on vs off; /v1/slo vs the client; a "
+                            "scrape of Ray's metrics endpoint.")
     parser.add_argument("--configs", nargs="+", default=["off", "on"], choices=CONFIGS,
                         help="configurations, interleaved per repeat")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--duration", type=float, default=8.0, help="measured s per point")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
-    parser.add_argument("--repeats", type=int, default=3)
+    options.add_sweep(parser, concurrency=[1, 8, 32], duration=8.0)
     parser.add_argument("--slo-duration", type=float, default=60.0,
                         help="s of load before GET /v1/slo (0: skip the check and scrape)")
     parser.add_argument("--slo-warmup", type=float, default=3.0,
@@ -581,93 +529,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scrape-settle", type=float, default=12.0,
                         help="s to wait after the load before the last scrape (Ray reports "
                              "metrics every 10 s)")
-    parser.add_argument("--model", default="risk_mlp")
-    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models")
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml")
-    parser.add_argument("--pool", type=int, default=512, help="distinct request rows")
-    parser.add_argument("--seed", type=int, default=20240611)
-    parser.add_argument("--request-timeout", type=float, default=30.0)
-    parser.add_argument("--startup-timeout", type=float, default=240.0)
-    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or any(c < 1 for c in args.concurrency):
-        parser.error("--repeats and --concurrency must be >= 1")
-    args.repository, args.config, args.out = (p.resolve() for p in
-                                              (args.repository, args.config, args.out))
-    return args
-
-
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    options.add_servers(parser, pool=True)
+    return options.finish(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     if not (args.repository / args.model).is_dir():
         log(f"{args.repository / args.model} does not exist: run `.venv/bin/keel prepare`")
         return 2
     install_fast_loop()
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    logs_dir = args.out / f"{stamp}-observability-logs"
-    logs_dir.mkdir()
-    json_path = args.out / f"{stamp}-observability.json"
-    scrape_path = args.out / f"{stamp}-metrics-scrape.txt"
+    json_path, logs_dir = stamped_paths(args.out, "observability")
+    logs_dir.mkdir(parents=True)
+    scrape_path = json_path.with_name(json_path.name.replace("-observability.json",
+                                                             "-metrics-scrape.txt"))
     bodies = make_bodies(pool=args.pool, seed=args.seed)
     sink = Sink(logs_dir / "otlp-sink.log")
     targets = {name: make_target(name, sink.url) for name in args.configs}
     slo_config = "on" if "on" in args.configs else next(
         (c for c in args.configs if c != "off"), None)
-    document: dict[str, Any] = {
-        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "configs": {n: {"description": DESCRIPTIONS[n],
-                        "env": {k: v for k, v in targets[n].env.items()},
-                        "ingress_user_config": {"metrics": n != "off",
-                                                "cache": {"enabled": False}}}
-                    for n in args.configs},
-        "environment": environment(),
-        "sink_url": sink.url,
-        "runs": [],
-    }
-    began = time.monotonic()
 
-    def save() -> None:
-        document.update(summarise(document["runs"], args.configs, args.concurrency))
-        document["sink"] = sink.stats()
-        document["elapsed_s"] = round(time.monotonic() - began, 1)
-        json_path.write_text(json.dumps(document, indent=2) + "\n")
+    def summary(document: dict[str, Any]) -> dict[str, Any]:
+        return {**summarise(document["runs"], args.configs, args.concurrency),
+                "sink": sink.stats()}
 
-    interrupted = False
+    document = RunDocument(
+        json_path, args, summary,
+        configs={n: {"description": DESCRIPTIONS[n],
+                     "env": dict(targets[n].env.items()),
+                     "ingress_user_config": {"metrics": n != "off", "cache": {"enabled": False}}}
+                 for n in args.configs},
+        environment=environment(), sink_url=sink.url)
+
+    def measure() -> None:
+        total = args.repeats * len(args.configs) * len(args.concurrency) + (
+            1 if slo_config is not None and args.slo_duration > 0 else 0)
+        with Progress("observability", total) as progress:
+            for repeat in range(1, args.repeats + 1):
+                for name in args.configs if repeat % 2 else list(reversed(args.configs)):
+                    # The /v1/slo check and the scrape: on the last repeat's `on` server,
+                    # after its sweep.
+                    slo_here = (repeat == args.repeats and name == slo_config
+                                and args.slo_duration > 0)
+                    document["runs"].append(run_config(targets[name], repeat, args, bodies,
+                                                       sink, logs_dir, slo_here, scrape_path,
+                                                       progress))
+                    document.save()
+
     try:
-        for repeat in range(1, args.repeats + 1):
-            order = args.configs if repeat % 2 else list(reversed(args.configs))
-            for name in order:
-                # The /v1/slo check and the scrape: on the last repeat's `on` server,
-                # after its sweep.
-                slo_here = (repeat == args.repeats and name == slo_config
-                            and args.slo_duration > 0)
-                document["runs"].append(run_config(targets[name], repeat, args, bodies, sink,
-                                                   logs_dir, slo_here, scrape_path))
-                save()
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: writing what was measured")
+        interrupted = run_interruptibly(measure)
     finally:
-        save()
+        document.save()
         sink.stop()
     png_path = json_path.with_suffix(".png")
     title = (f"{args.model}, Keel (HAProxy, throughput-optimised), observability on vs off, "
              f"{os.cpu_count()} CPUs shared with the load generator, "
              f"{args.duration:g} s per point, median of {args.repeats}")
-    plot(document, args.configs, png_path, title,
-         style=lambda name: "--" if name == "off" else "-", log_y=False)
-    print(markdown(document, args.configs, args.concurrency))
-    log(f"wrote {_rel(json_path)}, {_rel(png_path)}"
-        + (f", {_rel(scrape_path)}" if scrape_path.exists() else "")
-        + f" in {document['elapsed_s']} s; server logs in {_rel(logs_dir)}")
+    plot_sweep(document.data, args.configs, png_path, title,
+               style=lambda name: "--" if name == "off" else "-", log_y=False)
+    print(markdown(document.data, args.configs, args.concurrency))
+    log(f"wrote {rel(json_path)}, {rel(png_path)}"
+        + (f", {rel(scrape_path)}" if scrape_path.exists() else "")
+        + f" in {document['elapsed_s']} s; server logs in {rel(logs_dir)}")
     return 130 if interrupted else 0
 
 

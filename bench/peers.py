@@ -2,40 +2,40 @@
 
 One run, the same model (``risk_mlp``, the latest version in ``models/``), the same Open
 Inference Protocol calls, REST (``POST /v2/models/risk_mlp/infer``, FP32 ``features``
-``[rows, 12]``, by the closed-loop aiohttp load generator ``loadgen``) and gRPC
+``[rows, 12]``, by the closed-loop aiohttp load generator ``harness.http_load``) and gRPC
 (``inference.GRPCInferenceService/ModelInfer``, the same input as
-``raw_input_contents``, by its closed-loop ``grpc.aio`` twin ``grpc_load``; the ``grpc_*``
+``raw_input_contents``, by its closed-loop ``grpc.aio`` twin ``harness.grpc_load``; the ``grpc_*``
 points, for every server with a gRPC port: all but FastAPI):
 
-- ``keel``: Keel as ``make demo`` runs it (run_bench's ``keel_haproxy`` target:
-  ``serve run serve_config.yaml`` via ``keel_server.py`` with
+- ``keel``: Keel as ``make demo`` runs it (serving_core's ``keel_haproxy`` target:
+  ``serve run serve_config.yaml`` via ``harness.keel_server`` with
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1``; only the ports and the
   cache's key prefix differ from the shipped config; gRPC through HAProxy's gRPC frontend
   on ``grpc_options.port``, when the config has ``grpc_options``: else Keel's gRPC points
   are marked unavailable);
 - ``kserve`` / ``kserve_2w``: KServe 0.21's python ``ModelServer`` with a ``kserve.Model``
-  over ONNX Runtime (``peers.py``), 1 worker / ``--workers 2``;
+  over ONNX Runtime (``harness.peer_servers``), 1 worker / ``--workers 2``;
 - ``mlserver``: MLServer 1.7 with an ``MLModel`` over ONNX Runtime (``peers.py``),
   adaptive batching on (``max_batch_size`` 32, ``max_batch_time`` 2 ms);
-- ``fastapi``: ``baseline_fastapi.py``, one uvicorn process.
+- ``fastapi``: ``harness.baseline_fastapi``, one uvicorn process.
 
 KServe and MLServer each run from their own venv under ``bench/.venvs/`` (made on first
 use). For each repeat, each server in turn is started, checked (one 4-row request whose
 answer must match ONNX Runtime's, computed here, and Keel's; with gRPC points, the same
 4 rows over gRPC too, whose answer must match ONNX Runtime's and the server's REST
 answer), driven through the points, and stopped with its whole process tree. With the
-``decide`` point, each repeat also runs ``run_decide.py``'s Keel and ``baseline_decide``
+``decide`` point, each repeat also runs the ``decide`` scenario's Keel and ``baseline_decide``
 servers (hit and miss workloads).
 Writes ``results/<date>-peers.json`` (every repeat, the medians, Keel's ratios: to each
 peer, and Keel gRPC to Keel REST and to the best peer's gRPC) and ``.png``;
 ``--markdown`` prints the tables. ``--points`` takes point names and groups: ``rest``
 (c1 c8 c32 c8x64), ``grpc`` (their gRPC twins), ``zipf``, ``decide``.
 
-    .venv/bin/python bench/run_peers.py --markdown          # the full default run
-    .venv/bin/python bench/run_peers.py --points rest grpc --markdown   # REST + gRPC only
-    .venv/bin/python bench/run_peers.py --servers kserve mlserver fastapi \\
+    .venv/bin/python -m bench.peers --markdown              # the full default run
+    .venv/bin/python -m bench.peers --points rest grpc --markdown   # REST + gRPC only
+    .venv/bin/python -m bench.peers --servers kserve mlserver fastapi \\
         --duration 2 --warmup 1 --repeats 1                 # a smoke run
-    .venv/bin/python bench/run_peers.py --render bench/results/2026-12-02-peers.json
+    .venv/bin/python -m bench.peers --render bench/results/2026-12-02-peers.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import math
 import signal
@@ -58,37 +57,48 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import grpc_load
 import numpy as np
-import peers
 import psutil
-import run_decide
 import yaml
-from baseline_fastapi import latest_model_file
-from decide_load import make_workload
-from loadgen import install_fast_loop, make_row_bodies, make_zipf_bodies, run_load
-from run_bench import (
-    BENCH_DIR,
+
+from bench import decide as decide_scenario
+from bench.harness import grpc_load, options, peer_servers
+from bench.harness.baseline_fastapi import latest_model_file
+from bench.harness.cache_keys import delete_prefix, redis_client
+from bench.harness.http_load import install_fast_loop, make_row_bodies, make_zipf_bodies, run_load
+from bench.harness.network import free_port
+from bench.harness.progress import Progress, log
+from bench.harness.report import (
     REPO_ROOT,
+    RunDocument,
+    environment,
+    fmt,
+    pyplot,
+    ratio_table,
+    rel,
+    run_interruptibly,
+    save_figure,
+    settings_of,
+    stamped_paths,
+)
+from bench.harness.servers import (
+    TARGETS as BENCH_TARGETS,
+)
+from bench.harness.servers import (
     Server,
     ServerFailed,
     Target,
-    _rel,
-    environment,
-    free_port,
-    log,
-    median_rows,
-    ratio,
-    ratios_against,
+    check_point,
+    new_run,
+    serving,
 )
-from run_bench import TARGETS as BENCH_TARGETS
-
+from bench.harness.statistics import median_rows, ratio, ratios_against
 from graph.config_check import grpc_port
 
 #: Keel's prediction-cache keys go under this prefix (emptied before each point and at
 #: the end), so the benchmark never touches the keys of another Keel on the same Redis.
 KEEL_KEY_PREFIX = "keelbench:peers:"
-VENVS_DIR = BENCH_DIR / ".venvs"
+VENVS_DIR = REPO_ROOT / "bench" / ".venvs"
 #: Set by SIGTERM (Ctrl-C is asyncio.run's to handle). The handler also raises
 #: KeyboardInterrupt, but one raised inside uvloop's event loop may not surface; the run
 #: checks this flag after every point and between servers, so it stops (and stops its
@@ -142,7 +152,7 @@ SERVERS: dict[str, Target] = {t.name: t for t in [
                "(max_batch_size 32, max_batch_time 2 ms), MLServer's defaults otherwise (one "
                "parallel inference worker process)", venv="mlserver"),
     PeerTarget("fastapi", "baseline",
-               "baseline_fastapi.py: one uvicorn process, FastAPI + pydantic, one ONNX "
+               "baseline_fastapi: one uvicorn process, FastAPI + pydantic, one ONNX "
                "Runtime session, no batching"),
 ]}
 REFERENCES = ["kserve", "kserve_2w", "mlserver", "fastapi", "keel_1r", "keel_nocache"]
@@ -152,8 +162,8 @@ DEFAULT_SERVERS = [name for name in SERVERS if name != "keel_nocache"]
 
 
 class PeerServer(Server):
-    """run_bench's Server (start, readiness, stop of the whole process tree) for the
-    peers too, plus the CPU time of the server's process tree."""
+    """A ``Server`` (start, readiness, stop of the whole process tree) for the peers
+    too, plus the CPU time of the server's process tree."""
 
     def __init__(self, target: Target, args: argparse.Namespace, log_path: Path,
                  venvs: dict[str, Path]) -> None:
@@ -163,8 +173,8 @@ class PeerServer(Server):
     def _env(self) -> dict[str, str]:
         env = super()._env()
         if self.target.kind in ("kserve", "mlserver"):
-            # peers.py, whose model classes the servers import by name.
-            env["PYTHONPATH"] = str(BENCH_DIR)
+            # bench.harness.peer_servers, whose model classes the servers import by name.
+            env["PYTHONPATH"] = str(REPO_ROOT)
         return env
 
     def _argv(self) -> list[str]:
@@ -175,15 +185,15 @@ class PeerServer(Server):
             return [*super()._argv(), "--ingress-user-config",
                     json.dumps({"cache": {"key_prefix": KEEL_KEY_PREFIX}})]
         if isinstance(target, PeerTarget) and target.kind == "kserve":
-            return peers.kserve_argv(self.venvs["kserve"], a.model, model_file, self.port,
+            return peer_servers.kserve_argv(self.venvs["kserve"], a.model, model_file, self.port,
                                      grpc_port=self.grpc_port, workers=target.workers)
         if target.kind == "mlserver":
-            folder = peers.write_mlserver_config(
+            folder = peer_servers.write_mlserver_config(
                 self.temp_dir / "mlserver", a.model, model_file, self.port,
                 grpc_port=self.grpc_port, metrics_port=free_port(),
                 max_batch_size=a.mlserver_max_batch_size,
                 max_batch_time_s=a.mlserver_max_batch_time)
-            return peers.mlserver_argv(self.venvs["mlserver"], folder)
+            return peer_servers.mlserver_argv(self.venvs["mlserver"], folder)
         return super()._argv()  # the FastAPI baseline
 
     def grpc_unavailable(self) -> str | None:
@@ -208,7 +218,7 @@ class PeerServer(Server):
 
     def cpu_snapshot(self) -> dict[int, tuple[float, float]]:
         """pid -> (own CPU s, CPU s of its children that exited and were waited for), for
-        every live process of the server (run_bench's Server remembers them all)."""
+        every live process of the server (``Server`` remembers them all)."""
         self._remember_processes()
         snapshot: dict[int, tuple[float, float]] = {}
         for pid, proc in list(self._known.items()):
@@ -230,9 +240,9 @@ def keel_grpc_unavailable(config: Path) -> str | None:
     try:
         document = _keel_config(config)
     except (OSError, yaml.YAMLError) as exc:
-        return f"cannot read {_rel(config)}: {exc}"
+        return f"cannot read {rel(config)}: {exc}"
     if grpc_port(document) is None:
-        return f"{_rel(config)} has no grpc_options.grpc_servicer_functions (no gRPC server)"
+        return f"{rel(config)} has no grpc_options.grpc_servicer_functions (no gRPC server)"
     return None
 
 
@@ -273,7 +283,7 @@ class Point:
     #: fixed pool by a Zipf law (a cache can hit).
     mix: str
     description: str
-    #: "rest": OIP REST (``loadgen``); "grpc": OIP gRPC ModelInfer (``grpc_load``).
+    #: "rest": OIP REST (``http_load``); "grpc": OIP gRPC ModelInfer (``grpc_load``).
     protocol: str = "rest"
 
     @property
@@ -393,7 +403,7 @@ def compare(answer: dict[str, np.ndarray], expected: dict[str, np.ndarray]
 def reference_answer(args: argparse.Namespace, probe: bytes) -> dict[str, np.ndarray]:
     """What ONNX Runtime itself answers to the probe, here in the benchmark's process."""
     model_file = latest_model_file(args.repository, args.model)
-    session = peers.OnnxSession(model_file)
+    session = peer_servers.OnnxSession(model_file)
     item = json.loads(probe)["inputs"][0]
     features = np.asarray(item["data"], dtype=np.float32).reshape(item["shape"])
     return {name: np.asarray(value, dtype=np.float64).ravel()
@@ -408,7 +418,7 @@ def keel_key_reset(server: Server, redis: Any) -> int | None:
     if server.target.kind != "keel" or redis is None:
         return None
     try:
-        deleted: int = run_decide.delete_prefix(redis, KEEL_KEY_PREFIX)
+        deleted: int = delete_prefix(redis, KEEL_KEY_PREFIX)
     except Exception as exc:  # Redis down: Keel serves without it, and so does the bench
         log(f"  could not empty {KEEL_KEY_PREFIX}*: {exc}")
         return None
@@ -504,110 +514,94 @@ def grpc_probe(server: PeerServer, probe: bytes, args: argparse.Namespace,
                           "rest": compare(answer, rest_answer)}}
 
 
+def check_and_measure(server: PeerServer, run: dict[str, Any], args: argparse.Namespace,
+                      points: list[Point], bodies: BodyCache, repeat: int, probe: bytes,
+                      expected: dict[str, np.ndarray],
+                      keel_answer: dict[str, np.ndarray] | None, redis: Any, label: str,
+                      progress: Progress) -> None:
+    """Check a ready server's answers (REST; gRPC when a gRPC point is asked for), then
+    run the points."""
+    answer = outputs_of(run["probe"]["probe_answer"])
+    skipped: dict[str, str] = {}
+    run["skipped_points"] = skipped
+    run["agreement"] = {
+        "reference": compare(answer, expected),
+        "keel": compare(answer, keel_answer) if keel_answer is not None else None,
+    }
+    log(f"{label}: answer matches ONNX "
+        f"Runtime: {run['agreement']['reference']['match']}, Keel: "
+        f"{(run['agreement']['keel'] or {}).get('match', 'n/a')}")
+    if not run["agreement"]["reference"]["match"] or (
+            run["agreement"]["keel"] is not None and not run["agreement"]["keel"]["match"]):
+        raise ServerFailed(f"{server.target.name}: the 4-row answer differs: {run['agreement']}")
+    if any(p.protocol == "grpc" for p in points):
+        reason = server.grpc_unavailable()
+        if reason is None:
+            run["ports"]["grpc"] = server.grpc_port
+            try:
+                run["grpc"] = grpc_probe(server, probe, args, expected, answer)
+                agreement = run["grpc"]["agreement"]
+                log(f"{label}: gRPC on {run['grpc']['target']} answers "
+                    f"after {run['grpc']['ready_s']} s, matches ONNX Runtime: "
+                    f"{agreement['reference']['match']}, its REST answer: "
+                    f"{agreement['rest']['match']}")
+                if not (agreement["reference"]["match"] and agreement["rest"]["match"]):
+                    reason = f"the 4-row gRPC answer differs: {agreement}"
+                    run["grpc"]["error"] = reason
+            except ServerFailed as exc:
+                reason = str(exc)
+                run["grpc"] = {"target": server.grpc_target(), "error": reason}
+            if reason is not None:
+                server.failed = True
+                log(f"{label}: gRPC FAILED, its gRPC points skipped: {reason[:500]}")
+        else:
+            run["grpc"] = {"unavailable": reason}
+            log(f"{label}: gRPC points skipped: {reason}")
+        if reason is not None:
+            skipped.update({p.name: reason for p in points if p.protocol == "grpc"})
+    for point in points:
+        if point.name in skipped:
+            continue
+        progress.step(f"{label} {point.name}")
+        point_bodies = bodies.get(repeat, point)
+        deleted = keel_key_reset(server, redis)
+        row = measure_point(server, point, point_bodies, args)
+        row["keel_keys_deleted"] = deleted
+        run["points"].append(row)
+        log(f"{label} {point.name}: {row['rps']:.0f} req/s, "
+            f"{row['rows_per_s']:.0f} rows/s, p95 {fmt(row['p95_ms'])} ms, errors "
+            f"{row['errors']}, server {fmt(row['server_cores'], 2)} cores"
+            + (" (rows wrapped)" if row["wrapped"] else ""))
+        progress.advance(f"{label} {point.name}")
+        check_point(server, row, label)
+        check_stop()
+
+
 def run_server(target: Target, repeat: int, args: argparse.Namespace, points: list[Point],
                bodies: BodyCache, probe: bytes, expected: dict[str, np.ndarray],
                keel_answer: dict[str, np.ndarray] | None, venvs: dict[str, Path],
-               redis: Any, logs_dir: Path) -> dict[str, Any]:
+               redis: Any, logs_dir: Path, progress: Progress) -> dict[str, Any]:
     """Start one server, check its answer, run the points, stop it and all it started."""
-    run: dict[str, Any] = {"server": target.name, "repeat": repeat,
-                           "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-                           "points": []}
+    run = new_run("server", target.name, repeat)
     log_path = logs_dir / f"{target.name}-r{repeat}.log"
     server = PeerServer(target, args, log_path, venvs)
-    run["server_log"] = _rel(log_path)
-    failed = False
-    try:
-        began = time.monotonic()
-        server.start()
-        run["probe"] = server.wait_ready(args.startup_timeout, probe)
-        run["startup_s"] = round(time.monotonic() - began, 2)
-        run["ports"] = {"http": server.port, "load": server.load_port}
-        answer = outputs_of(run["probe"]["probe_answer"])
-        skipped: dict[str, str] = {}
-        run["skipped_points"] = skipped
-        run["agreement"] = {
-            "reference": compare(answer, expected),
-            "keel": compare(answer, keel_answer) if keel_answer is not None else None,
-        }
-        log(f"{target.name} r{repeat}: ready in {run['startup_s']} s, answer matches ONNX "
-            f"Runtime: {run['agreement']['reference']['match']}, Keel: "
-            f"{(run['agreement']['keel'] or {}).get('match', 'n/a')}")
-        if not run["agreement"]["reference"]["match"] or (
-                run["agreement"]["keel"] is not None and not run["agreement"]["keel"]["match"]):
-            raise ServerFailed(f"{target.name}: the 4-row answer differs: {run['agreement']}")
-        if any(p.protocol == "grpc" for p in points):
-            reason = server.grpc_unavailable()
-            if reason is None:
-                run["ports"]["grpc"] = server.grpc_port
-                try:
-                    run["grpc"] = grpc_probe(server, probe, args, expected, answer)
-                    agreement = run["grpc"]["agreement"]
-                    log(f"{target.name} r{repeat}: gRPC on {run['grpc']['target']} answers "
-                        f"after {run['grpc']['ready_s']} s, matches ONNX Runtime: "
-                        f"{agreement['reference']['match']}, its REST answer: "
-                        f"{agreement['rest']['match']}")
-                    if not (agreement["reference"]["match"] and agreement["rest"]["match"]):
-                        reason = f"the 4-row gRPC answer differs: {agreement}"
-                        run["grpc"]["error"] = reason
-                except ServerFailed as exc:
-                    reason = str(exc)
-                    run["grpc"] = {"target": server.grpc_target(), "error": reason}
-                if reason is not None:
-                    failed = True
-                    log(f"{target.name} r{repeat}: gRPC FAILED, its gRPC points skipped: "
-                        f"{reason[:500]}")
-            else:
-                run["grpc"] = {"unavailable": reason}
-                log(f"{target.name} r{repeat}: gRPC points skipped: {reason}")
-            if reason is not None:
-                skipped.update({p.name: reason for p in points if p.protocol == "grpc"})
-        for point in points:
-            if point.name in skipped:
-                continue
-            point_bodies = bodies.get(repeat, point)
-            deleted = keel_key_reset(server, redis)
-            row = measure_point(server, point, point_bodies, args)
-            row["keel_keys_deleted"] = deleted
-            run["points"].append(row)
-            p95 = f"{row['p95_ms']:.1f}" if row["p95_ms"] is not None else "-"
-            cores = f"{row['server_cores']:.2f}" if row["server_cores"] is not None else "-"
-            log(f"{target.name} r{repeat} {point.name}: {row['rps']:.0f} req/s, "
-                f"{row['rows_per_s']:.0f} rows/s, p95 {p95} ms, errors {row['errors']}, "
-                f"server {cores} cores" + (" (rows wrapped)" if row["wrapped"] else ""))
-            if row["errors"]:
-                failed = True
-                log(f"  error samples: {row['error_samples'][:2]}")
-            if server.proc is not None and server.proc.poll() is not None:
-                raise ServerFailed(f"{target.name} exited with {server.proc.returncode} "
-                                   f"during the load")
-            check_stop()
-    except Exception as exc:  # record it, stop the server, go on to the next
-        failed = True
-        run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"{target.name} r{repeat}: FAILED: {run['error'][:500]}")
-    finally:
-        # A second Ctrl-C (or a SIGTERM) must not cut the teardown short and leave
-        # processes running.
-        previous = {signum: signal.signal(signum, signal.SIG_IGN)
-                    for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            if failed and server.uses_ray:
-                server.collect_ray_logs(logs_dir / f"{target.name}-r{repeat}-ray")
-            run["stop"] = server.stop()
-            server.cleanup()
-            keel_key_reset(server, redis)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        if target.kind == "kserve":
-            run["kserve_worker_restarts"] = kserve_worker_restarts(log_path)
-        log(f"{target.name} r{repeat}: stopped in {run['stop'].get('stop_s')} s "
-            f"({', '.join(run['stop'].get('steps', []))})")
+    label = f"{target.name} r{repeat}"
+    progress.step(f"{label} starting")
+    with serving(server, run, logs_dir, label, probe=probe,
+                 startup_timeout=args.startup_timeout,
+                 on_stop=lambda: keel_key_reset(server, redis)):
+        check_and_measure(server, run, args, points, bodies, repeat, probe, expected,
+                          keel_answer, redis, label, progress)
+    if target.kind == "kserve":
+        run["kserve_worker_restarts"] = kserve_worker_restarts(log_path)
+    for _ in range(len(points) - len(run["points"])):
+        progress.advance(f"{label} skipped")
     return run
 
 
 def decide_args(args: argparse.Namespace) -> argparse.Namespace:
-    """run_decide's settings for the decide part: hit and miss, one entity per request."""
+    """The decide scenario's settings for the decide part: hit and miss, one entity per
+    request."""
     argv = ["--workloads", *args.decide_workloads,
             "--concurrency", *map(str, args.decide_concurrency), "--batch", "0",
             "--duration", str(args.duration), "--warmup", str(args.warmup),
@@ -616,32 +610,14 @@ def decide_args(args: argparse.Namespace) -> argparse.Namespace:
             "--request-timeout", str(args.request_timeout),
             "--startup-timeout", str(args.startup_timeout), "--out", str(args.out),
             *([] if args.dashboard else ["--no-dashboard"])]
-    return run_decide.parse_args(argv)
-
-
-def run_decide_repeat(repeat: int, dargs: argparse.Namespace, redis: Any,
-                      logs_dir: Path) -> list[dict[str, Any]]:
-    """One repeat of run_decide.py's servers (order alternating as there), its functions."""
-    points = run_decide.plan(dargs)
-    seed = dargs.seed + repeat
-    workloads = {(w, b): make_workload(w, model=dargs.model, batch=b, seed=seed,
-                                       hit_pool=dargs.hit_pool, zipf_s=dargs.zipf_s)
-                 for w, b, _ in points}
-    names = list(run_decide.SERVERS)
-    order = names if repeat % 2 else list(reversed(names))
-    runs = []
-    for name in order:
-        check_stop()
-        runs.append(run_decide.run_server(run_decide.SERVERS[name], repeat, dargs, redis,
-                                          workloads, logs_dir))
-    return runs
+    return decide_scenario.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- summary
 
 
 def ratio_with_cpu(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """run_bench's ``ratio`` (req/s, p50, p95, p99) plus rows/s and CPU ms per request."""
+    """``statistics.ratio`` (req/s, p50, p95, p99) plus rows/s and CPU ms per request."""
     found: dict[str, Any] = ratio(row, reference)
     for metric in ("rows_per_s", "cpu_ms_per_request"):
         found[metric] = (row[metric] / reference[metric]
@@ -728,15 +704,11 @@ def summarise(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarise_decide(decide: dict[str, Any]) -> dict[str, Any]:
-    """run_decide's own medians, ratios and verdicts of the decide part."""
+    """The decide scenario's own medians, ratios and verdicts of the decide part."""
     dargs = argparse.Namespace(**decide["settings"])
-    summary: dict[str, Any] = run_decide.summarise(decide["runs"], list(run_decide.SERVERS),
-                                                   run_decide.plan(dargs))
+    summary: dict[str, Any] = decide_scenario.summarise(
+        decide["runs"], list(decide_scenario.SERVERS), decide_scenario.plan(dargs))
     return summary
-
-
-def _fmt(value: Any, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def _compact(value: float | None) -> str:
@@ -785,7 +757,7 @@ def markdown(document: dict[str, Any]) -> str:
                         continue
                     value = row["rows_per_s"] if point.rows > 1 else row["rps"]
                     unit = " rows/s" if point.rows > 1 else ""
-                    cells.append(f"{_compact(value)}{unit} ({_fmt(row['p95_ms'])})")
+                    cells.append(f"{_compact(value)}{unit} ({fmt(row['p95_ms'])})")
                 c8_row = medians.get(name, {}).get(c8) or {}
                 cpu = (f"{c8_row['server_cores']:.2f} cores, "
                        f"{c8_row['cpu_ms_per_request']:.2f} ms/req"
@@ -804,21 +776,16 @@ def markdown(document: dict[str, Any]) -> str:
                     continue
                 mark = " (wrapped)" if row.get("wrapped") else ""
                 lines.append(
-                    f"| {name} | {point.name}{mark} | {_fmt(row['rps'], 0)} | "
-                    f"{_fmt(row['rows_per_s'], 0)} | {_fmt(row['p50_ms'])} | "
-                    f"{_fmt(row['p95_ms'])} | {_fmt(row['p99_ms'])} | {row['errors']} | "
-                    f"{_fmt(row['server_cores'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} | "
-                    f"{_fmt(row['client_cores'], 2)} |")
+                    f"| {name} | {point.name}{mark} | {fmt(row['rps'], 0)} | "
+                    f"{fmt(row['rows_per_s'], 0)} | {fmt(row['p50_ms'])} | "
+                    f"{fmt(row['p95_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | "
+                    f"{fmt(row['server_cores'], 2)} | {fmt(row['cpu_ms_per_request'], 2)} | "
+                    f"{fmt(row['client_cores'], 2)} |")
     if document.get("ratios"):
         lines += ["", "Keel ÷ peer (req/s above 1: Keel faster; latency and CPU per request "
                   "below 1: Keel better)", "",
-                  "| ratio | point | req/s | p50 | p95 | p99 | CPU ms/req |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for key, by_point in document["ratios"].items():
-            for point_name, row in by_point.items():
-                lines.append(f"| {key} | {point_name} | {_fmt(row['rps'], 2)} | "
-                             f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | "
-                             f"{_fmt(row['p99_ms'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} |")
+                  *ratio_table(document["ratios"], point_head="point",
+                               extra=("cpu_ms_per_request",))]
     by_grpc = document.get("grpc_ratios") or {}
     if any(by_grpc.values()):
         lines += ["", "Keel over gRPC ÷ Keel over REST (the same point), and ÷ the peer whose "
@@ -828,9 +795,9 @@ def markdown(document: dict[str, Any]) -> str:
         for key, by_point in by_grpc.items():
             for point_name, row in by_point.items():
                 lines.append(f"| {key} | {point_name} | {row.get('peer', 'keel REST')} | "
-                             f"{_fmt(row['rps'], 2)} | {_fmt(row.get('rows_per_s'), 2)} | "
-                             f"{_fmt(row['p50_ms'], 2)} | {_fmt(row['p95_ms'], 2)} | "
-                             f"{_fmt(row['p99_ms'], 2)} | {_fmt(row['cpu_ms_per_request'], 2)} |")
+                             f"{fmt(row['rps'], 2)} | {fmt(row.get('rows_per_s'), 2)} | "
+                             f"{fmt(row['p50_ms'], 2)} | {fmt(row['p95_ms'], 2)} | "
+                             f"{fmt(row['p99_ms'], 2)} | {fmt(row['cpu_ms_per_request'], 2)} |")
     if any(check["runs"] for check in document.get("agreement", {}).values()):
         with_grpc = any(check.get("grpc_runs") for check in document["agreement"].values())
         grpc_head = " gRPC answer = ONNX Runtime's | gRPC = its REST |" if with_grpc else ""
@@ -855,21 +822,17 @@ def markdown(document: dict[str, Any]) -> str:
     decide = document.get("decide")
     if decide and decide.get("medians"):
         dargs = argparse.Namespace(**decide["settings"])
-        lines += ["", "`/v1/decide` (run_decide.py's servers and workloads, one entity per "
+        lines += ["", "`/v1/decide` (decide_scenario.py's servers and workloads, one entity per "
                   "request):", "",
-                  run_decide.markdown(decide, list(run_decide.SERVERS),
-                                      run_decide.plan(dargs))]
+                  decide_scenario.markdown(decide, list(decide_scenario.SERVERS),
+                                           decide_scenario.plan(dargs))]
     return "\n".join(lines)
 
 
 def plot(document: dict[str, Any], path: Path) -> None:
     """Median req/s and p95 per point, one bar per server (log scales); the gRPC points
     (``grpc_*``) beside the REST ones, hatched."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = document["settings"]
     servers = settings["servers"]
     points = [p for p in settings["points"] if p in POINTS]
@@ -886,7 +849,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
         offset = xs - 0.4 + width * (i + 0.5)
         for ax, metric in ((ax_rps, "rps"), (ax_p95, "p95_ms")):
             values = [r.get(metric) or float("nan") for r in rows]
-            # Keel outlined, as run_bench draws Keel solid and the references dashed.
+            # Keel outlined, as serving_core draws Keel solid and the references dashed.
             bars = ax.bar(offset, values, width, label=name,
                           edgecolor="black" if name == "keel" else "none")
             color = bars.patches[0].get_facecolor() if bars.patches else None
@@ -908,44 +871,33 @@ def plot(document: dict[str, Any], path: Path) -> None:
         ax_rps.legend(fontsize=8)
     protocols = " and ".join(PROTOCOL_TITLES[p] for p in PROTOCOL_TITLES
                              if any(POINTS[n].protocol == p for n in points)) or "OIP"
-    fig.suptitle(f"{settings['model']}, {protocols}, {document['environment']['cpu_count']} "
-                 f"CPUs shared by server and load generator, {settings['duration']:g} s per "
-                 f"point, median of {settings['repeats']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{settings['model']}, {protocols}, "
+                f"{document['environment']['cpu_count']} CPUs shared by server and load "
+                f"generator, {settings['duration']:g} s per point, median of "
+                f"{settings['repeats']}")
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Keel vs KServe, MLServer and one FastAPI process: same model, same OIP "
-                    "REST and gRPC calls, same load generators, one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = options.parser(
+        "Keel vs KServe, MLServer and one FastAPI process: same model, same OIP REST and gRPC "
+        "calls, same load generators, one run.",
         epilog="servers: " + "; ".join(f"{t.name}: {t.description}" for t in SERVERS.values())
         + ". points: " + "; ".join(f"{p.name}: {p.description}" for p in POINTS.values())
-        + f"; {DECIDE}: /v1/decide, Keel vs baseline_decide.py (run_decide.py's machinery)"
+        + f"; {DECIDE}: /v1/decide, Keel vs baseline_decide (the decide scenario's machinery)"
         + ". point groups: " + "; ".join(f"{g}: {' '.join(n)}" for g, n in POINT_GROUPS.items()))
     parser.add_argument("--servers", nargs="+", default=DEFAULT_SERVERS, choices=list(SERVERS),
                         metavar="SERVER", help="which servers, in this order (each repeat)")
     parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, choices=POINT_CHOICES,
                         metavar="POINT", help="which points, in this order (names or groups: "
                         "rest, grpc, zipf; e.g. `--points rest grpc`)")
-    parser.add_argument("--duration", type=float, default=8.0, help="measured s per point")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per point")
-    parser.add_argument("--repeats", type=int, default=3, help="whole sweeps; medians over them")
+    options.add_sweep(parser, concurrency=None, duration=8.0)
     parser.add_argument("--markdown", action="store_true",
                         help="print the tables of medians and ratios (markdown) at the end")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only redraw the PNG and print the markdown of a finished run")
-    parser.add_argument("--model", default="risk_mlp")
-    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "models",
-                        help="model repository of the peers (Keel reads the one in its config)")
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml",
-                        help="Keel's serve config (its HTTP port and cache key prefix replaced)")
-    parser.add_argument("--seed", type=int, default=20240611)
     parser.add_argument("--zipf-s", type=float, default=1.1, help="exponent of the Zipf mix")
     parser.add_argument("--zipf-pool", type=int, default=2000,
                         help="distinct rows of the Zipf mix")
@@ -967,36 +919,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="interpreter the peers' venvs are made with (default: the one "
                              "Keel's venv was made from)")
     parser.add_argument("--reinstall", action="store_true", help="make the peers' venvs anew")
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="per request, s")
     parser.add_argument("--grpc-channels", type=int, default=4,
                         help="gRPC channels (HTTP/2 connections) the workers of a gRPC point "
                              "share, at most one per worker")
     parser.add_argument("--grpc-ready-timeout", type=float, default=60.0,
                         help="s to wait, once a server answers REST, for its gRPC answer")
-    parser.add_argument("--startup-timeout", type=float, default=240.0,
-                        help="s to wait for a server to be ready")
-    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
-                        help="start Ray's dashboard with Keel, as `serve run` does")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results",
-                        help="where the JSON, the PNG and the server logs go")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.duration <= 0 or args.warmup < 0 or args.grpc_channels < 1 \
-            or any(c < 1 for c in args.decide_concurrency):
-        parser.error("--repeats, --grpc-channels and concurrencies must be >= 1, --duration > 0, "
-                     "--warmup >= 0")
+    options.add_servers(parser, repository="model repository of the peers (Keel reads the one "
+                                           "in its config)",
+                        config="Keel's serve config (its HTTP port and cache key prefix "
+                               "replaced)")
+    args = options.finish(parser, argv, concurrencies=("decide_concurrency", "grpc_channels"))
+    if args.duration <= 0 or args.warmup < 0:
+        parser.error("--duration must be > 0 and --warmup >= 0")
     args.points = expand_points(args.points)
-    args.repository, args.config, args.out, args.venvs = (
-        p.resolve() for p in (args.repository, args.config, args.out, args.venvs))
     return args
-
-
-def output_paths(out: Path) -> tuple[Path, Path]:
-    """``<date>-peers.json`` (``<date>-<time>-peers.json`` if that exists) and its logs."""
-    now = dt.datetime.now()
-    stem = f"{now:%Y-%m-%d}-peers"
-    if (out / f"{stem}.json").exists():
-        stem = f"{now:%Y-%m-%d-%H%M%S}-peers"
-    return out / f"{stem}.json", out / f"{stem}-logs"
 
 
 def prepare_venvs(args: argparse.Namespace, document: dict[str, Any]) -> dict[str, Path]:
@@ -1004,25 +940,25 @@ def prepare_venvs(args: argparse.Namespace, document: dict[str, Any]) -> dict[st
     is recorded as unavailable and skipped."""
     import onnxruntime
 
-    specs = peers.venvs(onnxruntime.__version__)
+    specs = peer_servers.venvs(onnxruntime.__version__)
     wanted = sorted({t.venv for n in args.servers
                      if isinstance(t := SERVERS[n], PeerTarget) and t.venv})
     ready: dict[str, Path] = {}
     for name in wanted:
         root = args.venvs / name
         try:
-            marker = peers.ensure_venv(specs[name], root, args.venv_python,
-                                       args.venvs / f"{name}-pip.log", reinstall=args.reinstall,
-                                       log=log)
+            marker = peer_servers.ensure_venv(specs[name], root, args.venv_python,
+                                              args.venvs / f"{name}-pip.log",
+                                              reinstall=args.reinstall, log=log)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            reason = f"venv {_rel(root)} could not be made: {exc}"
+            reason = f"venv {rel(root)} could not be made: {exc}"
             log(reason)
             for server in args.servers:
                 target = SERVERS[server]
                 if isinstance(target, PeerTarget) and target.venv == name:
                     document["unavailable"][server] = reason
             continue
-        document["environment"]["peer_venvs"][name] = {**marker, "path": _rel(root)}
+        document["environment"]["peer_venvs"][name] = {**marker, "path": rel(root)}
         ready[name] = root
     return ready
 
@@ -1036,52 +972,44 @@ def render(path: Path) -> int:
     document = json.loads(path.read_text())
     plot(document, path.with_suffix(".png"))
     print(markdown(document))
-    log(f"redrew {_rel(path.with_suffix('.png'))}")
+    log(f"redrew {rel(path.with_suffix('.png'))}")
     return 0
+
+
+def summarise_all(document: dict[str, Any]) -> dict[str, Any]:
+    """``summarise``, and ``summarise_decide`` into the decide part once it has runs."""
+    if document.get("decide", {}).get("runs"):
+        document["decide"].update(summarise_decide(document["decide"]))
+    return summarise(document)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
         return render(args.render)
-    # SIGTERM tears down like Ctrl-C: every started server is stopped on the way out.
     signal.signal(signal.SIGTERM, _interrupt)
     if not (args.repository / args.model).is_dir():
         log(f"{args.repository / args.model} does not exist: run `.venv/bin/keel prepare` first")
         return 2
     points = [POINTS[p] for p in args.points if p in POINTS]
     with_decide = DECIDE in args.points and "keel" in args.servers
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, logs_dir = output_paths(args.out)
+    json_path, logs_dir = stamped_paths(args.out, "peers", daily=True)
     logs_dir.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {
-        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "servers": {n: SERVERS[n].description for n in args.servers},
-        "points": {p.name: dataclasses.asdict(p) for p in points},
-        "keel_key_prefix": KEEL_KEY_PREFIX,
-        "environment": {**environment(), "peer_venvs": {}},
-        "unavailable": {},
-        "runs": [],
-    }
-    began = time.monotonic()
-
-    def save() -> None:
-        document.update(summarise(document))
-        if document.get("decide", {}).get("runs"):
-            document["decide"].update(summarise_decide(document["decide"]))
-        document["elapsed_s"] = round(time.monotonic() - began, 1)
-        json_path.write_text(json.dumps(document, indent=2) + "\n")
-
-    venvs = prepare_venvs(args, document)
+    document = RunDocument(
+        json_path, args, summarise_all,
+        servers={n: SERVERS[n].description for n in args.servers},
+        points={p.name: dataclasses.asdict(p) for p in points},
+        keel_key_prefix=KEEL_KEY_PREFIX,
+        environment={**environment(), "peer_venvs": {}}, unavailable={})
+    venvs = prepare_venvs(args, document.data)
     probe = make_row_bodies(1, 4, seed=args.seed)[0]
     expected = reference_answer(args, probe)
-    document["probe"] = {"body": json.loads(probe),
-                         "onnxruntime_answer": {k: v.tolist() for k, v in expected.items()}}
+    document.data["probe"] = {"body": json.loads(probe),
+                              "onnxruntime_answer": {k: v.tolist() for k, v in expected.items()}}
     redis: Any = None
     if "keel" in args.servers:
         try:
-            redis = run_decide.redis_client()
+            redis = redis_client()
             redis.ping()
         except Exception as exc:
             log(f"no Redis ({exc}): Keel serves without its cache's remote tier; its "
@@ -1090,57 +1018,62 @@ def main(argv: list[str] | None = None) -> int:
     dargs: argparse.Namespace | None = None
     if with_decide:
         dargs = decide_args(args)
-        document["decide"] = {"settings": {k: (str(v) if isinstance(v, Path) else v)
-                                           for k, v in vars(dargs).items()},
-                              "servers": {n: t.description
-                                          for n, t in run_decide.SERVERS.items()},
-                              "runs": []}
+        document.data["decide"] = {"settings": settings_of(dargs),
+                                   "servers": {n: t.description
+                                               for n, t in decide_scenario.SERVERS.items()},
+                                   "runs": []}
         if redis is None:
             document["decide"]["error"] = "no Redis: /v1/decide needs it"
             dargs = None
         else:
-            run_decide.prepare(dargs)
+            decide_scenario.prepare(dargs)
     elif DECIDE in args.points:
-        log("decide: skipped (it compares Keel with baseline_decide.py; keel is not in "
+        log("decide: skipped (it compares Keel with baseline_decide; keel is not in "
             "--servers)")
     install_fast_loop()
     bodies = BodyCache(args)
-    keel_answer: dict[str, np.ndarray] | None = None
-    interrupted = False
+    servers = [n for n in args.servers if n not in document["unavailable"]] if points else []
+    decide_points = len(decide_scenario.plan(dargs)) * len(decide_scenario.SERVERS) \
+        if dargs is not None else 0
+
+    def measure() -> None:
+        keel_answer: dict[str, np.ndarray] | None = None
+        total = args.repeats * (len(servers) * len(points) + decide_points)
+        with Progress("peers", total) as progress:
+            for repeat in range(1, args.repeats + 1):
+                for name in servers:
+                    check_stop()
+                    run = run_server(SERVERS[name], repeat, args, points, bodies, probe,
+                                     expected, keel_answer, venvs, redis, logs_dir, progress)
+                    if name == "keel" and "probe" in run:
+                        keel_answer = outputs_of(run["probe"]["probe_answer"])
+                    document["runs"].append(run)
+                    document.save()  # partial results survive an interrupted run
+                if dargs is not None:
+                    check_stop()
+                    document["decide"]["runs"] += decide_scenario.run_repeat(
+                        repeat, dargs, redis, list(decide_scenario.SERVERS),
+                        decide_scenario.repeat_workloads(dargs, repeat), logs_dir, progress)
+                    document.save()
+
     try:
-        for repeat in range(1, args.repeats + 1):
-            for name in args.servers if points else []:
-                check_stop()
-                if name in document["unavailable"]:
-                    continue
-                run = run_server(SERVERS[name], repeat, args, points, bodies, probe,
-                                 expected, keel_answer, venvs, redis, logs_dir)
-                if name == "keel" and "probe" in run:
-                    keel_answer = outputs_of(run["probe"]["probe_answer"])
-                document["runs"].append(run)
-                save()  # partial results survive an interrupted run
-            if dargs is not None:
-                document["decide"]["runs"] += run_decide_repeat(repeat, dargs, redis, logs_dir)
-                save()
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: writing what was measured")
+        interrupted = run_interruptibly(measure)
     finally:
         if redis is not None:
-            for prefix in (KEEL_KEY_PREFIX, *run_decide.KEY_PREFIXES.values()):
+            for prefix in (KEEL_KEY_PREFIX, *decide_scenario.KEY_PREFIXES.values()):
                 with contextlib.suppress(Exception):
-                    run_decide.delete_prefix(redis, prefix)
-    save()
+                    delete_prefix(redis, prefix)
+    document.save()
     png_path = json_path.with_suffix(".png")
     try:
-        plot(document, png_path)
-        wrote = f"{_rel(json_path)} and {_rel(png_path)}"
+        plot(document.data, png_path)
+        wrote = f"{rel(json_path)} and {rel(png_path)}"
     except ImportError as exc:  # matplotlib is in the `bench` extra
-        wrote = _rel(json_path)
-        log(f"no PNG ({exc}): `pip install -e '.[bench]'`, then --render {_rel(json_path)}")
+        wrote = rel(json_path)
+        log(f"no PNG ({exc}): `pip install -e '.[bench]'`, then --render {rel(json_path)}")
     if args.markdown:
-        print(markdown(document))
-    log(f"wrote {wrote} in {document['elapsed_s']} s; server logs in {_rel(logs_dir)}")
+        print(markdown(document.data))
+    log(f"wrote {wrote} in {document['elapsed_s']} s; server logs in {rel(logs_dir)}")
     return 130 if interrupted else 0
 
 

@@ -1,7 +1,7 @@
 """Soak: hold half of Keel's measured maximum throughput for a long time, and watch.
 
 1. Start Keel (``serve_config.yaml`` under ``serve run``, HAProxy mode as ``make demo``
-   runs it) on a private Ray instance, exactly as ``run_bench.py`` does.
+   runs it) on a private Ray instance, exactly as the ``serving_core`` scenario does.
 2. Measure its maximum throughput on the soak's request mix with a short closed-loop
    probe (``--probe-concurrency`` clients for ``--probe-s``), unless ``--max-rps`` is given.
 3. Send an *open-loop* load at ``--fraction`` (default 0.5) of that rate for
@@ -17,8 +17,8 @@
 
 Writes ``<out>/<date>-soak.json`` and ``.png`` and prints a table::
 
-    .venv/bin/python bench/soak.py                 # 10 minutes
-    .venv/bin/python bench/soak.py --duration 120  # a quick look
+    .venv/bin/python -m bench.soak                 # 10 minutes
+    .venv/bin/python -m bench.soak --duration 120  # a quick look
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import random
 import sys
@@ -37,18 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import psutil
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from decide_load import make_workload  # noqa: E402
-from loadgen import install_fast_loop, make_bodies  # noqa: E402
-from run_bench import TARGETS, Server, log  # noqa: E402
-from run_bench import parse_args as bench_args  # noqa: E402
-
-REPO_ROOT = BENCH_DIR.parent
+from bench import serving_core
+from bench.harness.decide_load import make_workload
+from bench.harness.http_load import install_fast_loop, make_bodies
+from bench.harness.progress import Progress, log
+from bench.harness.report import REPO_ROOT, RESULTS_DIR, pyplot, save_figure
+from bench.harness.servers import TARGETS, Server
+from bench.harness.statistics import percentiles
 
 
 @dataclass
@@ -63,15 +61,12 @@ class Window:
     latencies_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies_ms) if self.latencies_ms else None
         answered = self.ok + self.failed
         return {
             "t_s": round(self.start_s, 1), "sent": self.sent, "ok": self.ok,
             "failed": self.failed, "statuses": self.statuses,
             "success": round(self.ok / answered, 6) if answered else None,
-            "p50_ms": None if lat is None else round(float(np.percentile(lat, 50)), 2),
-            "p95_ms": None if lat is None else round(float(np.percentile(lat, 95)), 2),
-            "p99_ms": None if lat is None else round(float(np.percentile(lat, 99)), 2),
+            **percentiles(self.latencies_ms, digits=2),
         }
 
 
@@ -190,7 +185,9 @@ def ray_processes(server: Server) -> dict[str, dict[str, Any]]:
             if cmdline and cmdline[0].startswith("ray::"):
                 name = cmdline[0].split(".")[0]  # the actor, not the method it runs now
             else:
-                scripts = [Path(a).name for a in cmdline[1:3] if a.endswith(".py")]
+                # A server started as `python -m bench.harness.<module>`, or a script.
+                scripts = [Path(a).name for a in cmdline[1:3]
+                           if a.endswith(".py") or a.startswith("bench.")]
                 name = " ".join([proc.name(), *scripts])
             out[str(pid)] = {"pid": pid, "name": name,
                              "rss_mb": round(proc.memory_info().rss / 2**20, 1)}
@@ -211,11 +208,7 @@ def memory_table(start: dict[str, dict[str, Any]],
 
 
 def plot(document: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     windows = document["windows"]
     t = [w["t_s"] / 60 for w in windows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
@@ -233,14 +226,11 @@ def plot(document: dict[str, Any], path: Path) -> None:
     bottom.set_xlabel("minutes")
     bottom.legend(loc="lower left")
     bottom.grid(True, alpha=0.3)
-    fig.suptitle(document["title"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, document["title"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--duration", type=float, default=600.0, help="soak seconds")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds per window")
@@ -256,7 +246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         n for n, t in TARGETS.items() if t.kind == "keel"])
     parser.add_argument("--request-timeout", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=20240611)
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if not 0 < args.fraction <= 1 or not 0 <= args.decide_share <= 1:
         parser.error("--fraction must be in (0, 1] and --decide-share in [0, 1]")
@@ -271,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     install_fast_loop()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
-    server_args = bench_args(["--no-dashboard", "--out", str(args.out)])
+    server_args = serving_core.parse_args(["--no-dashboard", "--out", str(args.out)])
     server = Server(TARGETS[args.target], server_args, args.out / f"{stamp}-soak-server.log")
     document: dict[str, Any] = {"started_at": dt.datetime.now().isoformat(timespec="seconds"),
                                 "settings": {k: str(v) if isinstance(v, Path) else v
@@ -299,19 +289,24 @@ def main(argv: list[str] | None = None) -> int:
         log(f"maximum {max_rps:.0f} req/s; holding {rate:.0f} req/s for {args.duration:g} s")
         memory_start = ray_processes(server)
 
-        def on_window(window: Window) -> None:
-            s = window.summary()
-            log(f"t={s['t_s']:>6}s sent {s['sent']:>5} ok {s['ok']:>5} failed {s['failed']:>3} "
-                f"p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms")
+        with Progress("soak", math.ceil(args.duration / args.interval),
+                      unit="windows") as progress:
 
-        windows = asyncio.run(soak(mix, rate, args.duration, args.interval,
-                                   args.request_timeout, on_window))
+            def on_window(window: Window) -> None:
+                s = window.summary()
+                log(f"t={s['t_s']:>6}s sent {s['sent']:>5} ok {s['ok']:>5} failed "
+                    f"{s['failed']:>3} p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms")
+                progress.advance(f"t={s['t_s']:g} s")
+
+            progress.step(f"{rate:.0f} req/s")
+            windows = asyncio.run(soak(mix, rate, args.duration, args.interval,
+                                       args.request_timeout, on_window))
         memory_end = ray_processes(server)
     finally:
         document["stop"] = server.stop()
         server.cleanup()
     summaries = [w.summary() for w in windows]
-    latencies = np.asarray([v for w in windows for v in w.latencies_ms])
+    latencies = [v for w in windows for v in w.latencies_ms]
     ok = sum(w.ok for w in windows)
     failed = sum(w.failed for w in windows)
     statuses: dict[str, int] = {}
@@ -327,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "total": {"sent": sum(w.sent for w in windows), "ok": ok, "failed": failed,
                   "statuses": statuses,
                   "success": round(ok / (ok + failed), 6) if ok + failed else None,
-                  "p50_ms": round(float(np.percentile(latencies, 50)), 2),
-                  "p95_ms": round(float(np.percentile(latencies, 95)), 2),
-                  "p99_ms": round(float(np.percentile(latencies, 99)), 2)},
+                  **percentiles(latencies, digits=2)},
         "memory": memory,
         "memory_total_mb": {
             "start": round(sum(r["start_mb"] or 0 for r in memory), 1),

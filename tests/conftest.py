@@ -71,7 +71,8 @@ def serve_client() -> Iterator[Any]:
     from ray.serve._private.api import serve_start
 
     port = free_port()
-    # The mode `make demo` runs in (see README): Ray reads these when its processes start.
+    # The mode `make demo` runs in (docs/architecture.md): Ray reads these when its processes
+    # start.
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
     # HAProxy's metrics and stats ports are fixed by default (9101, 8404): free ones let

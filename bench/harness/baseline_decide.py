@@ -16,7 +16,7 @@ one row here, so a thread hop would cost more than it saves), no micro-batching.
 The cache keys get their own prefix (``--key-prefix``), so the benchmark can
 empty this server's keys without touching Keel's.
 
-    .venv/bin/python bench/baseline_decide.py --port 8300 --key-prefix keelbench:baseline:
+    .venv/bin/python -m bench.harness.baseline_decide --port 8300 --key-prefix keelbench:baseline:
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from bench.harness.report import REPO_ROOT
 from deployments.cache.core import CacheConfig, PredictionCache, redis_store_from_env
 from deployments.errors import KeelError
 from deployments.features.core import FeatureFetcher, FeatureRows
@@ -37,8 +38,6 @@ from deployments.ingress.app import create_app as create_ingress_app
 from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig, RuntimeOptions
 from deployments.repository import ModelRepository
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LocalFeatures:

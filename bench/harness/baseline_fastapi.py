@@ -5,7 +5,7 @@ parse the Open Inference Protocol JSON with pydantic, run the session once per
 request (no batching, no cache), answer OIP JSON. Single worker; uvicorn uses
 uvloop/httptools when they are installed, as it does by default.
 
-    .venv/bin/python bench/baseline_fastapi.py --model risk_mlp --port 8100
+    .venv/bin/python -m bench.harness.baseline_fastapi --model risk_mlp --port 8100
 """
 
 from __future__ import annotations
@@ -115,13 +115,19 @@ def create_app(model_name: str, model_file: Path) -> FastAPI:
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plain FastAPI + ONNX Runtime baseline")
+def server_parser(description: str, port: int) -> argparse.ArgumentParser:
+    """The options this baseline and the naive Ray Serve app share: ``--model``,
+    ``--repository``, ``--host``, ``--port``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="risk_mlp")
     parser.add_argument("--repository", default="models")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
-    args = parser.parse_args(argv)
+    parser.add_argument("--port", type=int, default=port)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = server_parser("Plain FastAPI + ONNX Runtime baseline", 8100).parse_args(argv)
     app = create_app(args.model, latest_model_file(args.repository, args.model))
     # uvicorn's defaults otherwise (access log on, as a user would leave it).
     uvicorn.run(app, host=args.host, port=args.port)

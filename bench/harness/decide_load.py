@@ -14,12 +14,13 @@ as ``graph.demo.dataset.DatasetConfig`` makes them; 50 x 200 = 10,000 pairs):
   entity id, so ``SYM000``/``ACC0000`` are the hottest.
 
 Every request body is built before the point starts; workers take the next body
-from one shared sequence (one asyncio loop, so a plain counter), so the servers
+from one shared sequence (``http_load.BodySequence``), so the servers
 see the same sequence of entities whatever the concurrency. The generator parses
 each 200 answer (``results[].cache`` and ``timings_ms``), which is what the hit
 ratio and the server-side time breakdown are measured from.
 
-    .venv/bin/python bench/decide_load.py http://127.0.0.1:8300/v1/decide --workload zipf -c 8
+    .venv/bin/python -m bench.harness.decide_load http://127.0.0.1:8300/v1/decide \
+        --workload zipf -c 8
 """
 
 from __future__ import annotations
@@ -28,15 +29,24 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
-from loadgen import MAX_ERROR_SAMPLES, install_fast_loop
+
+from bench.harness.http_load import (
+    BodySequence,
+    LoadResult,
+    Tally,
+    install_fast_loop,
+    print_results,
+    summarise_window,
+    zipf_indices,
+)
+from bench.harness.statistics import percentiles
 
 WORKLOADS = ("hit", "miss", "zipf")
 STAGES = ("features", "cache", "model", "total")
@@ -46,12 +56,6 @@ def entity_ids(n_symbols: int = 50, n_accounts: int = 200) -> tuple[list[str], l
     """The demo's entity ids (graph/demo/dataset.py)."""
     return ([f"SYM{i:03d}" for i in range(n_symbols)],
             [f"ACC{i:04d}" for i in range(n_accounts)])
-
-
-def zipf_ranks(rng: np.random.Generator, n: int, size: int, s: float) -> np.ndarray:
-    """``size`` draws of a rank in ``0..n-1`` with P(k) proportional to (k+1)^-s."""
-    weights = np.arange(1, n + 1, dtype=np.float64) ** -s
-    return rng.choice(n, size=size, p=weights / weights.sum())
 
 
 @dataclass
@@ -87,8 +91,8 @@ def make_workload(name: str, *, model: str = "risk_mlp", batch: int = 1, seed: i
         generator = np.random.default_rng(seed)
         pool = []
         rows = zipf_rows - zipf_rows % batch
-        sym = zipf_ranks(generator, n_symbols, rows, zipf_s)
-        acc = zipf_ranks(generator, n_accounts, rows, zipf_s)
+        sym = zipf_indices(generator, n_symbols, rows, zipf_s)
+        acc = zipf_indices(generator, n_accounts, rows, zipf_s)
         pairs = [(symbols[i], accounts[j]) for i, j in zip(sym, acc, strict=True)]
     else:
         raise ValueError(f"unknown workload {name!r} (known: {WORKLOADS})")
@@ -102,34 +106,14 @@ def make_workload(name: str, *, model: str = "risk_mlp", batch: int = 1, seed: i
 
 
 @dataclass
-class DecideResult:
-    """Figures of one load run at one concurrency."""
+class DecideResult(LoadResult):
+    """Figures of one load run at one concurrency: ``LoadResult``'s and what the
+    ``/v1/decide`` answers say."""
 
-    url: str
-    workload: str
-    batch: int
-    concurrency: int
-    duration_s: float
-    warmup_s: float
-    requests: int = 0
-    ok: int = 0
-    errors: int = 0
-    error_rate: float = 0.0
-    rps: float = 0.0
+    workload: str = ""
+    batch: int = 1
     #: Entities scored per second (rps x batch).
     eps: float = 0.0
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    mean_ms: float | None = None
-    max_ms: float | None = None
-    statuses: dict[str, int] = field(default_factory=dict)
-    error_samples: list[list[str]] = field(default_factory=list)
-    warmup_requests: int = 0
-    drained_requests: int = 0
-    #: Bodies sent in all (warm-up and drained included) and whether the sequence wrapped.
-    bodies_sent: int = 0
-    bodies_available: int = 0
     #: Per-row ``cache`` fields of the answers: in the measured window, and over every
     #: answer of the point (warm-up and drained included: "from an empty cache").
     cache_rows: dict[str, int] = field(default_factory=dict)
@@ -146,9 +130,6 @@ class DecideResult:
     model_called_p50: float | None = None
     model_called_p95: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def hit_ratio(rows: Counter[str]) -> float | None:
     """(hit + shared) / (hit + shared + miss); "off" rows are not counted."""
@@ -157,36 +138,24 @@ def hit_ratio(rows: Counter[str]) -> float | None:
     return hits / total if total else None
 
 
-class _State:
-    """What the workers share (one event loop: no locks needed)."""
+@dataclass
+class DecideTally:
+    """What the answers say, besides ``Tally``'s figures."""
 
-    def __init__(self, bodies: list[bytes]) -> None:
-        self.bodies = bodies
-        self.next = 0
-        self.latencies: list[float] = []
-        self.timings: list[tuple[float, float, float, float]] = []
-        self.statuses: Counter[str] = Counter()
-        self.counts: Counter[str] = Counter()
-        self.rows: Counter[str] = Counter()
-        self.rows_all: Counter[str] = Counter()
-        self.headers: Counter[str] = Counter()
-        self.samples: list[list[str]] = []
-
-    def take(self) -> bytes:
-        body = self.bodies[self.next % len(self.bodies)]
-        self.next += 1
-        return body
+    timings: list[tuple[float, ...]] = field(default_factory=list)
+    rows: Counter[str] = field(default_factory=Counter)
+    rows_all: Counter[str] = field(default_factory=Counter)
+    headers: Counter[str] = field(default_factory=Counter)
 
 
-async def _worker(session: aiohttp.ClientSession, url: str, state: _State,
-                  window: tuple[float, float], timeout: aiohttp.ClientTimeout) -> None:
-    start, end = window
+async def _worker(session: aiohttp.ClientSession, url: str, bodies: BodySequence[bytes],
+                  tally: Tally, answers: DecideTally, timeout: aiohttp.ClientTimeout) -> None:
     headers = {"Content-Type": "application/json"}
     while True:
         sent = time.perf_counter()
-        if sent >= end:
+        if sent >= tally.end:
             return
-        body = state.take()
+        body = bodies.take(0)
         status: str
         detail = ""
         answer: dict[str, Any] | None = None
@@ -210,24 +179,15 @@ async def _worker(session: aiohttp.ClientSession, url: str, state: _State,
             except (ValueError, KeyError, TypeError) as exc:
                 status, detail, answer = "bad answer", f"{exc}: {payload[:300]!r}", None
             else:
-                state.rows_all.update(row_statuses)
+                answers.rows_all.update(row_statuses)
         if not status.isdigit():
             await asyncio.sleep(0.01)  # a refused connection fails at once: do not spin
-        if done < start:
-            state.counts["warmup"] += 1
-            continue
-        if done > end:
-            state.counts["drained"] += 1
-            continue
-        state.statuses[status] += 1
-        if answer is not None:
-            state.latencies.append(done - sent)
-            state.rows.update(row_statuses)
-            state.headers[cache_header] += 1
+        tally.record(sent, done, status, answer is not None, detail)
+        if answer is not None and tally.start <= done <= tally.end:
+            answers.rows.update(row_statuses)
+            answers.headers[cache_header] += 1
             t = answer.get("timings_ms") or {}
-            state.timings.append(tuple(float(t.get(k, np.nan)) for k in STAGES))  # type: ignore[arg-type]
-        elif len(state.samples) < MAX_ERROR_SAMPLES:
-            state.samples.append([status, detail])
+            answers.timings.append(tuple(float(t.get(k, np.nan)) for k in STAGES))
 
 
 async def run_decide_load(url: str, workload: Workload, concurrency: int, duration_s: float,
@@ -235,52 +195,39 @@ async def run_decide_load(url: str, workload: Workload, concurrency: int, durati
     """Run ``concurrency`` closed-loop workers over ``workload`` and summarise the window."""
     if concurrency < 1 or duration_s <= 0 or warmup_s < 0:
         raise ValueError("concurrency >= 1, duration_s > 0 and warmup_s >= 0 are required")
-    state = _State(workload.bodies)
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency,
                                      force_close=False, enable_cleanup_closed=True)
+    # One sequence for all workers: the servers see the same entities in the same order.
+    sequence = BodySequence(workload.bodies, 1, shared=True)
+    answers = DecideTally()
     async with aiohttp.ClientSession(connector=connector) as session:
         begin = time.perf_counter()
-        window = (begin + warmup_s, begin + warmup_s + duration_s)
-        await asyncio.gather(*(_worker(session, url, state, window, timeout)
+        tally = Tally(begin + warmup_s, begin + warmup_s + duration_s)
+        await asyncio.gather(*(_worker(session, url, sequence, tally, answers, timeout)
                                for _ in range(concurrency)))
     result = DecideResult(url=url, workload=workload.name, batch=workload.batch,
                           concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
-    result.ok = len(state.latencies)
-    result.requests = sum(state.statuses.values())
-    result.errors = result.requests - result.ok
-    result.error_rate = result.errors / result.requests if result.requests else 0.0
-    result.rps = result.ok / duration_s
+    summarise_window(result, tally, sequence)
     result.eps = result.rps * workload.batch
-    result.statuses = dict(sorted(state.statuses.items()))
-    result.error_samples = state.samples
-    result.warmup_requests = state.counts["warmup"]
-    result.drained_requests = state.counts["drained"]
-    result.bodies_sent = state.next
-    result.bodies_available = len(workload.bodies)
-    result.cache_rows = dict(sorted(state.rows.items()))
-    result.cache_rows_all = dict(sorted(state.rows_all.items()))
-    result.hit_ratio = hit_ratio(state.rows)
-    result.hit_ratio_all = hit_ratio(state.rows_all)
-    result.cache_headers = dict(sorted(state.headers.items()))
-    if state.latencies:
-        ms = np.asarray(state.latencies) * 1000.0
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        result.p50_ms, result.p95_ms, result.p99_ms = float(p50), float(p95), float(p99)
-        result.mean_ms, result.max_ms = float(ms.mean()), float(ms.max())
-    if state.timings:
-        table = np.asarray(state.timings, dtype=np.float64)
+    result.cache_rows = dict(sorted(answers.rows.items()))
+    result.cache_rows_all = dict(sorted(answers.rows_all.items()))
+    result.hit_ratio = hit_ratio(answers.rows)
+    result.hit_ratio_all = hit_ratio(answers.rows_all)
+    result.cache_headers = dict(sorted(answers.headers.items()))
+    if answers.timings:
+        table = np.asarray(answers.timings, dtype=np.float64)
         for i, stage in enumerate(STAGES):
             column = table[:, i][~np.isnan(table[:, i])]
             if column.size:
-                result.timings_p50[stage] = float(np.percentile(column, 50))
-                result.timings_p95[stage] = float(np.percentile(column, 95))
+                found = percentiles(column, (50, 95), suffix="")
+                result.timings_p50[stage] = found["p50"] or 0.0
+                result.timings_p95[stage] = found["p95"] or 0.0
         called = table[:, STAGES.index("model")]
         called = called[called > 0]
         result.model_called = int(called.size)
-        if called.size:
-            result.model_called_p50 = float(np.percentile(called, 50))
-            result.model_called_p95 = float(np.percentile(called, 95))
+        found = percentiles(called, (50, 95), suffix="")
+        result.model_called_p50, result.model_called_p95 = found["p50"], found["p95"]
     return result
 
 
@@ -300,11 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     install_fast_loop()
     workload = make_workload(args.workload, model=args.model, batch=args.batch, seed=args.seed,
                              zipf_s=args.zipf_s)
-    results = [asyncio.run(run_decide_load(args.url, workload, c, args.duration, args.warmup,
-                                           args.timeout)).to_dict()
-               for c in args.concurrency]
-    json.dump(results if len(results) > 1 else results[0], sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    print_results([asyncio.run(run_decide_load(args.url, workload, c, args.duration,
+                                                args.warmup, args.timeout)).to_dict()
+                   for c in args.concurrency])
     return 0
 
 

@@ -1,46 +1,40 @@
 """Closed-loop gRPC load generator for the Open Inference Protocol (KServe V2) gRPC service.
 
-The gRPC twin of ``loadgen.run_load``: ``concurrency`` workers each send one
+The gRPC twin of ``http_load.run_load``: ``concurrency`` workers each send one
 ``inference.GRPCInferenceService/ModelInfer`` call, wait for the answer, and send the
 next, for ``warmup_s + duration_s``; only calls that *complete* inside the measured
-window count, and the result is the same ``loadgen.LoadResult`` (req/s, p50/p95/p99,
+window count, and the result is the same ``http_load.LoadResult`` (req/s, p50/p95/p99,
 statuses, the first few error messages). A call that ends with a status other than OK
 is an error (its status name, e.g. ``UNAVAILABLE``, is its ``statuses`` key).
 
 The requests are built ahead of time (``requests_from_bodies``) from the same OIP JSON
-bodies the HTTP points send (``loadgen.make_row_bodies``): every input becomes a
+bodies the HTTP points send (``http_load.make_row_bodies``): every input becomes a
 ``ModelInferRequest`` input with no ``contents`` and its values, little-endian, in
 ``raw_input_contents`` (FP32 ``features`` ``[rows, 12]``: 48 bytes a row). The client is
 Keel's own stub and messages (``deployments.ingress.grpc_protocol``, a private
 protobuf pool, so this runs beside tritonclient or kserve imports) over ``grpc.aio``
 channels: ``channels`` HTTP/2 connections (each its own, not grpc's shared subchannel),
-worker i on channel ``i % channels``.
-
-    .venv/bin/python bench/grpc_load.py 127.0.0.1:9000 --model risk_mlp -c 1 8 \\
-        --rows 1 --duration 10 --warmup 2
+worker i on channel ``i % channels``. ``python -m bench.grpc_load`` runs it on its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
-from loadgen import (
+
+from bench.harness.http_load import (
     BodySequence,
     LoadResult,
     Tally,
-    install_fast_loop,
     make_row_bodies,
     summarise_window,
 )
-
 from deployments.ingress.grpc_protocol import InferenceStub, ModelInferRequest
 
 #: OIP datatype -> little-endian numpy dtype of its raw (binary) contents.
@@ -166,7 +160,7 @@ async def run_grpc_load(target: str, concurrency: int, duration_s: float,
     """Run ``concurrency`` closed-loop ``ModelInfer`` workers against ``target``
     (``host:port``) over ``min(channels, concurrency)`` channels and summarise the
     window (``requests``: prepared ``ModelInferRequest`` messages; default: 512
-    one-row requests for ``model``). ``shared_sequence`` as in ``loadgen.run_load``."""
+    one-row requests for ``model``). ``shared_sequence`` as in ``http_load.run_load``."""
     if concurrency < 1 or duration_s <= 0 or warmup_s < 0 or channels < 1:
         raise ValueError("concurrency >= 1, channels >= 1, duration_s > 0 and warmup_s >= 0 "
                          "are required")
@@ -190,39 +184,3 @@ async def run_grpc_load(target: str, concurrency: int, duration_s: float,
     return summarise_window(LoadResult(url=f"grpc://{target}", concurrency=concurrency,
                                        duration_s=duration_s, warmup_s=warmup_s),
                             tally, sequence)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", help="host:port of the gRPC server, e.g. 127.0.0.1:9000")
-    parser.add_argument("--model", default="risk_mlp")
-    parser.add_argument("--concurrency", "-c", type=int, nargs="+", default=[8],
-                        help="closed-loop workers; several values run one after another")
-    parser.add_argument("--rows", type=int, default=1, help="rows per request")
-    parser.add_argument("--channels", type=int, default=4,
-                        help="gRPC channels (HTTP/2 connections), at most one per worker")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    parser.add_argument("--pool", type=int, default=512, help="distinct requests")
-    parser.add_argument("--seed", type=int, default=20240611)
-    parser.add_argument("--timeout", type=float, default=30.0, help="per-call timeout, s")
-    parser.add_argument("--metadata", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="gRPC metadata on every call (e.g. application=keel)")
-    args = parser.parse_args(argv)
-    install_fast_loop()
-    requests = requests_from_bodies(make_row_bodies(args.pool, args.rows, seed=args.seed),
-                                    args.model)
-    metadata = [(key, value) for key, _, value in (m.partition("=") for m in args.metadata)]
-    results = []
-    for concurrency in args.concurrency:
-        result = asyncio.run(run_grpc_load(
-            args.target, concurrency, args.duration, args.warmup, requests, args.timeout,
-            model=args.model, channels=args.channels, metadata=metadata))
-        results.append(result.to_dict())
-    json.dump(results if len(results) > 1 else results[0], sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

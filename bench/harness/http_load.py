@@ -15,8 +15,8 @@ sequence, so every server sees the same rows in the same order.
 
 Usable as a library (``run_load``) or from the command line::
 
-    .venv/bin/python bench/loadgen.py http://127.0.0.1:8000/v2/models/risk_mlp/infer \
-        --concurrency 8 --duration 10 --warmup 2
+    .venv/bin/python -m bench.harness.http_load \
+        http://127.0.0.1:8000/v2/models/risk_mlp/infer --concurrency 8 --duration 10 --warmup 2
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Any, Generic, TypeVar
 
 import aiohttp
 import numpy as np
+
+from bench.harness.statistics import latency_figures
 
 #: Error bodies kept per run, so a failing target can be diagnosed from the JSON.
 MAX_ERROR_SAMPLES = 5
@@ -250,11 +252,8 @@ def summarise_window(result: LoadResult, tally: Tally,
     result.drained_requests = counts["drained"]
     result.bodies_sent = sequence.sent
     result.bodies_available = len(sequence.bodies)
-    if latencies:
-        ms = np.asarray(latencies) * 1000.0
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        result.p50_ms, result.p95_ms, result.p99_ms = float(p50), float(p95), float(p99)
-        result.mean_ms, result.max_ms = float(ms.mean()), float(ms.max())
+    for key, value in latency_figures(latencies).items():
+        setattr(result, key, value)
     return result
 
 
@@ -265,6 +264,12 @@ def install_fast_loop() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    """The command lines' output: one result (a JSON object) or several (a list)."""
+    json.dump(results if len(results) > 1 else results[0], sys.stdout, indent=2)
+    sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,13 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     install_fast_loop()
     bodies = make_bodies(args.input_name, args.width, args.pool, args.seed)
-    results = []
-    for concurrency in args.concurrency:
-        result = asyncio.run(run_load(args.url, concurrency, args.duration, args.warmup,
-                                      bodies, args.timeout))
-        results.append(result.to_dict())
-    json.dump(results if len(results) > 1 else results[0], sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    print_results([asyncio.run(run_load(args.url, concurrency, args.duration, args.warmup,
+                                        bodies, args.timeout)).to_dict()
+                   for concurrency in args.concurrency])
     return 0
 
 

@@ -2,7 +2,7 @@
 
 It runs Ray Serve's own ``serve run`` command (non-blocking) on a copy of the
 config whose ``http_options`` and ``grpc_options`` ports are changed, inside a
-private local Ray instance (see ``raydriver``), then waits for control commands
+private local Ray instance (see ``local_ray``), then waits for control commands
 on stdin. Before starting it prints the ports it serves on, one JSON line::
 
     BENCH-SERVER-PORTS {"http": 8200, "grpc": 23456}
@@ -14,9 +14,9 @@ its replicas) and the replica counts.
 
 Ray Serve's environment switches (``RAY_SERVE_THROUGHPUT_OPTIMIZED``,
 ``RAY_SERVE_ENABLE_HA_PROXY``, the direct-ingress port range, ...) are read
-from the environment this process starts with; ``run_bench.py`` sets them.
+from the environment this process starts with; ``servers.Server`` sets them.
 
-    .venv/bin/python bench/keel_server.py --port 8200
+    .venv/bin/python -m bench.harness.keel_server --port 8200
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from raydriver import serve_until_stopped, start_local_ray
-from run_bench import free_port_block
 
+from bench.harness.local_ray import serve_until_stopped, start_local_ray
+from bench.harness.network import quiet_port
+from bench.harness.report import REPO_ROOT
 from graph.config_check import grpc_port
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "max_batch_size": args.max_batch_size}
 
     if args.grpc_port is None:
-        args.grpc_port = free_port_block(20000, 30000, 1)  # below the ephemeral range
+        args.grpc_port = quiet_port()
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
     config_path = write_config(Path(args.config), args.host, args.port, args.grpc_port,
                                temp_dir, args.model_user_config, args.ingress_user_config,

@@ -4,24 +4,30 @@ One ``@serve.deployment`` with a FastAPI ingress (``@serve.ingress(app)``) that
 holds the ONNX Runtime session and answers the Open Inference Protocol route
 once per request: default ``max_ongoing_requests``, one replica, no batching,
 no environment tuning. Started with ``serve.run`` in its own process (its own
-local Ray instance, see ``raydriver``) on its own port.
+local Ray instance, see ``local_ray``) on its own port.
 
-    .venv/bin/python bench/naive_serve.py --model risk_mlp --port 8300
+    .venv/bin/python -m bench.harness.naive_serve --model risk_mlp --port 8300
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's annotations in the
 # replica, where this module's names (pickled by value by Ray) cannot be looked up by string.
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, cast
 
-from baseline_fastapi import InferenceRequest, PlainOnnxModel, latest_model_file
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Deployment
-from raydriver import serve_until_stopped, start_local_ray
+
+from bench.harness.baseline_fastapi import (
+    InferenceRequest,
+    PlainOnnxModel,
+    latest_model_file,
+    server_parser,
+)
+from bench.harness.local_ray import serve_until_stopped, start_local_ray
+from bench.harness.report import REPO_ROOT
 
 app = FastAPI(title="naive-serve")
 
@@ -44,20 +50,15 @@ class OnnxService:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Naive Ray Serve ONNX app for bench")
-    parser.add_argument("--model", default="risk_mlp")
-    parser.add_argument("--repository", default="models")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8300)
+    parser = server_parser("Naive Ray Serve ONNX app for bench", 8300)
     parser.add_argument("--temp-dir", default=None, help="Ray temp dir (default: a new one)")
     parser.add_argument("--dashboard-port", type=int, default=None,
                         help="start Ray's dashboard on this port")
     args = parser.parse_args(argv)
     model_file = latest_model_file(args.repository, args.model).resolve()
     temp_dir = Path(args.temp_dir or tempfile.mkdtemp(prefix="kb-"))
-    # The replica imports baseline_fastapi (PlainOnnxModel) from this folder.
-    start_local_ray(str(temp_dir / "ray"), args.dashboard_port,
-                    python_path=str(Path(__file__).resolve().parent))
+    # The replica imports bench.harness.baseline_fastapi (PlainOnnxModel) from the repository.
+    start_local_ray(str(temp_dir / "ray"), args.dashboard_port, python_path=str(REPO_ROOT))
     serve.start(http_options={"host": args.host, "port": args.port})
     # @serve.deployment returns a Deployment; Ray's stubs type it as the class.
     serve.run(cast(Deployment, OnnxService).bind(args.model, str(model_file)), name="naive",

@@ -7,7 +7,7 @@ with ``opentelemetry-proto``, its spans are counted (in total, by span name and 
 taken from the load generator's interpreter (it still shares the machine's cores, as a
 collector on the same host would).
 
-    .venv/bin/python bench/otlp_sink.py --port 4318
+    .venv/bin/python -m bench.harness.otlp_sink --port 4318
 """
 
 from __future__ import annotations

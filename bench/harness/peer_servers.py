@@ -1,4 +1,4 @@
-"""The peer servers of ``run_peers.py``: KServe's python ModelServer and MLServer, each
+"""The peer servers of the ``peers`` scenario: KServe's python ModelServer and MLServer, each
 serving ``risk_mlp`` over ONNX Runtime on the Open Inference Protocol (V2) REST route
 ``POST /v2/models/<name>/infer``.
 
@@ -6,23 +6,26 @@ Both conflict with Keel's dependencies, so each runs from its own virtual enviro
 (``bench/.venvs/<name>``, made by ``ensure_venv`` on first use). This module is used
 from both sides:
 
-- ``run_peers.py`` (Keel's venv) imports it for what each peer needs: its pinned
-  requirements (``VENVS``), its venv, its command line and its config files;
-- the peer's own interpreter runs it: ``bench/.venvs/kserve/bin/python bench/peers.py
-  kserve --model-file ... --http_port ...`` starts KServe's ``ModelServer`` (KServe's own
+- ``bench.peers`` (Keel's venv) imports it for what each peer needs: its pinned
+  requirements (``venvs``), its venv, its command line and its config files;
+- the peer's own interpreter runs it, from the repository root:
+  ``bench/.venvs/kserve/bin/python -m bench.harness.peer_servers kserve --model-file ...
+  --http_port ...`` starts KServe's ``ModelServer`` (KServe's own
   flags: ``--http_port``, ``--grpc_port``, ``--workers``, ...); MLServer is started by its
   own CLI, ``mlserver start DIR``, on the ``settings.json`` and ``model-settings.json``
   that ``write_mlserver_config`` writes, whose ``implementation`` is
-  ``peers.MLServerOnnxModel`` (this directory on ``PYTHONPATH``).
+  ``bench.harness.peer_servers.MLServerOnnxModel`` (the repository root on ``PYTHONPATH``;
+  ``bench`` and ``bench.harness`` import nothing, so the peer's venv needs none of Keel's
+  dependencies).
 
 Only the standard library is imported at module level. The two model classes subclass
 their framework's base class, which only exists in that framework's venv, so they are
 built on first access by the module's ``__getattr__`` (PEP 562) and cached: the
-frameworks find them by name (MLServer imports ``peers.MLServerOnnxModel``; KServe's
+frameworks find them by name (MLServer imports ``MLServerOnnxModel`` from here; KServe's
 ``--workers N`` spawns processes that unpickle the model by ``module.class``), and a
 name always gives the same class object, as pickle checks.
 
-Both models do what ``baseline_fastapi.py`` does per call: one ``InferenceSession``
+Both models do what ``baseline_fastapi`` does per call: one ``InferenceSession``
 (``intra_op_num_threads=1``) loaded at start-up, one ``session.run`` per request (per
 batch, for MLServer's adaptive batching), the framework's own request and response
 types and codecs.
@@ -131,7 +134,7 @@ def ensure_venv(spec: PeerVenv, root: Path, base_python: str, log_path: Path, *,
 def kserve_argv(root: Path, model_name: str, model_file: Path, port: int, grpc_port: int,
                 workers: int) -> list[str]:
     """KServe's ModelServer on ``port`` (its gRPC server, on by default, on ``grpc_port``)."""
-    return [str(venv_python(root)), str(Path(__file__).resolve()), "kserve",
+    return [str(venv_python(root)), "-m", "bench.harness.peer_servers", "kserve",
             "--model_name", model_name, "--model-file", str(model_file),
             "--http_port", str(port), "--grpc_port", str(grpc_port), "--workers", str(workers)]
 
@@ -153,7 +156,7 @@ def write_mlserver_config(into: Path, model_name: str, model_file: Path, port: i
     model_dir.mkdir(exist_ok=True)
     model_settings = {
         "name": model_name,
-        "implementation": "peers.MLServerOnnxModel",
+        "implementation": "bench.harness.peer_servers.MLServerOnnxModel",
         # Adaptive batching: up to max_batch_size requests, waiting at most max_batch_time.
         "max_batch_size": max_batch_size,
         "max_batch_time": max_batch_time_s,
@@ -310,9 +313,9 @@ def serve_kserve(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "kserve":
-        print("usage: peers.py kserve --model_name NAME --model-file FILE "
-              "[KServe ModelServer flags]\n(MLServer: `mlserver start DIR` on the files "
-              "write_mlserver_config writes)", file=sys.stderr)
+        print("usage: python -m bench.harness.peer_servers kserve --model_name NAME "
+              "--model-file FILE [KServe ModelServer flags]\n(MLServer: `mlserver start "
+              "DIR` on the files write_mlserver_config writes)", file=sys.stderr)
         return 2
     # KServe's model_server also parses sys.argv when imported (parse_known_args): the
     # flags given here are KServe's own, so both parses agree.
@@ -320,4 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module of that name (not as __main__), so the model class is
+    # bench.harness.peer_servers.KServeOnnxModel wherever KServe's --workers unpickle it.
+    from bench.harness import peer_servers
+
+    sys.exit(peer_servers.main())

@@ -1,7 +1,7 @@
 """Time budgets and back-pressure on the real application: a stage that runs out of time
 answers 504 naming the stage and its work is cancelled (the request never reaches a
 batch); an overloaded ingress answers 503 with Retry-After. (A client that disconnects is
-NOT reliably cancelled behind HAProxy and Serve's direct ingress: see the README.)"""
+NOT reliably cancelled behind HAProxy and Serve's direct ingress: docs/api/errors.md.)"""
 
 from __future__ import annotations
 
