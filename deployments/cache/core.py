@@ -226,6 +226,8 @@ class LocalStore:
         self.max_entries = max_entries
         self._clock = clock
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        #: Entries pushed out to stay within ``max_entries`` (expired ones not counted).
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -253,6 +255,7 @@ class LocalStore:
             self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
+            self.evictions += 1
 
 
 #: One Redis command and its arguments, as Redis spells it: ``("HINCRBY", key, field, 1)``.
@@ -367,8 +370,13 @@ Compute = Callable[[list[int]], Awaitable[dict[str, np.ndarray]]]
 class CacheObserver(Protocol):
     """Told about every lookup and every Redis failure (the metrics layer)."""
 
-    def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
-        """One request's rows: from the cache, computed, computed by a concurrent request."""
+    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float) -> None:
+        """One request's rows: from the cache, computed, computed by a concurrent request;
+        and how long looking them up took (in-process layer, Redis, decoding)."""
+
+    def stored(self, model: str, write_ms: float, local_entries: int, evictions: int) -> None:
+        """One write-back done (after the answer): how long it took, the in-process
+        layer's size now and how many entries it evicted since the last write-back."""
 
     def remote_failed(self, operation: str) -> None:
         """A Redis command failed; the in-process fallback answers meanwhile."""
@@ -563,6 +571,7 @@ class PredictionCache:
         self.background = background or AfterAnswer()
         self._inflight: dict[str, asyncio.Future[_Shared]] = {}
         self.observer: CacheObserver | None = None
+        self._evictions_told = 0
 
     @property
     def remote(self) -> RemoteStore | None:
@@ -610,6 +619,7 @@ class PredictionCache:
             return await compute(list(range(n))), ["miss"] * n
         hits: dict[int, dict[str, np.ndarray]] = {}
         statuses: list[CacheStatus] = ["miss"] * n
+        began = time.perf_counter()
         for i, raw in enumerate(await self.store.get_many(keys, self.config.ttl_s)):
             if raw is None:
                 continue
@@ -618,6 +628,7 @@ class PredictionCache:
                 statuses[i] = "hit"
             except ValueError:
                 self.counters.corrupt += 1  # a poisoned entry is a miss and gets overwritten
+        lookup_ms = (time.perf_counter() - began) * 1000
         leaders: dict[str, list[int]] = {}
         waits: dict[str, tuple[asyncio.Future[_Shared], list[int]]] = {}
         for i, key in enumerate(keys):
@@ -633,7 +644,7 @@ class PredictionCache:
                 leaders[key] = [i]
         blocks: list[tuple[dict[str, np.ndarray], list[list[int]]]] = []
         if leaders:
-            blocks.append((await self._lead(leaders, compute), list(leaders.values())))
+            blocks.append((await self._lead(model, leaders, compute), list(leaders.values())))
         shared: dict[int, _Shared] = {}
         abandoned: dict[str, list[int]] = {}
         for key, (future, rows) in waits.items():
@@ -651,7 +662,7 @@ class PredictionCache:
         if abandoned:
             # The request computing these rows was cancelled (its client left, or its time
             # ran out): compute them here rather than fail a second request with it.
-            blocks.append((await self._lead(abandoned, compute), list(abandoned.values())))
+            blocks.append((await self._lead(model, abandoned, compute), list(abandoned.values())))
         outputs = _assemble(n, hits, shared, blocks)
         hit_n, miss_n, shared_n = (statuses.count("hit"), statuses.count("miss"),
                                    statuses.count("shared"))
@@ -659,10 +670,10 @@ class PredictionCache:
         self.counters.add(self.counters.misses, model, miss_n)
         self.counters.add(self.counters.shared, model, shared_n)
         if self.observer is not None:
-            self.observer.rows(model, hit_n, miss_n, shared_n)
+            self.observer.rows(model, hit_n, miss_n, shared_n, lookup_ms)
         return outputs, statuses
 
-    async def _lead(self, leaders: dict[str, list[int]], compute: Compute
+    async def _lead(self, model: str, leaders: dict[str, list[int]], compute: Compute
                     ) -> dict[str, np.ndarray]:
         """Compute the first row of each key in ``leaders`` as one block, hand it to
         concurrent requests waiting on those keys, and write it back afterwards."""
@@ -695,8 +706,18 @@ class PredictionCache:
         # This replica sees the rows at once; Redis (the other replicas) after the answer.
         items = dict(zip(leaders, encode_rows(block), strict=True))
         self.store.local.set_many(items, self.config.ttl_s)
-        self.background.spawn(self.store.set_remote(items, self.config.ttl_s), "cache_write")
+        self.background.spawn(self._write_back(model, items), "cache_write")
         return block
+
+    async def _write_back(self, model: str, items: dict[str, bytes]) -> None:
+        began = time.perf_counter()
+        await self.store.set_remote(items, self.config.ttl_s)
+        if self.observer is not None:
+            local = self.store.local
+            evicted, self._evictions_told = (local.evictions - self._evictions_told,
+                                             local.evictions)
+            self.observer.stored(model, (time.perf_counter() - began) * 1000, len(local),
+                                 evicted)
 
     def _remote_failed(self, what: str) -> None:
         self.counters.errors += 1

@@ -10,6 +10,7 @@ a hung request.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import Counter
@@ -92,7 +93,6 @@ class FeatureService:
         self._batch_metric.observe(len(requests))
         timeout = self._config.lookup_timeout_s
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._pool, self._fetcher.lookup_many, requests)
         results: list[FeatureRows | KeelError]
         try:
             # A child of the batch's first request (Serve's choice), linking every request.
@@ -100,6 +100,9 @@ class FeatureService:
                               {"keel.batch.size": len(requests),
                                "keel.entities": sum(len(e) for e, _ in requests)},
                               links=tracing.links(traces)):
+                # The store's own calls (Redis commands) are children of this span.
+                call = loop.run_in_executor(self._pool, contextvars.copy_context().run,
+                                            self._fetcher.lookup_many, requests)
                 results = await asyncio.wait_for(call, timeout)
             self._record_ages(results)
         except TimeoutError:

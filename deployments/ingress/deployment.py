@@ -57,15 +57,26 @@ class CacheMetrics:
         self._rows = make(catalog.CACHE_ROWS)
         self._errors = make(catalog.CACHE_ERRORS)
         self._ratio = make(catalog.CACHE_HIT_RATIO)
+        self._lookup = make(catalog.CACHE_LOOKUP)
+        self._write = make(catalog.CACHE_WRITE)
+        self._local_entries = make(catalog.CACHE_LOCAL_ENTRIES)
+        self._evictions = make(catalog.CACHE_LOCAL_EVICTIONS)
 
-    def rows(self, model: str, hits: int, misses: int, shared: int) -> None:
+    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float) -> None:
         for result, count in zip(get_args(CacheStatus), (hits, misses, shared), strict=True):
             if count:
                 self._rows.inc(count, tags={"model": model, "result": result})
+        self._lookup.observe(lookup_ms, tags={"model": model})
         ratio = self._cache.counters.hit_ratio(model)
         if ratio is not None:
             self._ratio.set(ratio, tags={"model": model})
         self._slo.cache_rows(model, hits, misses, shared)
+
+    def stored(self, model: str, write_ms: float, local_entries: int, evictions: int) -> None:
+        self._write.observe(write_ms, tags={"model": model})
+        self._local_entries.set(local_entries)
+        if evictions:
+            self._evictions.inc(evictions)
 
     def remote_failed(self, operation: str) -> None:
         self._errors.inc(1, tags={"operation": operation})

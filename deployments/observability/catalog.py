@@ -72,6 +72,24 @@ CACHE_ERRORS = MetricSpec("keel_cache_errors_total", "counter",
 CACHE_HIT_RATIO = MetricSpec("keel_cache_hit_ratio", "gauge",
                              "Share of rows answered without the model, since the replica "
                              "started.", ("model",))
+#: Sub-millisecond buckets: a lookup in the in-process layer takes microseconds, one in
+#: Redis a few hundred.
+CACHE_BUCKETS_MS: tuple[float, ...] = (
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 25, 50, 100, 250, 1000,
+)
+CACHE_LOOKUP = MetricSpec("keel_cache_lookup_ms", "histogram",
+                          "One request's prediction-cache lookup: the in-process layer, one "
+                          "Redis MGET for the rest, decoding, in ms.", ("model",),
+                          CACHE_BUCKETS_MS)
+CACHE_WRITE = MetricSpec("keel_cache_write_ms", "histogram",
+                         "One write-back of computed rows to Redis (after the answer), in ms.",
+                         ("model",), CACHE_BUCKETS_MS)
+CACHE_LOCAL_ENTRIES = MetricSpec("keel_cache_local_entries", "gauge",
+                                 "Entries in this replica's in-process cache layer (bounded "
+                                 "by local_max_entries).")
+CACHE_LOCAL_EVICTIONS = MetricSpec("keel_cache_local_evictions_total", "counter",
+                                   "Entries the in-process cache layer evicted to stay within "
+                                   "local_max_entries.")
 LLM_REQUESTS = MetricSpec("keel_llm_requests_total", "counter",
                           "Chat completions answered by the LLM gateway, by cache result "
                           "(hit, miss, bypass).", ("model", "tenant", "result"))
@@ -114,7 +132,8 @@ SLO_EVENTS = MetricSpec("keel_slo_events", "gauge",
 
 ALL: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_LATENCY, MODEL_LATENCY, MODEL_BATCH_SIZE, MODEL_LOADS, FEATURE_BATCH_SIZE,
-    FEATURE_AGE, CACHE_ROWS, CACHE_ERRORS, CACHE_HIT_RATIO, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
+    FEATURE_AGE, CACHE_ROWS, CACHE_ERRORS, CACHE_HIT_RATIO, CACHE_LOOKUP, CACHE_WRITE,
+    CACHE_LOCAL_ENTRIES, CACHE_LOCAL_EVICTIONS, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
     SLO_BUDGET, SLO_EVENTS, LLM_REQUESTS, LLM_TOKENS, LLM_COST, LLM_COST_AVOIDED,
     LLM_UPSTREAM_CALLS, LLM_CACHE_ERRORS, LLM_CACHE_HIT_RATIO, LLM_COST_PER_MAU,
 )

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
@@ -138,7 +138,79 @@ def otlp_span_processors(settings: TracingSettings | None = None) -> list[SpanPr
         return []
     _enabled = True
     log.info("tracing: OTLP/HTTP spans to %s", endpoint)
+    instrument_client_libraries()
     return processors
+
+
+class ChildSpansOnly(trace.TracerProvider):
+    """Tracers whose spans exist only inside a sampled span: a Redis command or a query
+    becomes a child of the request that made it, and never starts a trace of its own
+    (health checks, SLO pushes and warm-up calls would each be a sampled root).
+
+    It defers to the global provider at each span, so it may be handed to an
+    instrumentation before Ray sets that provider.
+    """
+
+    def get_tracer(self, instrumenting_module_name: str,
+                   instrumenting_library_version: str | None = None,
+                   schema_url: str | None = None,
+                   attributes: Any = None) -> trace.Tracer:
+        return _ChildTracer(instrumenting_module_name, instrumenting_library_version,
+                            schema_url)
+
+
+class _ChildTracer(trace.Tracer):
+    def __init__(self, name: str, version: str | None, schema_url: str | None) -> None:
+        self._scope = (name, version, schema_url)
+
+    def start_span(self, name: str, context: Context | None = None,
+                   *args: Any, **kwargs: Any) -> trace.Span:
+        if not trace.get_current_span(context).get_span_context().trace_flags.sampled:
+            return trace.INVALID_SPAN
+        tracer = trace.get_tracer(self._scope[0], self._scope[1], schema_url=self._scope[2])
+        return tracer.start_span(name, context, *args, **kwargs)
+
+    @contextmanager
+    def start_as_current_span(  # type: ignore[override]  # a generator context manager
+            self, name: str, context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
+            attributes: Mapping[str, Any] | None = None, links: Sequence[Link] | None = None,
+            start_time: int | None = None, record_exception: bool = True,
+            set_status_on_exception: bool = True, end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        started = self.start_span(name, context, kind, attributes, links, start_time)
+        with trace.use_span(started, end_on_exit=end_on_exit,
+                            record_exception=record_exception,
+                            set_status_on_exception=set_status_on_exception) as current:
+            yield current
+
+
+#: The client libraries whose calls become spans when tracing is on, by what they talk to.
+CLIENT_INSTRUMENTATIONS = {
+    "redis": "opentelemetry.instrumentation.redis:RedisInstrumentor",
+    "postgresql": "opentelemetry.instrumentation.psycopg:PsycopgInstrumentor",
+}
+_instrumented: set[str] = set()
+
+
+def instrument_client_libraries() -> list[str]:
+    """redis-py (sync and asyncio: the caches, Feast's Redis online store) and psycopg 3
+    (Feast's PostgreSQL offline store and registry) calls become child spans of the
+    request that makes them (:class:`ChildSpansOnly`). Once per process; what cannot be
+    instrumented is logged, never raised. Returns what is instrumented now."""
+    import importlib
+
+    for system, path in CLIENT_INSTRUMENTATIONS.items():
+        if system in _instrumented:
+            continue
+        module, _, cls = path.partition(":")
+        try:
+            instrumentor = getattr(importlib.import_module(module), cls)()
+            instrumentor.instrument(tracer_provider=ChildSpansOnly())
+        except Exception as exc:  # a missing or broken instrumentation: spans without it
+            log.warning("tracing: %s calls are not traced: %r", system, exc)
+            continue
+        _instrumented.add(system)
+    return sorted(_instrumented)
 
 
 def _recording_parent() -> bool:

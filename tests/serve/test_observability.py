@@ -41,7 +41,10 @@ def test_keel_metrics_reach_rays_prometheus_endpoint(keel_app: KeelApp,
     http.post("/v2/models/nope/infer", json=_body(0))  # a 404
     wanted = {catalog.REQUESTS.exported, catalog.REQUEST_LATENCY.exported + "_bucket",
               catalog.MODEL_LATENCY.exported + "_bucket", catalog.CACHE_ROWS.exported,
-              catalog.MODEL_BATCH_SIZE.exported + "_bucket"}
+              catalog.MODEL_BATCH_SIZE.exported + "_bucket",
+              # the cache's own timings and its in-process layer (Triton's cache metrics)
+              catalog.CACHE_LOOKUP.exported + "_bucket", catalog.CACHE_WRITE.exported + "_bucket",
+              catalog.CACHE_LOCAL_ENTRIES.exported}
     # (label values may hold braces: the route template "/v2/models/{name}/infer")
     not_found = re.compile(r'ray_keel_requests_total\{.*model="nope".*status="404"')
     deadline = time.monotonic() + 60

@@ -2,9 +2,11 @@
 
 A second Keel application runs next to the session's main one with Ray Serve's tracing
 hook pointed at Keel's OTLP exporter (``deployments.observability.replica``), every
-request sampled, and an OTLP/HTTP receiver in this test process. Its Pyroscope address
-points at a closed port: the replicas must serve anyway. The main application has no
-tracing configured and must send nothing.
+request sampled, and an OTLP/HTTP receiver in this test process. Its prediction cache and
+its Feast online store live in a private Redis, so the trace also shows their Redis
+commands (the redis-py instrumentation). Its Pyroscope address points at a closed port:
+the replicas must serve anyway. The main application has no tracing configured and must
+send nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import pytest
 
 from tests.support.decisions import entities
 from tests.support.modelkit import raw_infer_request
-from tests.support.redisserver import free_port
-from tests.support.serve_app import KeelApp, serve_test_config
+from tests.support.redisserver import PrivateRedis, free_port
+from tests.support.serve_app import KeelApp, copy_feature_repo, serve_test_config
 
 pytestmark = pytest.mark.slow
 
@@ -138,8 +140,33 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def tracing_app(keel_app: KeelApp, model_repo: Path, feature_repo: Path,
-                receiver: OtlpReceiver) -> Iterator[str]:
+def traced_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_feature_repo(traced_redis: PrivateRedis,
+                       tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo features with their online store in the private Redis."""
+    from graph.demo.dataset import DatasetConfig
+    from graph.demo.feast_store import prepare_feature_store
+
+    repo = copy_feature_repo(tmp_path_factory.mktemp("feast-traced"))
+    (repo / "redis.yaml").write_text(
+        "project: keel\nprovider: local\n"
+        "registry: {path: data/registry.db, cache_ttl_seconds: 60, cache_mode: thread}\n"
+        f"online_store: {{type: redis, connection_string: '127.0.0.1:{traced_redis.port}'}}\n"
+        "offline_store: {type: file}\nentity_key_serialization_version: 3\n")
+    prepare_feature_store(repo, DatasetConfig(n_train_rows=4000), "redis.yaml")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tracing_app(keel_app: KeelApp, model_repo: Path, redis_feature_repo: Path,
+                traced_redis: PrivateRedis, receiver: OtlpReceiver) -> Iterator[str]:
     """A second application with tracing on (every request sampled); yields its base URL."""
     from deployments.observability.replica import EXPORTER_IMPORT_PATH
 
@@ -150,12 +177,12 @@ def tracing_app(keel_app: KeelApp, model_repo: Path, feature_repo: Path,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: export soon, the test polls the receiver
         # Nothing listens there: profiling must not get in the way of serving.
         "PYROSCOPE_SERVER_ADDRESS": f"http://127.0.0.1:{free_port()}",
-        # An in-process cache per replica: the first request is a miss for certain.
-        "KEEL_REDIS_URL": "",
+        # A private Redis that starts empty: the first request is a miss for certain.
+        "KEEL_REDIS_URL": traced_redis.url,
     }
-    app = serve_test_config(model_repo, feature_repo)["applications"][0]
+    app = serve_test_config(model_repo, redis_feature_repo)["applications"][0]
     app.update(name=APP, route_prefix=PREFIX, runtime_env={"env_vars": env})
-    app["args"].update(models=["risk_gbdt"])
+    app["args"].update(models=["risk_gbdt"], feature_store_yaml="redis.yaml")
     app["deployments"] = [d for d in app["deployments"] if d["name"] not in OTHER_MODELS]
     with keel_app.alongside(app) as url:
         yield url
@@ -216,15 +243,23 @@ def test_one_trace_per_request_across_deployments(tracing_app: str, keel_app: Ke
     assert [r["cache"] for r in answer.json()["results"]] == ["miss", "miss"]
 
     stages = {"keel.request", "keel.features.lookup", "keel.features.batch",
-              "keel.cache.fetch", "keel.model.call", "keel.model.batch"}
+              "keel.cache.fetch", "keel.model.call", "keel.model.batch",
+              # The prediction cache's lookup (a Redis command in the Ingress).
+              "MGET"}
 
     def decide_trace(got: list[ReceivedSpan]) -> str | None:
         ids = [s.trace_id for s in got if s.name == "keel.request"
                and s.attributes.get("http.route") == "/v1/decide"]
         return ids[0] if ids else None
 
-    spans = receiver.wait_for(lambda got: decide_trace(got) is not None and stages <= {
-        s.name for s in got if s.trace_id == decide_trace(got)})
+    def complete(got: list[ReceivedSpan]) -> bool:
+        trace_id = decide_trace(got)
+        names = [s.name for s in got if s.trace_id == trace_id]
+        # The cache's write-back (one pipeline of SETs) comes after the answer.
+        return trace_id is not None and stages <= set(names) and any(
+            n.split()[0] == "SET" for n in names)
+
+    spans = receiver.wait_for(complete)
     trace_id = decide_trace(spans)
     trace = [s for s in spans if s.trace_id == trace_id]
     by_id = {s.span_id: s for s in trace}
@@ -254,6 +289,20 @@ def test_one_trace_per_request_across_deployments(tracing_app: str, keel_app: Ke
     assert batch.attributes["keel.batch.size"] >= 1
     assert fetch.attributes["keel.cache.result"] == "miss"
     assert fetch.attributes["keel.rows"] == 2
+
+    # Client-library spans: every Redis command is a child of the stage that made it.
+    redis_spans = [s for s in trace if s.attributes.get("db.system") == "redis"]
+    lookup = _stage(trace, "MGET")
+    assert "keel.cache.fetch" in _ancestors(lookup, by_id)
+    assert lookup.resource["keel.deployment"] == "Ingress"
+    feast_reads = [s for s in redis_spans if "keel.features.batch" in _ancestors(s, by_id)]
+    assert feast_reads and {s.resource["keel.deployment"] for s in feast_reads} == {
+        "FeatureService"}, _tree(trace)
+    write_back = [s for s in redis_spans if s.name.split()[0] == "SET"]
+    assert write_back and all("keel.request" in _ancestors(s, by_id) for s in write_back)
+    for redis_span in redis_spans:  # commands only: every key and value masked
+        for command in str(redis_span.attributes.get("db.statement", "")).splitlines():
+            assert set(command.split()[1:]) <= {"?"}, command
 
     # Three processes, each naming its application and deployment (and model).
     pids = {s.resource.get("process.pid") for s in trace}

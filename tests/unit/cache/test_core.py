@@ -125,9 +125,10 @@ def test_local_store_is_a_bounded_lru_with_expiry() -> None:
     assert store.get_many(["a"]) == [b"1"]  # a is now the most recent
     store.set_many({"c": b"3"}, ttl_s=10)
     assert store.get_many(["a", "b", "c"]) == [b"1", None, b"3"]
+    assert store.evictions == 1
     clock.now += 11
     assert store.get_many(["a", "c"]) == [None, None]
-    assert len(store) == 0
+    assert len(store) == 0 and store.evictions == 1  # expiry is not eviction
 
 
 # --- the cache against Redis -----------------------------------------------------------
@@ -176,6 +177,47 @@ async def test_miss_then_hit_with_one_mget_and_ttl(client: Any) -> None:
     assert 0 < ttl_ms <= 30_000
     assert cache.counters.hits == {"m": 4} and cache.counters.misses == {"m": 4}
     assert cache.counters.hit_ratio("m") == 0.5
+    await client.delete(*keys)
+
+
+class Timings:
+    """A cache observer that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.lookups: list[tuple[str, int, int, int, float]] = []
+        self.writes: list[tuple[str, float, int, int]] = []
+        self.failures: list[str] = []
+
+    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float) -> None:
+        self.lookups.append((model, hits, misses, shared, lookup_ms))
+
+    def stored(self, model: str, write_ms: float, local_entries: int, evictions: int) -> None:
+        self.writes.append((model, write_ms, local_entries, evictions))
+
+    def remote_failed(self, operation: str) -> None:
+        self.failures.append(operation)
+
+
+async def test_lookups_and_write_backs_are_timed_and_the_local_layer_counted(
+        client: Any) -> None:
+    """Triton's cache metrics: lookup and insertion durations per model, plus the
+    in-process layer's size and evictions."""
+    cache = PredictionCache(RedisStore(client), _config(local_max_entries=3))
+    observer = cache.observer = Timings()
+    x = _x(5)
+    keys = cache.keys("m", "1", {"features": x})
+    model = Model()
+    await cache.fetch("m", keys[:2], model.compute_for(x))
+    await cache.settled()
+    await cache.fetch("m", keys, model.compute_for(x))  # 2 hits, 3 computed: 2 evicted
+    await cache.settled()
+    assert [(m, h, mi, sh) for m, h, mi, sh, _ in observer.lookups] == [
+        ("m", 0, 2, 0), ("m", 2, 3, 0)]
+    assert all(0 < ms < 1000 for *_, ms in observer.lookups)
+    assert [(m, entries, evicted) for m, _, entries, evicted in observer.writes] == [
+        ("m", 2, 0), ("m", 3, 2)]
+    assert all(0 < ms < 1000 for _, ms, _, _ in observer.writes)
+    assert cache.store.local.evictions == 2 and observer.failures == []
     await client.delete(*keys)
 
 

@@ -143,3 +143,45 @@ def test_an_unreachable_pyroscope_server_never_breaks_the_caller() -> None:
         assert total > 0
     finally:
         profiling.shutdown_profiling()
+
+
+async def test_redis_and_postgresql_calls_are_children_of_the_request_only(
+        spans: InMemorySpanExporter, prefix: str) -> None:
+    """The cache's Redis commands and Feast's PostgreSQL queries become child spans of the
+    request that made them, on the real servers; outside a sampled span they start no
+    trace of their own."""
+    import psycopg
+    import redis
+    import redis.asyncio
+
+    assert tracing.instrument_client_libraries() == ["postgresql", "redis"]
+    sync_client = redis.Redis(host="127.0.0.1", port=6379)
+    async_client = redis.asyncio.Redis(host="127.0.0.1", port=6379)
+    try:
+        sync_client.set(f"{prefix}a", b"1")  # no request around it: no span
+        await async_client.mget([f"{prefix}a"])
+        assert spans.get_finished_spans() == ()
+
+        tracer = trace.get_tracer("test")
+        with tracer.start_as_current_span("keel.cache.fetch") as parent:
+            assert await async_client.mget([f"{prefix}a", f"{prefix}b"]) == [b"1", None]
+            async with async_client.pipeline(transaction=False) as pipe:
+                pipe.set(f"{prefix}b", b"2", px=60_000)
+                await pipe.execute()
+            with psycopg.connect("host=127.0.0.1 dbname=test user=postgres",
+                                 connect_timeout=5) as connection:
+                assert connection.execute("SELECT 1").fetchone() == (1,)
+        parent_id = parent.get_span_context().span_id
+        children = [s for s in spans.get_finished_spans() if s.name != "keel.cache.fetch"]
+        assert {s.parent.span_id for s in children if s.parent} == {parent_id}
+        assert len(children) == 3 and all(s.parent for s in children), children
+        systems = {s.name: (s.attributes or {}).get("db.system") for s in children}
+        assert sorted(systems.values()) == ["postgresql", "redis", "redis"], systems
+        assert systems["MGET"] == "redis"
+        # Never the keys or values: the command with its arguments masked.
+        mget = next(s for s in children if s.name == "MGET")
+        assert (mget.attributes or {})["db.statement"] == "MGET ? ?"
+    finally:
+        sync_client.delete(f"{prefix}a", f"{prefix}b")
+        sync_client.close()
+        await async_client.aclose()
