@@ -113,3 +113,31 @@ class LLMSettings(BaseSettings):
         named = create_model(cls.__name__, __base__=cls, api_key=(
             SecretStr | None, Field(default=None, validation_alias=variable)))
         return named()
+
+
+class CloudWatchSettings(BaseSettings):
+    """Keel's metrics to Amazon CloudWatch as well (off by default); checked when a replica
+    starts by ``deployments.observability.cloudwatch.parse_settings`` (a malformed value
+    refuses the start with a ``ConfigError`` naming the variable)."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEL_CLOUDWATCH_", extra="ignore")
+
+    #: ``off``, ``emf`` (Embedded Metric Format lines to stdout or ``emf_file``) or
+    #: ``put_metric_data`` (the CloudWatch API through boto3).
+    sink: str = "off"
+    namespace: str = "Keel"
+    #: Comma list: ``application``, ``deployment``, ``tags`` (all of a metric's own tags)
+    #: or single tag names (``model``, ``http_route``...).
+    dimensions: str = "application,tags"
+    #: A coarser dimension set also written for counters and histograms (empty: none).
+    rollup_dimensions: str = "application"
+    #: Comma list of ``metric=Unit`` overriding the unit taken from the metric's name.
+    units: str = ""
+    flush_interval_s: float = 60.0
+    #: The EMF sink's file (appended to); empty: stdout.
+    emf_file: str = ""
+    #: boto3's region (empty: its own chain, ``AWS_REGION``...) and endpoint.
+    region: str = ""
+    endpoint_url: str = ""
+    #: Connect and read timeout of one PutMetricData call.
+    timeout_s: float = 5.0

@@ -81,6 +81,30 @@ def _render_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_cloudwatch(args: argparse.Namespace) -> int:
+    from deployments.observability.cloudwatch import CloudWatchConfig, read_config
+    from graph import cloudwatch_dashboard as dashboard
+
+    config = read_config() if args.from_env else CloudWatchConfig()
+    text = dashboard.dumps(dashboard.render(config, region=args.region,
+                                            application=args.application))
+    out = Path(args.out) if args.out else Path(args.root) / dashboard.DASHBOARD_PATH
+    if args.check:
+        if not out.exists() or out.read_text() != text:
+            print(f"{out}: differs from a fresh render (run `keel render-cloudwatch`)",
+                  file=sys.stderr)
+            return 1
+        print(f"{out}: up to date")
+        return 0
+    from graph.files import write_atomic
+
+    changed = not out.exists() or out.read_text() != text
+    if changed:
+        write_atomic(out, text.encode())
+    print(f"{out}: {'written' if changed else 'unchanged'}")
+    return 0
+
+
 def _hash_key(args: argparse.Namespace) -> int:
     from deployments.ingress.auth import hash_key
 
@@ -150,6 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a committed file differs from a render")
     render.set_defaults(run=_render_k8s)
+    cw = sub.add_parser("render-cloudwatch", help="render the CloudWatch SLO dashboard "
+                        "(configs/monitoring/cloudwatch/keel-slo-dashboard.json)")
+    cw.add_argument("--root", default=".", help="the repository root")
+    cw.add_argument("--out", default=None, help="default: <root>/configs/monitoring/"
+                    "cloudwatch/keel-slo-dashboard.json")
+    cw.add_argument("--region", default="us-east-1", help="the region of every widget")
+    cw.add_argument("--application", default="keel",
+                    help="the Serve application the dashboard shows first (a variable)")
+    cw.add_argument("--from-env", action="store_true", help="namespace and dimensions from "
+                    "KEEL_CLOUDWATCH_* (default: the exporter's defaults)")
+    cw.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if the file differs from a render")
+    cw.set_defaults(run=_render_cloudwatch)
     run = sub.add_parser("serve", help="`serve run` a config, and on Ctrl-C/SIGTERM end every "
                          "process it started (Ray's HAProxy included)")
     run.add_argument("config", nargs="?", default="serve_config.yaml")

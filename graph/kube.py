@@ -15,10 +15,10 @@ import json
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deployments.errors import KeelError, field_errors
 from graph.config_check import check_serve_config, grpc_port
@@ -81,6 +81,76 @@ class AuthRef(_Strict):
     keys_key: str = "KEEL_API_KEYS"
 
 
+#: PgBouncer's pool settings, the same on Kubernetes (the ConfigMap) and in the tests'
+#: private PgBouncer (tests/support/pgbouncer.py), so the tests exercise what is deployed.
+#: Session pooling: Feast's PostgreSQL offline store uses psycopg 3, which prepares a
+#: statement server-side after 5 executions (prepare_threshold) and which Feast gives no way
+#: to turn off; transaction pooling breaks that unless PgBouncer >= 1.21 tracks prepared
+#: statements (max_prepared_statements; Debian 12 ships 1.18). Feast also sends
+#: ``options=-c search_path=...`` in the startup packet, which PgBouncer refuses unless it
+#: is ignored (the pool then uses the role's search_path).
+PGBOUNCER_POOL_SETTINGS: dict[str, str] = {
+    "pool_mode": "session",
+    "ignore_startup_parameters": "extra_float_digits,options",
+    "server_reset_query": "DISCARD ALL",
+    "server_connect_timeout": "5",
+    "server_login_retry": "2",
+    "query_wait_timeout": "60",
+}
+
+
+def pgbouncer_ini(databases: dict[str, str], settings: dict[str, str]) -> str:
+    """A pgbouncer.ini: ``[databases]`` entries, then ``[pgbouncer]`` settings in order."""
+    lines = ["[databases]", *(f"{name} = {spec}" for name, spec in databases.items()),
+             "", "[pgbouncer]", *(f"{key} = {value}".rstrip() for key, value in settings.items())]
+    return "\n".join(lines) + "\n"
+
+
+class PgBouncerSpec(_Strict):
+    """PgBouncer in front of the PostgreSQL that holds Feast's offline store.
+
+    The Ray pods and the materialisation CronJob reach PostgreSQL through it
+    (``KEEL_FEAST_PG_HOST``/``_PORT`` point at its Service); the upstream address, the
+    pool sizes and the TLS mode to PostgreSQL live here, the credentials in Secrets.
+    """
+
+    enabled: bool = True
+    #: The Deployment, Service and ConfigMap name (the host the pods connect to).
+    name: str = "keel-pgbouncer"
+    image: str = "edoburu/pgbouncer:v1.24.1-p1"
+    port: int = Field(default=6432, ge=1, le=65535)
+    #: host:port of the PostgreSQL server (a managed one: its endpoint).
+    upstream: str = "postgres:5432"
+    pool_mode: str = "session"
+    #: Server connections per (database, user) pair, and client connections in all.
+    default_pool_size: int = Field(default=20, ge=1)
+    max_client_conn: int = Field(default=500, ge=1)
+    #: PgBouncer -> PostgreSQL TLS (``server_tls_sslmode``); the pods -> PgBouncer hop
+    #: stays inside the namespace, like the Redis one.
+    server_tls_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca",
+                                "verify-full"] = "require"
+    #: The Secret holding ``userlist.txt`` (``"user" "password"`` lines).
+    secret: str = "keel-pgbouncer"
+
+    @field_validator("pool_mode")
+    @classmethod
+    def _session_only(cls, value: str) -> str:
+        if value != "session":
+            raise ValueError(
+                "only 'session' is supported: Feast's offline store uses psycopg 3, whose "
+                "server-side prepared statements break under transaction pooling "
+                "(docs/feature-store.md#pgbouncer)")
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{value!r}: expected host:port")
+        return value
+
+
 class ClusterSpec(_Strict):
     """The ``cluster`` section of the overlay: the RayCluster around the application."""
 
@@ -92,6 +162,7 @@ class ClusterSpec(_Strict):
     idle_timeout_s: int = Field(default=60, ge=0)
     redis: RedisRef = RedisRef()
     feast_secret: str = "keel-feast"
+    pgbouncer: PgBouncerSpec = PgBouncerSpec()
     auth: AuthRef = AuthRef()
     materialize_schedule: str = "17 * * * *"
 
@@ -235,6 +306,16 @@ FEAST_SECRET_KEYS = ("KEEL_FEAST_REDIS", "KEEL_FEAST_PG_HOST", "KEEL_FEAST_PG_PO
                      "KEEL_FEAST_PG_SSLMODE")
 
 
+def feast_env(cluster: ClusterSpec) -> list[dict[str, Any]]:
+    """``KEEL_FEAST_*``: from the Feast Secret, except PostgreSQL's address when PgBouncer
+    is in front of it (its Service; no TLS on that in-namespace hop)."""
+    pgbouncer = cluster.pgbouncer
+    plain = ({"KEEL_FEAST_PG_HOST": pgbouncer.name, "KEEL_FEAST_PG_PORT": str(pgbouncer.port),
+              "KEEL_FEAST_PG_SSLMODE": "disable"} if pgbouncer.enabled else {})
+    return [{"name": key, "value": plain[key]} if key in plain
+            else _secret_env(key, cluster.feast_secret, key) for key in FEAST_SECRET_KEYS]
+
+
 def keel_env(cluster: ClusterSpec, feature_store_yaml: str) -> list[dict[str, Any]]:
     """The environment of every Ray container: Keel's secrets and addresses."""
     env: list[dict[str, Any]] = [
@@ -242,7 +323,7 @@ def keel_env(cluster: ClusterSpec, feature_store_yaml: str) -> list[dict[str, An
         _secret_env("KEEL_REDIS_PASSWORD", cluster.redis.secret, cluster.redis.password_key),
         {"name": "KEEL_FEATURE_STORE_YAML", "value": feature_store_yaml},
     ]
-    env += [_secret_env(key, cluster.feast_secret, key) for key in FEAST_SECRET_KEYS]
+    env += feast_env(cluster)
     env.append({"name": "KEEL_AUTH", "value": "on" if cluster.auth.enabled else "off"})
     if cluster.auth.enabled:
         env.append(_secret_env("KEEL_API_KEYS", cluster.auth.secret, cluster.auth.keys_key))
@@ -372,12 +453,68 @@ def redis_manifests(cluster: ClusterSpec) -> str:
     return note + dump(service, statefulset)
 
 
+def pgbouncer_manifests(cluster: ClusterSpec) -> str:
+    """PgBouncer (session pooling) in front of the offline store's PostgreSQL: a ConfigMap
+    with pgbouncer.ini, a Deployment (2 replicas) and a Service."""
+    spec = cluster.pgbouncer
+    host, port = spec.upstream.rsplit(":", 1)
+    labels = {"app.kubernetes.io/name": spec.name}
+    meta = {"name": spec.name, "namespace": cluster.namespace, "labels": labels}
+    settings = {
+        "listen_addr": "0.0.0.0", "listen_port": str(spec.port), "unix_socket_dir": "",
+        "auth_type": "scram-sha-256", "auth_file": "/etc/pgbouncer/userlist.txt",
+        **PGBOUNCER_POOL_SETTINGS,
+        "default_pool_size": str(spec.default_pool_size),
+        "max_client_conn": str(spec.max_client_conn),
+        "server_tls_sslmode": spec.server_tls_sslmode,
+        # The exporter (or you) reads SHOW POOLS/STATS as a user listed here.
+        "stats_users": "pgbouncer_stats",
+        "log_connections": "0", "log_disconnections": "0",
+    }
+    ini = pgbouncer_ini({"*": f"host={host} port={port}"}, settings)
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+                  "data": {"pgbouncer.ini": ini}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+               "spec": {"selector": labels, "ports": [{"name": "pgbouncer", "port": spec.port,
+                                                       "targetPort": spec.port}]}}
+    container = {
+        "name": "pgbouncer", "image": spec.image,
+        "ports": [{"name": "pgbouncer", "containerPort": spec.port}],
+        "readinessProbe": {"tcpSocket": {"port": spec.port}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": spec.port}, "periodSeconds": 20},
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                      "limits": {"cpu": "500m", "memory": "128Mi"}},
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/pgbouncer/pgbouncer.ini",
+             "subPath": "pgbouncer.ini", "readOnly": True},
+            {"name": "userlist", "mountPath": "/etc/pgbouncer/userlist.txt",
+             "subPath": "userlist.txt", "readOnly": True}],
+        # Let clients finish (SIGINT = safe shutdown) before the pod goes.
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c",
+                                                        "kill -INT 1; sleep 10"]}}},
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {
+                     "containers": [container],
+                     "volumes": [{"name": "config", "configMap": {"name": spec.name}},
+                                 {"name": "userlist", "secret": {"secretName": spec.secret}}],
+                 }}},
+    }
+    note = ("# PgBouncer in front of the PostgreSQL of Feast's offline store (session pooling:\n"
+            "# psycopg 3 prepares statements server-side; docs/feature-store.md#pgbouncer).\n"
+            "# The Ray pods and the materialisation CronJob connect to it; the real server is\n"
+            "# cluster.pgbouncer.upstream in the overlay, the logins the keel-pgbouncer Secret.\n")
+    return note + dump(config_map, service, deployment)
+
+
 def materialize_cronjob(cluster: ClusterSpec, image: str, feature_store_yaml: str) -> str:
     """A CronJob that materialises the offline store's new rows into the online store."""
     command = ("feast -c configs/feast -f configs/feast/" + feature_store_yaml
                + " materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)")
     env = [{"name": "KEEL_FEAST_SOURCE", "value": "postgres"}]
-    env += [_secret_env(key, cluster.feast_secret, key) for key in FEAST_SECRET_KEYS]
+    env += feast_env(cluster)
     job = {
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": {"name": f"{cluster.name}-feast-materialize",
@@ -408,20 +545,32 @@ def secrets_example(cluster: ClusterSpec) -> str:
              "metadata": {"name": cluster.redis.secret, "namespace": cluster.namespace},
              "type": "Opaque", "stringData": {cluster.redis.password_key: "change-me"}}
     host = cluster.redis.address.split(":")[0]
+    values = {"KEEL_FEAST_REDIS": f"{host}:6379,password=change-me,db=1",
+              "KEEL_FEAST_PG_HOST": "postgres",
+              "KEEL_FEAST_PG_PORT": "5432",
+              "KEEL_FEAST_PG_DATABASE": "features",
+              "KEEL_FEAST_PG_USER": "feast",
+              "KEEL_FEAST_PG_PASSWORD": "change-me",
+              "KEEL_FEAST_PG_SSLMODE": "require"}
+    read = {e["name"] for e in feast_env(cluster) if "valueFrom" in e}
     feast = {"apiVersion": "v1", "kind": "Secret",
              "metadata": {"name": cluster.feast_secret, "namespace": cluster.namespace},
              "type": "Opaque",
-             "stringData": {"KEEL_FEAST_REDIS": f"{host}:6379,password=change-me,db=1",
-                            "KEEL_FEAST_PG_HOST": "postgres",
-                            "KEEL_FEAST_PG_PORT": "5432",
-                            "KEEL_FEAST_PG_DATABASE": "features",
-                            "KEEL_FEAST_PG_USER": "feast",
-                            "KEEL_FEAST_PG_PASSWORD": "change-me",
-                            "KEEL_FEAST_PG_SSLMODE": "require"}}
+             "stringData": {key: value for key, value in values.items() if key in read}}
     note = ("# An EXAMPLE of the Secrets the manifests read; never commit real values.\n"
             "# Copy, fill in, `kubectl apply -f` the copy (or create them with your secret\n"
             "# manager). The Redis password appears twice: keep both equal.\n")
     docs = [redis, feast]
+    if cluster.pgbouncer.enabled:
+        note += ("# PgBouncer's logins: the Feast user with the same password as\n"
+                 "# KEEL_FEAST_PG_PASSWORD (plain text, or the SCRAM secret from pg_authid),\n"
+                 "# and pgbouncer_stats for its admin console (SHOW POOLS, the exporter).\n")
+        docs.append({"apiVersion": "v1", "kind": "Secret",
+                     "metadata": {"name": cluster.pgbouncer.secret,
+                                  "namespace": cluster.namespace},
+                     "type": "Opaque",
+                     "stringData": {"userlist.txt": '"feast" "change-me"\n'
+                                                    '"pgbouncer_stats" "change-me-too"\n'}})
     if cluster.auth.enabled:
         note += ("# API keys: `keel hash-key --new --name <client> [--tenant T] [--models M]`\n"
                  "# prints a random key (give it to the client) and the entry to list in\n"
@@ -518,6 +667,8 @@ def render(root: Path, crd: Path, serve_config: Path | None = None,
     files = {
         f"{OUT_DIR}/rayservice.yaml": header + dump(service),
         f"{OUT_DIR}/redis.yaml": header + redis_manifests(cluster),
+        **({f"{OUT_DIR}/pgbouncer.yaml": header + pgbouncer_manifests(cluster)}
+           if cluster.pgbouncer.enabled else {}),
         f"{OUT_DIR}/feast-materialize-cronjob.yaml":
             header + materialize_cronjob(cluster, image, fs_yaml),
         f"{OUT_DIR}/podmonitor.yaml": header + podmonitor(root, cluster),

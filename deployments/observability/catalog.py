@@ -138,6 +138,14 @@ ALL: tuple[MetricSpec, ...] = (
     LLM_UPSTREAM_CALLS, LLM_CACHE_ERRORS, LLM_CACHE_HIT_RATIO, LLM_COST_PER_MAU,
 )
 
+#: The CloudWatch exporter's own failures (deployments/observability/cloudwatch.py): exported
+#: through Ray like the rest, but not in ``ALL``, which is what goes to CloudWatch (a
+#: failing sink cannot report its own failures).
+CLOUDWATCH_ERRORS = MetricSpec(
+    "keel_cloudwatch_errors_total", "counter",
+    "CloudWatch export failures (EMF writes, PutMetricData calls, values not recorded); "
+    "the interval's data is dropped, requests are never affected.", ("operation",))
+
 
 def exported_names() -> set[str]:
     """Every series name Prometheus can see from Keel (histograms: _bucket, _sum, _count)."""

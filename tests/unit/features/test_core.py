@@ -12,6 +12,7 @@ import pickle
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from graph.demo.dataset import (
 from graph.demo.feast_store import latest_values, prepare_feature_store
 from graph.demo.features import SourceTables
 from tests.support.feature_data import ACCOUNTS, SMALL, SYMBOLS
+from tests.support.pgbouncer import PgBouncer
 from tests.support.redisserver import PrivateRedis
 from tests.support.serve_app import copy_feature_repo
 
@@ -269,15 +271,25 @@ def test_feature_service_config() -> None:
             FeatureServiceConfig.model_validate(bad)
 
 
-# -- production configuration: PostgreSQL offline store, Redis online store ---------------
+# -- production configuration: PostgreSQL (through PgBouncer) offline store, Redis online ---
 
 
 @pytest.fixture
-def production_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Env vars of feature_store.production.yaml for this machine; yields a unique name."""
+def pgbouncer() -> Iterator[PgBouncer]:
+    """A private PgBouncer (the deployed pool settings) in front of the machine's PostgreSQL."""
+    bouncer = PgBouncer()
+    bouncer.start()
+    yield bouncer
+    bouncer.close()
+
+
+@pytest.fixture
+def production_env(monkeypatch: pytest.MonkeyPatch, pgbouncer: PgBouncer) -> Iterator[str]:
+    """Env vars of feature_store.production.yaml for this machine, PostgreSQL reached through
+    PgBouncer as on Kubernetes; yields a unique name."""
     monkeypatch.setenv("KEEL_FEAST_REDIS", "127.0.0.1:6379")
-    monkeypatch.setenv("KEEL_FEAST_PG_HOST", "127.0.0.1")
-    monkeypatch.setenv("KEEL_FEAST_PG_PORT", "5432")
+    monkeypatch.setenv("KEEL_FEAST_PG_HOST", pgbouncer.host)
+    monkeypatch.setenv("KEEL_FEAST_PG_PORT", str(pgbouncer.port))
     monkeypatch.setenv("KEEL_FEAST_PG_DATABASE", "test")
     monkeypatch.setenv("KEEL_FEAST_PG_USER", os.environ.get("KEEL_TEST_PG_USER", "postgres"))
     monkeypatch.setenv("KEEL_FEAST_PG_PASSWORD", "unused-with-trust-auth")
@@ -298,8 +310,13 @@ def delete_redis_keys(client: redis.Redis, project: str) -> None:
 
 
 def test_production_config_postgres_to_redis(tmp_path: Path, production_env: str,
+                                             pgbouncer: PgBouncer,
                                              latest: dict[str, Any]) -> None:
+    """Prepare (write, apply, materialise) through PgBouncer; then PgBouncer stops: online
+    lookups (Redis) go on, materialising fails naming PgBouncer's address, and works again
+    once PgBouncer is back."""
     import psycopg
+    from feast import FeatureStore
 
     name = production_env
     repo = copy_feature_repo(tmp_path / "repo")
@@ -311,16 +328,45 @@ def test_production_config_postgres_to_redis(tmp_path: Path, production_env: str
                                          tables=tables)
         assert (prepared.offline_store, prepared.online_store) == ("postgres", "redis")
         assert list(client.scan_iter(match=f"*{name}"))  # written to the shared Redis
+        # Every PostgreSQL connection went through PgBouncer (its pool for database test).
+        [stats] = [row for row in pgbouncer.show("STATS") if row["database"] == "test"]
+        assert stats["total_query_count"] > 0, stats
         fetcher = FeatureFetcher(repo, "feature_store.production.yaml")
         entities = [{SYMBOL_KEY: s, ACCOUNT_KEY: a} for s in SYMBOLS for a in ACCOUNTS[:3]]
+        expected = np.stack([expected_row(latest, e[SYMBOL_KEY], e[ACCOUNT_KEY])
+                             for e in entities])
         rows = fetcher.lookup(entities, FEATURE_REFS)
-        np.testing.assert_array_equal(rows.values, np.stack(
-            [expected_row(latest, e[SYMBOL_KEY], e[ACCOUNT_KEY]) for e in entities]))
+        np.testing.assert_array_equal(rows.values, expected)
         with pytest.raises(EntityNotFound, match="symbol 'SYM999'"):
             fetcher.lookup([{SYMBOL_KEY: "SYM999", ACCOUNT_KEY: "ACC0000"}], FEATURE_REFS)
         # Up to date: the manifest matches and Redis answers the probe.
         assert prepare_feature_store(repo, SMALL, "feature_store.production.yaml",
                                      tables=tables).skipped
+
+        # PgBouncer goes away. The online path never touches PostgreSQL (Redis online store,
+        # file registry): lookups still answer.
+        pgbouncer.stop()
+        np.testing.assert_array_equal(fetcher.lookup(entities, FEATURE_REFS).values, expected)
+        # What reads the offline store fails at once, naming where it tried to connect.
+        store = FeatureStore(repo_path=str(repo),
+                             fs_yaml_file=repo / "feature_store.production.yaml")
+        window = (prepared.start - timedelta(seconds=1), prepared.end + timedelta(seconds=1))
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as info:
+            store.materialize(*window)
+        assert time.monotonic() - started < 10
+        message = str(info.value)
+        assert pgbouncer.host in message and f"port {pgbouncer.port}" in message, message
+        with pytest.raises(psycopg.OperationalError, match=f"port {pgbouncer.port}"):
+            prepare_feature_store(repo, SMALL, "feature_store.production.yaml", tables=tables,
+                                  force=True)
+        # Back on the same address: materialising and preparing work again.
+        pgbouncer.start()
+        store.materialize(*window)
+        again = prepare_feature_store(repo, SMALL, "feature_store.production.yaml",
+                                      tables=tables, force=True)
+        assert not again.skipped
+        np.testing.assert_array_equal(fetcher.lookup(entities, FEATURE_REFS).values, expected)
     finally:
         delete_redis_keys(client, name)
         client.close()

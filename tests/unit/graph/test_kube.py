@@ -3,6 +3,8 @@ Keel's checks, and the committed files against a fresh render (no cluster, no Ra
 
 from __future__ import annotations
 
+import configparser
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,10 @@ def test_rayservice_shape(service: dict[str, Any]) -> None:
         assert env["KEEL_FEATURE_STORE_YAML"]["value"] == "feature_store.production.yaml"
         assert {"KEEL_REDIS_URL", "KEEL_FEAST_REDIS", "KEEL_FEAST_PG_PASSWORD"} <= set(env)
         assert all("value" not in env[n] for n in env if "PASSWORD" in n)
+        # The offline store's PostgreSQL is reached through PgBouncer's Service.
+        assert env["KEEL_FEAST_PG_HOST"] == {"name": "KEEL_FEAST_PG_HOST",
+                                             "value": "keel-pgbouncer"}
+        assert env["KEEL_FEAST_PG_PORT"]["value"] == "6432"
         # gRPC: the pods and the serve Service carry its port.
         assert {"containerPort": 9000, "name": "grpc"} in container["ports"]
     ports = service["spec"]["serveService"]["spec"]["ports"]
@@ -116,7 +122,7 @@ def test_serve_config_v2_is_valid(service: dict[str, Any], tmp_path: Path) -> No
 
 
 def test_every_other_manifest_is_well_formed(rendered: dict[str, str]) -> None:
-    needs_spec = {"Service", "StatefulSet", "CronJob", "PodMonitor"}
+    needs_spec = {"Service", "StatefulSet", "Deployment", "CronJob", "PodMonitor"}
     kinds = set()
     for name, text in rendered.items():
         if not name.endswith(".yaml"):
@@ -126,8 +132,8 @@ def test_every_other_manifest_is_well_formed(rendered: dict[str, str]) -> None:
             kinds.add(doc["kind"])
             if doc["kind"] in needs_spec:
                 assert isinstance(doc["spec"], dict), name
-    assert {"RayService", "Service", "StatefulSet", "CronJob", "PodMonitor",
-            "Secret"} <= kinds
+    assert {"RayService", "Service", "StatefulSet", "Deployment", "ConfigMap", "CronJob",
+            "PodMonitor", "Secret"} <= kinds
     assert rendered[kube.DOCKERFILE].count(f"FROM {kube.RAY_IMAGE}") == 1
 
 
@@ -186,3 +192,129 @@ def test_merge_rules() -> None:
     assert kube.merge(base, {"a": {"c": [3], "e": 2}, "d": None}) == {"a": {"b": 1, "c": [3],
                                                                             "e": 2}}
     assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+
+
+# --- PgBouncer ---------------------------------------------------------------------------
+
+
+def _docs(rendered: dict[str, str], name: str) -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in yaml.safe_load_all(rendered[f"{kube.OUT_DIR}/{name}"])}
+
+
+def _ini(text: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(text)
+    return parser
+
+
+def test_pgbouncer_manifests_fit_together(rendered: dict[str, str]) -> None:
+    docs = _docs(rendered, "pgbouncer.yaml")
+    assert set(docs) == {"ConfigMap", "Service", "Deployment"}
+    config_map, service, deployment = docs["ConfigMap"], docs["Service"], docs["Deployment"]
+    ini = _ini(config_map["data"]["pgbouncer.ini"])
+    settings = ini["pgbouncer"]
+    # The pool mode psycopg 3 needs, and Feast's startup `options` accepted.
+    assert settings["pool_mode"] == "session"
+    assert "options" in settings["ignore_startup_parameters"].split(",")
+    assert ini["databases"]["*"] == "host=postgres port=5432"
+    port = int(settings["listen_port"])
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "edoburu/pgbouncer:v1.24.1-p1"
+    assert container["ports"] == [{"name": "pgbouncer", "containerPort": port}]
+    assert service["spec"]["ports"][0]["targetPort"] == port
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"] == labels == deployment["spec"]["selector"]["matchLabels"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[settings["auth_file"]]["name"] == "userlist"
+    assert "/etc/pgbouncer/pgbouncer.ini" in mounts
+    # The pods and the materialisation job connect to that Service and port.
+    job = yaml.safe_load(rendered[f"{kube.OUT_DIR}/feast-materialize-cronjob.yaml"])
+    [job_container] = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in job_container["env"]}
+    assert (env["KEEL_FEAST_PG_HOST"], env["KEEL_FEAST_PG_PORT"]) == (
+        service["metadata"]["name"], str(service["spec"]["ports"][0]["port"]))
+    # The example Secrets: PgBouncer's userlist logs in the Feast user; the Feast Secret no
+    # longer carries an address the manifests do not read.
+    secrets = {d["metadata"]["name"]: d for d in
+               yaml.safe_load_all(rendered[f"{kube.OUT_DIR}/secrets.example.yaml"])}
+    feast = secrets["keel-feast"]["stringData"]
+    assert "KEEL_FEAST_PG_HOST" not in feast and "KEEL_FEAST_PG_PORT" not in feast
+    userlist = secrets[volumes["userlist"]["secret"]["secretName"]]["stringData"]["userlist.txt"]
+    users = {line.split('"')[1] for line in userlist.splitlines()}
+    assert {feast["KEEL_FEAST_PG_USER"], settings["stats_users"]} <= users
+
+
+def test_pgbouncer_overlay_choices(crd: Path, tmp_path: Path) -> None:
+    root = _copy_inputs(tmp_path)
+    overlay = root / kube.OVERLAY
+    text = overlay.read_text()
+    assert "  pgbouncer:\n    enabled: true\n" in text
+    overlay.write_text(text.replace("    enabled: true\n", "    enabled: true\n"
+                                    "    pool_mode: transaction\n", 1))
+    with pytest.raises(kube.RenderError, match=r"cluster\.pgbouncer\.pool_mode: .*psycopg 3"):
+        kube.render(root, crd)
+    overlay.write_text(text.replace("    upstream: postgres:5432", "    upstream: postgres"))
+    with pytest.raises(kube.RenderError, match=r"cluster\.pgbouncer\.upstream"):
+        kube.render(root, crd)
+    # Off: no PgBouncer manifest, PostgreSQL's address from the Feast Secret again.
+    overlay.write_text(text.replace("    enabled: true\n", "    enabled: false\n", 1))
+    files = kube.render(root, crd)
+    assert f"{kube.OUT_DIR}/pgbouncer.yaml" not in files
+    service = yaml.safe_load(files[f"{kube.OUT_DIR}/rayservice.yaml"])
+    [container] = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KEEL_FEAST_PG_HOST"]["valueFrom"]["secretKeyRef"]["name"] == "keel-feast"
+
+
+def _hammer(bouncer: Any, clients: int = 4, statements: int = 30) -> list[str]:
+    """Concurrent psycopg 3 clients, each repeating one statement past its prepare
+    threshold and sending Feast's ``options`` startup parameter; their errors."""
+    errors: list[str] = []
+
+    def client() -> None:
+        try:
+            with bouncer.connect(autocommit=True, options="-c search_path=public") as conn:
+                for i in range(statements):
+                    assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+        except Exception as exc:  # collected and asserted on
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_rendered_pgbouncer_settings_carry_psycopg3(rendered: dict[str, str]) -> None:
+    """The ConfigMap's pool settings on a real PgBouncer (Debian's; only the addresses,
+    authentication and upstream TLS are local): psycopg 3 with server-side prepared
+    statements and Feast's startup options works; transaction pooling would break it."""
+    from tests.support.pgbouncer import PgBouncer
+
+    settings = dict(_ini(_docs(rendered, "pgbouncer.yaml")["ConfigMap"]["data"]
+                         ["pgbouncer.ini"])["pgbouncer"])
+    local = {k: v for k, v in settings.items()
+             if k not in {"listen_addr", "listen_port", "auth_type", "auth_file",
+                          "server_tls_sslmode", "stats_users"}}
+    bouncer = PgBouncer(settings=local)
+    bouncer.start()
+    try:
+        assert _hammer(bouncer) == []
+        [pool] = [p for p in bouncer.show("POOLS") if p["database"] == "test"]
+        assert pool["pool_mode"] == "session"
+    finally:
+        bouncer.close()
+    transaction = PgBouncer(settings={**local, "pool_mode": "transaction",
+                                      "default_pool_size": "2"})
+    transaction.start()
+    try:
+        errors = _hammer(transaction)
+    finally:
+        transaction.close()
+    assert errors and all("_pg3_" in e for e in errors), errors
