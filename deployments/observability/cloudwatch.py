@@ -635,12 +635,15 @@ class ExportedMetric:
         assert tags is not None  # Ray has refused the call already otherwise
         return self._name, self._replica + pick(tags)
 
+    def _checked_key(self, value: float, tags: Mapping[str, str] | None) -> Key:
+        if not -_MAX_ABS <= value <= _MAX_ABS:  # NaN, ±Inf: CloudWatch refuses them
+            raise ValueError(value)
+        return self._key(tags)
+
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
         self._metric.inc(value, tags=tags)
         try:
-            if not -_MAX_ABS <= value <= _MAX_ABS:  # NaN, ±Inf: CloudWatch refuses them
-                raise ValueError(value)
-            key = self._key(tags)
+            key = self._checked_key(value, tags)
             aggregate = self._aggregate
             with aggregate.lock:
                 counters = aggregate.counters
@@ -651,9 +654,7 @@ class ExportedMetric:
     def set(self, value: float, tags: dict[str, str] | None = None) -> None:
         self._metric.set(value, tags=tags)
         try:
-            if not -_MAX_ABS <= value <= _MAX_ABS:  # NaN, ±Inf: CloudWatch refuses them
-                raise ValueError(value)
-            key = self._key(tags)
+            key = self._checked_key(value, tags)
             aggregate = self._aggregate
             with aggregate.lock:
                 aggregate.gauges[key] = value
@@ -663,9 +664,7 @@ class ExportedMetric:
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         self._metric.observe(value, tags=tags)
         try:
-            if not -_MAX_ABS <= value <= _MAX_ABS:  # NaN, ±Inf: CloudWatch refuses them
-                raise ValueError(value)
-            key = self._key(tags)
+            key = self._checked_key(value, tags)
             aggregate = self._aggregate
             with aggregate.lock:
                 histogram = aggregate.histograms.get(key)
