@@ -28,8 +28,9 @@ USER_CONFIGS: dict[str, type[BaseModel]] = {"Ingress": IngressConfig,
 def check_serve_config(path: Path) -> list[str]:
     """Problems in a serve config, each naming the field; empty when it is sound.
 
-    Checks Ray's own schema, Keel's ``args`` and ``user_config`` models, and that
-    no model deployment's ``max_ongoing_requests`` caps its batches (ray issue 43288).
+    Checks Ray's own schema, Keel's ``args`` and ``user_config`` models, that no model
+    deployment's ``max_ongoing_requests`` caps its batches (ray issue 43288), and that the
+    Ingress's sits above Keel's own admission limit (``user_config.max_requests``).
     """
     from ray.serve.schema import ServeDeploySchema
 
@@ -77,6 +78,12 @@ def check_serve_config(path: Path) -> list[str]:
                 if stray:
                     problems.append(f"{dep_where}.user_config.models: {stray} are not placed "
                                     f"in the ingress (args.placement)")
+                ongoing = fields.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
+                if ongoing <= config.max_requests:
+                    problems.append(
+                        f"{dep_where}.max_ongoing_requests: {ongoing} must be above "
+                        f"user_config.max_requests ({config.max_requests}): otherwise Ray turns "
+                        f"overload away first, in plain text, instead of Keel's JSON 503")
             if isinstance(config, OnnxModelConfig):
                 limit = fields.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
                 try:

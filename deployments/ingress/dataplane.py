@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -37,6 +38,7 @@ from deployments.errors import (
     KeelError,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     field_errors,
     quoted,
 )
@@ -97,6 +99,11 @@ class IngressConfig(BaseModel):
     #: Live config of each model placed in the ingress (``args.placement``): version,
     #: max_batch_size, ONNX Runtime options, as an ``OnnxModel``'s user_config.
     models: dict[str, OnnxModelConfig] = Field(default_factory=dict)
+    #: Inference and decision requests (REST and gRPC) this replica holds at once; more
+    #: are answered at once with 503 ``{"error": ...}`` and Retry-After (gRPC: UNAVAILABLE
+    #: with ``retry-after``). Keep the deployment's ``max_ongoing_requests`` above it, or
+    #: Ray turns requests away first, in plain text (``keel check-config`` refuses that).
+    max_requests: int = Field(default=1280, ge=1, le=1_000_000)
     #: Most requests one coalesced call carries to a model deployment or the store.
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     #: Handle calls running at once per model deployment (and to the FeatureService);
@@ -251,6 +258,9 @@ class DataPlane:
                                       max_in_flight=config().calls_in_flight)
         self._warm_up = warm_up
         self._warming: asyncio.Task[None] | None = None
+        #: Serving requests in progress, and those turned away (``max_requests``).
+        self.in_progress = 0
+        self.turned_away = 0
 
     # --- live configuration ------------------------------------------------------------
 
@@ -263,6 +273,21 @@ class DataPlane:
             self._lookups.max_in_flight = config.calls_in_flight
         if self.cache is not None:
             self.cache.reconfigure(config.cache)
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of the replica's ``max_requests`` places for a serving request, or
+        refuse it at once (``Overloaded``: 503 + Retry-After, before any work)."""
+        limit = self.config().max_requests
+        if self.in_progress >= limit:
+            self.turned_away += 1
+            raise Overloaded(f"the ingress is at its limit of {limit} requests in progress "
+                             f"(Ingress user_config max_requests); retry shortly")
+        self.in_progress += 1
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
 
     # --- warm-up and health ------------------------------------------------------------
 

@@ -40,7 +40,11 @@ from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.ingress.ray_adapters import HandleFeatures, HandleLLM, HandleModels
 from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
-from deployments.observability.replica import observe_replica, replica_user_config
+from deployments.observability.replica import (
+    observe_replica,
+    replica_max_ongoing_requests,
+    replica_user_config,
+)
 from deployments.observability.slo import SloObserver, SloReport, process_recorder
 from deployments.repository import ModelRepository
 from deployments.settings import RedisSettings
@@ -279,6 +283,11 @@ class Ingress:
         elif config.models:
             log.warning("user_config.models %s ignored: no model is placed in the ingress",
                         sorted(config.models))
+        ongoing = replica_max_ongoing_requests()
+        if ongoing is not None and ongoing <= config.max_requests:
+            log.warning("max_ongoing_requests (%d) is not above user_config.max_requests (%d): "
+                        "Ray turns overload away first, in plain text", ongoing,
+                        config.max_requests)
         self._config = config
         self._plane.catalog.forget()
         self._plane.reconfigured()

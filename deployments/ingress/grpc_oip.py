@@ -296,6 +296,10 @@ class GrpcOip:
             await self.plane.model_metadata(request.name, request.version or None))
 
     async def _model_infer(self, request: Any, key: ApiKey | None) -> Message:
+        with self.plane.admitted():  # UNAVAILABLE + retry-after when the replica is full
+            return await self._infer_admitted(request)
+
+    async def _infer_admitted(self, request: Any) -> Message:
         plane = self.plane
         config = plane.config()
         deadline = time.monotonic() + config.request_timeout_s

@@ -26,12 +26,13 @@ def add_decide_routes(app: FastAPI, plane: DataPlane) -> None:
 
 async def decide_response(plane: DataPlane, request: Request) -> Response:
     """One decide request, body to answer (this route and the hot path, fastpath.py)."""
-    body = await read_body(request, plane.config().max_body_bytes)
 
     def on_model(model: str) -> None:
         request.scope[MODEL_SCOPE_KEY] = model
         authorize(key_of(request.scope), model)
 
-    answer = await plane.decide(body, on_model)
+    with plane.admitted():  # 503 before anything else when the replica is full
+        body = await read_body(request, plane.config().max_body_bytes)
+        answer = await plane.decide(body, on_model)
     return Response(answer.body, media_type="application/json",
                     headers={"X-Keel-Cache": answer.cache})

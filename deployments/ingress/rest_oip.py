@@ -83,9 +83,10 @@ def add_oip_routes(app: FastAPI, plane: DataPlane) -> None:
 async def infer_response(plane: DataPlane, name: str, version: str | None,
                          request: Request) -> Response:
     """One infer request, body to answer (this route and the hot path, fastpath.py)."""
-    plane.catalog.require(name)  # 404 before reading any body
-    body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
-    answer = await plane.infer(name, version, body, binary_json_length(request))
+    with plane.admitted():  # 503 before anything else when the replica is full
+        plane.catalog.require(name)  # 404 before reading any body
+        body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
+        answer = await plane.infer(name, version, body, binary_json_length(request))
     headers: dict[str, str] = {"X-Keel-Cache": answer.cache}
     if answer.json_length is None:
         return Response(answer.body, media_type="application/json", headers=headers)

@@ -36,6 +36,17 @@ def replica_user_config() -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def replica_max_ongoing_requests() -> int | None:
+    """This replica's ``max_ongoing_requests``; ``None`` outside a replica."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # not running inside Serve
+        return None
+    config = getattr(context, "_deployment_config", None)
+    value = getattr(config, "max_ongoing_requests", None)
+    return value if isinstance(value, int) else None
+
+
 def replica_identity() -> tuple[str | None, str | None]:
     """This replica's application and deployment; ``(None, None)`` outside Serve."""
     try:

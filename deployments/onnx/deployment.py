@@ -13,22 +13,15 @@ from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ConfigError, KeelError, parse_user_config
 from deployments.observability import catalog, tracing
 from deployments.observability.ray_metrics import make
-from deployments.observability.replica import observe_replica, replica_user_config
+from deployments.observability.replica import (
+    observe_replica,
+    replica_max_ongoing_requests,
+    replica_user_config,
+)
 from deployments.onnx.core import ModelVersions, OnnxModelConfig
 from deployments.repository import ModelRepository
 
 log = logging.getLogger(__name__)
-
-
-def _replica_max_ongoing_requests() -> int | None:
-    """This replica's ``max_ongoing_requests``; ``None`` outside a replica."""
-    try:
-        context = serve.get_replica_context()
-    except Exception:  # not running inside Serve
-        return None
-    config = getattr(context, "_deployment_config", None)
-    value = getattr(config, "max_ongoing_requests", None)
-    return value if isinstance(value, int) else None
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -63,7 +56,7 @@ class OnnxModel:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new live settings; a new version loads before it replaces the old one."""
         config = parse_user_config(OnnxModelConfig, user_config, self._name)
-        config.check_max_ongoing_requests(_replica_max_ongoing_requests())
+        config.check_max_ongoing_requests(replica_max_ongoing_requests())
         if self._versions.apply(config):
             self._reloads += 1
             self._count_load()

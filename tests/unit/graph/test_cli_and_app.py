@@ -70,9 +70,14 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
          "(SloMonitor).user_config.windows.1"),
         (lambda app: _dep(app, "SloMonitor")["user_config"]["objectives"][1].update(
             threshold_ms=-80), "(SloMonitor).user_config.objectives.1.threshold_ms"),
+        (lambda app: _dep(app, "Ingress")["user_config"].update(max_requests=0),
+         "(Ingress).user_config.max_requests"),
+        (lambda app: _dep(app, "Ingress").update(max_ongoing_requests=1280),
+         "(Ingress).max_ongoing_requests: 1280 must be above user_config.max_requests (1280)"),
     ],
     ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema",
-         "feature-timeout", "cache-hash", "max-entities", "slo-window", "slo-threshold"],
+         "feature-timeout", "cache-hash", "max-entities", "slo-window", "slo-threshold",
+         "max-requests", "ray-below-keel"],
 )
 def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str) -> None:
     problems = check_serve_config(_write(tmp_path, mutate))

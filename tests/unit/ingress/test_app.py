@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.ingress.app import IngressConfig
+from deployments.ingress.app import IngressConfig, create_app
 from deployments.onnx.core import OnnxModelConfig
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import reference_probabilities
@@ -627,3 +628,50 @@ def test_the_hot_routes_answer_as_the_fastapi_routes(repository: Any, path: str,
     assert fast == routed
     assert fast[2][0][0] in ("/v2/models/{name}/infer", "/v1/decide",
                              "/v2/models/{name}/versions/{version}/infer")
+
+
+class SlowModels(InProcessModels):
+    """The in-process models, each batch held for ``delay_s`` first."""
+
+    def __init__(self, backend: InProcessModels, delay_s: float) -> None:
+        self.__dict__.update(backend.__dict__)
+        self.delay_s = delay_s
+
+    async def infer_many(self, name: str, calls: list[Any]) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return await super().infer_many(name, calls)
+
+
+async def test_past_max_requests_the_ingress_answers_json_503_at_once(
+        backend: InProcessModels) -> None:
+    """Keel's own admission limit: the requests over ``max_requests`` get Keel's JSON 503
+    with Retry-After at once (no model call), the admitted ones are answered, and the
+    probes and metadata still answer while the replica is full."""
+    config = MutableIngressConfig(IngressConfig(max_requests=2))
+    slow = SlowModels(backend, delay_s=0.5)
+    app = create_app(slow, config)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://keel") as client:
+        x = _rows(1)
+
+        async def infer() -> httpx.Response:
+            return await client.post("/v2/models/linear/infer", json=_payload(x))
+
+        async def decide() -> httpx.Response:
+            return await client.post("/v1/decide", json={"model": "linear", "entities": []})
+
+        running = [asyncio.create_task(infer()) for _ in range(2)]
+        await asyncio.sleep(0.1)  # both admitted, waiting for the model
+        turned_away = await asyncio.gather(infer(), infer(), decide())
+        live = await client.get("/v2/health/live")
+        metadata = await client.get("/v2/models/linear")
+        answered = await asyncio.gather(*running)
+        later = await infer()  # places free again
+    for response in turned_away:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/json"
+        assert "max_requests" in response.json()["error"]
+    assert live.status_code == 200 and metadata.status_code == 200
+    assert [r.status_code for r in answered] == [200, 200]
+    assert later.status_code == 200

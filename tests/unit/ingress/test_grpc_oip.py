@@ -343,6 +343,25 @@ async def test_a_client_deadline_cancels_the_work_downstream(served: Served) -> 
     assert served.observed.calls[-1] == (INFER, "nanok", 499)
 
 
+async def test_past_max_requests_a_call_is_unavailable_with_retry_after(
+        served: Served) -> None:
+    """Keel's admission limit holds over gRPC as over REST: UNAVAILABLE with ``retry-after``
+    (Ray's own back-pressure would say RESOURCE_EXHAUSTED without it), the probes answer."""
+    served.remote.delay_s = 0.5
+    served.config.value = served.config.value.model_copy(update={"max_requests": 1})
+    held = asyncio.ensure_future(served.stub.ModelInfer(raw_request("nanok", rows(1, seed=10))))
+    await asyncio.sleep(0.1)
+    error = await failure(served.stub.ModelInfer(raw_request("nanok", rows(1, seed=11))))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "max_requests" in (error.details() or "")
+    assert ("retry-after", "1") in tuple(error.trailing_metadata() or ())
+    assert (await served.stub.ServerLive(pb.message("ServerLiveRequest")())).live
+    assert probabilities(await held).shape == (1, 2)
+    assert served.remote.started == [1]  # the refused call never reached the model
+    assert served.observed.calls[-1][2] == 200 and (INFER, "nanok", 503) in \
+        served.observed.calls
+
+
 # --- API keys from the metadata --------------------------------------------------------
 
 
