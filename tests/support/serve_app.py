@@ -99,8 +99,15 @@ class KeelApp:
         from ray.serve.schema import ServeDeploySchema
 
         schema = ServeDeploySchema.model_validate(config)
+        before = {a["name"]: a for a in self.config["applications"]}
+        changed_apps = [a["name"] for a in config["applications"]
+                        if a["name"] in before and before[a["name"]] != a]
+        deployed_at = _deployed_times(changed_apps)
         self.client.deploy_apps(schema)
         if wait:
+            # The controller takes a new config asynchronously: until it has, the status
+            # still shows the old one RUNNING and HEALTHY.
+            _wait_deployed_after(deployed_at, timeout_s=10)
             wait_running([a["name"] for a in config["applications"]], timeout_s)
         self.config = config
 
@@ -120,6 +127,24 @@ class KeelApp:
         finally:
             config["applications"] = config["applications"][:1]
             self.deploy(config)
+
+
+def _deployed_times(app_names: list[str]) -> dict[str, float]:
+    from ray import serve
+
+    applications = serve.status().applications if app_names else {}
+    return {name: applications[name].last_deployed_time_s
+            for name in app_names if name in applications}
+
+
+def _wait_deployed_after(deployed_at: dict[str, float], timeout_s: float) -> None:
+    """Until the controller has taken the new config of each app (its deploy time moved)."""
+    deadline = time.monotonic() + timeout_s
+    while deployed_at and time.monotonic() < deadline:
+        now = _deployed_times(list(deployed_at))
+        if all(now.get(name, 0.0) > at for name, at in deployed_at.items()):
+            return
+        time.sleep(0.1)
 
 
 def wait_running(app_names: list[str], timeout_s: float) -> None:
