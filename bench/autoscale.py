@@ -49,6 +49,7 @@ from bench.harness.network import quiet_port
 from bench.harness.progress import Progress
 from bench.harness.report import REPO_ROOT, RESULTS_DIR, pyplot, save_figure, text_table
 from bench.harness.statistics import percentiles
+from deployments.ingress.haproxy_nosplice import haproxy_env
 
 RESULTS = RESULTS_DIR
 STAMP = "2026-11-27"
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     temp_dir = Path(tempfile.mkdtemp(prefix="kas", dir="/tmp"))
     port = quiet_port()
     # Ray's processes read these when they start: set them before Ray does.
+    os.environ.update(haproxy_env())  # HAProxy without splice(), as `keel serve` runs it
     os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                        "RAY_SERVE_HAPROXY_METRICS_PORT": str(quiet_port()),
                        "RAY_SERVE_HAPROXY_STATS_PORT": str(quiet_port()),

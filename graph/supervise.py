@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -140,6 +141,10 @@ def serve(config: str, *, grace_s: float = 15.0) -> int:
     """``serve run <config>`` (the venv's ``serve`` beside this Python), supervised."""
     serve_bin = Path(sys.executable).parent / "serve"
     command = [str(serve_bin) if serve_bin.exists() else "serve", "run", config]
-    supervisor = Supervisor(command, grace_s=grace_s)
+    # With Ray's HAProxy on (make demo), HAProxy without splice(): a client that goes away
+    # then cancels its request (deployments/ingress/haproxy_nosplice.py).
+    from deployments.ingress.haproxy_nosplice import without_splice
+
+    supervisor = Supervisor(command, grace_s=grace_s, env=without_splice(dict(os.environ)))
     supervisor.start()
     return supervisor.wait()

@@ -42,6 +42,7 @@ from bench.harness.network import (
 )
 from bench.harness.progress import log
 from bench.harness.report import REPO_ROOT, rel
+from deployments.ingress.haproxy_nosplice import without_splice
 
 PYTHON = sys.executable
 
@@ -160,7 +161,7 @@ class Server:
                 "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
             })
         env.update(self.target.env)
-        return env
+        return without_splice(env)  # Keel as shipped: HAProxy without splice()
 
     def _argv(self) -> list[str]:
         a = self.args

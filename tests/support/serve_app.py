@@ -14,11 +14,14 @@ from typing import Any
 
 import yaml
 
+from deployments.ingress.haproxy_nosplice import without_splice
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: Ray Serve's throughput-optimised mode with HAProxy on the HTTP port, as `make demo` runs.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-             # Tests only: do not wait Ray's 30 s for direct-ingress connections to drain.
-             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+SERVE_ENV = without_splice({
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Tests only: do not wait Ray's 30 s for direct-ingress connections to drain.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})
 APP_NAME = "keel"
 
 #: Longer than the ingress's budget in these tests: a request waits that long for its batch.
