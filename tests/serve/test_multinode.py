@@ -8,11 +8,9 @@ every process it started, by process id, whatever happened.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,49 +20,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import stop_group
 from tests.support.serve_app import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
 DRIVER_TIMEOUT_S = 480
-
-
-def processes_naming(text: str) -> list[int]:
-    """Process ids whose command line contains ``text`` (the run's own temp dir: every
-    Ray process of that cluster names it, and so does its HAProxy)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def stop_driver(proc: subprocess.Popen[bytes], temp_dir: Path) -> list[int]:
-    """Stop the driver (its own process group), then anything of its cluster that is
-    still running; returns the ids that had to be killed after the driver was gone."""
-    if proc.poll() is None:
-        for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    leftovers = processes_naming(str(temp_dir))
-    for pid in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return leftovers
 
 
 def test_keel_serves_through_the_loss_of_a_node(tmp_path: Path) -> None:
@@ -85,7 +46,7 @@ def test_keel_serves_through_the_loss_of_a_node(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             pass
         finally:
-            leftovers = stop_driver(proc, temp_dir)
+            leftovers = stop_group(proc, temp_dir)
             shutil.rmtree(temp_dir, ignore_errors=True)
     tail = log_path.read_text(errors="replace")[-4000:]
     assert out.exists(), f"the driver wrote no result (rc {proc.returncode}):\n{tail}"
