@@ -81,6 +81,7 @@ from bench.harness.report import (
     stamped_paths,
     text_table,
 )
+from bench.harness.servers import process_name
 from bench.harness.statistics import percentiles
 
 APP = "keel"
@@ -138,7 +139,7 @@ class Started:
         while time.monotonic() < deadline and processes_naming(str(self.temp_dir)):
             time.sleep(0.25)
         leftovers = processes_naming(str(self.temp_dir))
-        names = [f"{p.pid}:{_name(p)}" for p in leftovers]
+        names = [f"{p.pid}:{process_name(p)}" for p in leftovers]
         for proc in leftovers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
@@ -152,13 +153,6 @@ def _group_alive(group: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        return proc.name()
-    except psutil.Error:
-        return "?"
 
 
 def processes_naming(text: str) -> list[psutil.Process]:
@@ -316,7 +310,7 @@ def start_head(started: Started, cluster: Cluster, log_path: Path) -> None:
 
 def find_gcs(temp_dir: Path) -> psutil.Process:
     for proc in processes_naming(str(temp_dir)):
-        if _name(proc) == "gcs_server":
+        if process_name(proc) == "gcs_server":
             return proc
     raise RuntimeError("no gcs_server process under this run's temp dir")
 

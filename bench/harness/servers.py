@@ -311,7 +311,7 @@ class Server:
             return report
         self._remember_processes()
         # Which processes served (e.g. whether an haproxy process was really there).
-        report["processes_seen"] = dict(Counter(_name(p) for p in self._known.values()))
+        report["processes_seen"] = dict(Counter(process_name(p) for p in self._known.values()))
         if self.proc.poll() is None:
             if self.uses_ray and self.proc.stdin is not None:
                 # The graceful path: serve.shutdown() and ray.shutdown() in the driver.
@@ -346,7 +346,7 @@ class Server:
                     leftovers.append(proc)
         if leftovers:
             report["steps"].append(f"SIGKILL {len(leftovers)} leftover processes: " + ", ".join(
-                f"{p.pid}:{_name(p)}" for p in leftovers))
+                f"{p.pid}:{process_name(p)}" for p in leftovers))
             for proc in leftovers:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
@@ -382,7 +382,8 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _name(proc: psutil.Process) -> str:
+def process_name(proc: psutil.Process) -> str:
+    """A process's name, or ``?`` once it is gone."""
     try:
         return proc.name()
     except psutil.Error:

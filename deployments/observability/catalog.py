@@ -141,6 +141,8 @@ ALL: tuple[MetricSpec, ...] = (
 #: The CloudWatch exporter's own failures (deployments/observability/cloudwatch.py): exported
 #: through Ray like the rest, but not in ``ALL``, which is what goes to CloudWatch (a
 #: failing sink cannot report its own failures).
+#: By operation: ``emf`` (writing EMF lines), ``put_metric_data`` (a call that failed),
+#: ``record`` (a value that could not be aggregated), ``flush`` (anything else).
 CLOUDWATCH_ERRORS = MetricSpec(
     "keel_cloudwatch_errors_total", "counter",
     "CloudWatch export failures (EMF writes, PutMetricData calls, values not recorded); "

@@ -16,7 +16,7 @@ untouched and nothing here runs.
   splits at 100 metrics per document) appended to a file or written to stdout, or
   ``PutMetricData`` calls through boto3 in batches of at most 1000 metric data and
   about 1 MB. A failing sink (an unwritable file, an endpoint that does not answer) is
-  counted per operation (:data:`CLOUDWATCH_ERRORS`) and logged at most once an interval;
+  counted per operation (:data:`catalog.CLOUDWATCH_ERRORS`) and logged at most once an interval;
   that interval's data is dropped.
 * **Histograms**: CloudWatch stores values with counts and computes percentiles from
   them. Each non-empty bucket is sent as one value, the mean of what fell in it, with
@@ -59,13 +59,6 @@ from deployments.settings import CloudWatchSettings
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "KEEL_CLOUDWATCH_"
-
-#: Failures of the CloudWatch export, by operation: ``emf`` (writing EMF lines),
-#: ``put_metric_data`` (a call that failed), ``record`` (a value that could not be
-#: aggregated), ``flush`` (anything else in the flusher). Created through
-#: ``ray_metrics.make`` like every catalog metric, but never exported to CloudWatch
-#: itself (a failing sink cannot report its own failures).
-CLOUDWATCH_ERRORS = catalog.CLOUDWATCH_ERRORS
 
 # --- CloudWatch's limits (PutMetricData and EMF, as documented in 2025) ------------------
 
@@ -118,7 +111,7 @@ def default_unit(name: str) -> str:
 
 def tag_names() -> set[str]:
     """Every tag a catalog metric carries."""
-    return {tag for spec in (*catalog.ALL, CLOUDWATCH_ERRORS) for tag in spec.tags}
+    return {tag for spec in (*catalog.ALL, catalog.CLOUDWATCH_ERRORS) for tag in spec.tags}
 
 
 # --- configuration -----------------------------------------------------------------------
@@ -210,7 +203,7 @@ def parse_settings(settings: CloudWatchSettings) -> CloudWatchConfig:
         raise refuse("rollup_dimensions", f"{outside} not in KEEL_CLOUDWATCH_DIMENSIONS "
                      f"({', '.join(dimensions)}): a rollup is a subset of the dimensions")
     units: dict[str, str] = {}
-    metrics = {spec.name for spec in catalog.ALL} | {CLOUDWATCH_ERRORS.name}
+    metrics = {spec.name for spec in catalog.ALL} | {catalog.CLOUDWATCH_ERRORS.name}
     for item in _names(settings.units):
         metric, sep, unit = (part.strip() for part in item.partition("="))
         if not sep or metric not in metrics:
@@ -228,7 +221,7 @@ def parse_settings(settings: CloudWatchSettings) -> CloudWatchConfig:
         flush_interval_s=settings.flush_interval_s, emf_file=settings.emf_file.strip(),
         region=settings.region.strip(), endpoint_url=settings.endpoint_url.strip(),
         timeout_s=settings.timeout_s)
-    for spec in (*catalog.ALL, CLOUDWATCH_ERRORS):
+    for spec in (*catalog.ALL, catalog.CLOUDWATCH_ERRORS):
         if len(config.dimension_names(spec)) > MAX_DIMENSIONS:
             raise refuse("dimensions", f"{spec.name} would have "
                          f"{len(config.dimension_names(spec))} dimensions (at most "

@@ -11,7 +11,7 @@ from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from deployments.observability import cloudwatch
+from deployments.observability import catalog, cloudwatch
 from deployments.observability.catalog import MetricSpec
 from deployments.observability.replica import replica_identity
 
@@ -39,7 +39,7 @@ def make(spec: MetricSpec) -> Any:
     if exporter is None:
         return metric
     if exporter.on_error is None:
-        errors = _ray_metric(cloudwatch.CLOUDWATCH_ERRORS)
+        errors = _ray_metric(catalog.CLOUDWATCH_ERRORS)
         exporter.on_error = lambda operation, count: errors.inc(
             count, tags={"operation": operation})
     application, deployment = replica_identity()
