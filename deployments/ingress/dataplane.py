@@ -258,9 +258,9 @@ class DataPlane:
                                       max_in_flight=config().calls_in_flight)
         self._warm_up = warm_up
         self._warming: asyncio.Task[None] | None = None
-        #: Serving requests in progress, and those turned away (``max_requests``).
+        #: Serving requests in progress (``max_requests``; the ones turned away are the
+        #: request metrics' 503s).
         self.in_progress = 0
-        self.turned_away = 0
 
     # --- live configuration ------------------------------------------------------------
 
@@ -280,7 +280,6 @@ class DataPlane:
         refuse it at once (``Overloaded``: 503 + Retry-After, before any work)."""
         limit = self.config().max_requests
         if self.in_progress >= limit:
-            self.turned_away += 1
             raise Overloaded(f"the ingress is at its limit of {limit} requests in progress "
                              f"(Ingress user_config max_requests); retry shortly")
         self.in_progress += 1
