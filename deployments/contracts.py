@@ -151,6 +151,9 @@ class ModelStatus(BaseModel):
     available_versions: list[str]
     providers: list[str] = Field(default_factory=list)
     error: str | None = None
+    #: The weighted split between loaded versions (``{}``: every request to the served
+    #: version); the ingress picks a version per request from it.
+    traffic: dict[str, float] = Field(default_factory=dict)
 
 
 # --- the decision API (/v1/decide) ----------------------------------------------------

@@ -170,6 +170,24 @@ def version_key(version: str) -> tuple[int, int, str]:
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
+def check_traffic(traffic: dict[str, float]) -> None:
+    """Refuse a traffic split that cannot route (``ValueError``, the caller names the
+    field): no version, a name that cannot be a version directory, a negative or
+    non-finite weight, or every weight 0. Whether the versions exist is checked where
+    they load."""
+    if not traffic:
+        raise ValueError("names no version (omit it to send every request to the served "
+                         "version)")
+    for version, weight in traffic.items():
+        if not _NAME.fullmatch(version):
+            raise ValueError(f"{version!r} is not a version name")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"version {version!r}: weight {weight:g} must be a finite "
+                             f"number >= 0")
+    if sum(traffic.values()) <= 0:
+        raise ValueError("every weight is 0; give at least one version a weight above 0")
+
+
 class ModelRepository:
     """Reads model specs from a directory tree; never imports ONNX Runtime."""
 

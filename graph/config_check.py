@@ -15,6 +15,26 @@ from deployments.ingress.dataplane import IngressConfig
 from deployments.llm.config import LLMGatewayConfig
 from deployments.observability.slo import SloConfig
 from deployments.onnx.core import OnnxModelConfig
+from deployments.repository import ModelRepository
+
+
+def version_problems(repository: ModelRepository | None, model: str, config: OnnxModelConfig,
+                     where: str) -> list[str]:
+    """The versions a model's config names (``version``, ``traffic``) that its repository
+    does not hold; none when the repository is not on this machine."""
+    if repository is None or model not in repository.model_names():
+        return []
+    have = repository.versions(model)
+    problems = []
+    if config.version is not None and config.version not in have:
+        problems.append(f"{where}.version: model {model!r} has no version {config.version!r} "
+                        f"(versions: {have})")
+    missing = sorted(set(config.traffic or {}) - set(have))
+    if missing:
+        problems.append(f"{where}.traffic: model {model!r} has no version {missing} "
+                        f"(versions: {have})")
+    return problems
+
 
 #: Ray Serve's default when a deployment does not set max_ongoing_requests.
 RAY_DEFAULT_MAX_ONGOING_REQUESTS = 5
@@ -34,7 +54,7 @@ def check_serve_config(path: Path) -> list[str]:
     """
     from ray.serve.schema import ServeDeploySchema
 
-    from graph.app import AppArgs
+    from graph.app import AppArgs, resolve_repository
 
     try:
         raw = yaml.safe_load(path.read_text())
@@ -56,6 +76,11 @@ def check_serve_config(path: Path) -> list[str]:
             problems += field_errors(exc, prefix=f"{where}.args.")
             args = AppArgs()
         in_ingress = {n for n, place in args.placement.items() if place == "ingress"}
+        try:
+            repository: ModelRepository | None = ModelRepository(
+                resolve_repository(args.model_repository))
+        except KeelError:
+            repository = None  # not on this machine (an image's path): versions unchecked
         for d, dep in enumerate(app.deployments):
             dep_where = f"{where}.deployments[{d}] ({dep.name})"
             fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
@@ -74,6 +99,9 @@ def check_serve_config(path: Path) -> list[str]:
             if isinstance(config, IngressConfig) and grpc_on:
                 problems += grpc_ceiling_problems(app.runtime_env or {}, config, where)
             if isinstance(config, IngressConfig):
+                for name, embedded in config.models.items():
+                    problems += version_problems(
+                        repository, name, embedded, f"{dep_where}.user_config.models.{name}")
                 stray = sorted(set(config.models) - in_ingress)
                 if stray:
                     problems.append(f"{dep_where}.user_config.models: {stray} are not placed "
@@ -85,6 +113,8 @@ def check_serve_config(path: Path) -> list[str]:
                         f"user_config.max_requests ({config.max_requests}): otherwise Ray turns "
                         f"overload away first, in plain text, instead of Keel's JSON 503")
             if isinstance(config, OnnxModelConfig):
+                problems += version_problems(repository, dep.name, config,
+                                             f"{dep_where}.user_config")
                 limit = fields.get("max_ongoing_requests", RAY_DEFAULT_MAX_ONGOING_REQUESTS)
                 try:
                     config.check_max_ongoing_requests(limit)

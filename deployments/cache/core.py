@@ -370,9 +370,11 @@ Compute = Callable[[list[int]], Awaitable[dict[str, np.ndarray]]]
 class CacheObserver(Protocol):
     """Told about every lookup and every Redis failure (the metrics layer)."""
 
-    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float) -> None:
-        """One request's rows: from the cache, computed, computed by a concurrent request;
-        and how long looking them up took (in-process layer, Redis, decoding)."""
+    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float,
+             version: str = "") -> None:
+        """One request's rows of one model version: from the cache, computed, computed by a
+        concurrent request; and how long looking them up took (in-process layer, Redis,
+        decoding)."""
 
     def stored(self, model: str, write_ms: float, local_entries: int, evictions: int) -> None:
         """One write-back done (after the answer): how long it took, the in-process
@@ -605,7 +607,7 @@ class PredictionCache:
         """Wait for the write-backs started so far (tests, shutdown)."""
         await self.background.drain(timeout_s)
 
-    async def fetch(self, model: str, keys: list[str], compute: Compute
+    async def fetch(self, model: str, keys: list[str], compute: Compute, version: str = ""
                     ) -> tuple[dict[str, np.ndarray], list[CacheStatus]]:
         """Every row's outputs (arrays over all rows, in order), from the cache where
         possible; ``compute`` gets the rest, as one call.
@@ -670,7 +672,7 @@ class PredictionCache:
         self.counters.add(self.counters.misses, model, miss_n)
         self.counters.add(self.counters.shared, model, shared_n)
         if self.observer is not None:
-            self.observer.rows(model, hit_n, miss_n, shared_n, lookup_ms)
+            self.observer.rows(model, hit_n, miss_n, shared_n, lookup_ms, version)
         return outputs, statuses
 
     async def _lead(self, model: str, leaders: dict[str, list[int]], compute: Compute

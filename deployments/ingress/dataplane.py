@@ -31,7 +31,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.cache.core import CacheConfig, PredictionCache
-from deployments.contracts import DecideRequest, InferenceRequest, ModelStatus, RequestCache
+from deployments.contracts import (
+    DecideRequest,
+    InferenceRequest,
+    ModelStatus,
+    RequestCache,
+    RowCache,
+)
 from deployments.errors import (
     DependencyUnavailable,
     InvalidInput,
@@ -47,6 +53,7 @@ from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache, a
 from deployments.ingress import codec
 from deployments.ingress.batching import Coalescer
 from deployments.ingress.models import ModelPool
+from deployments.ingress.routing import choose_version, entity_key
 from deployments.ingress.scoring import (
     CallObserver,
     Prediction,
@@ -226,6 +233,13 @@ class DecideAnswer:
     body: bytes
     cache: RequestCache
     model: str
+    #: The version that scored every entity; ``MIXED`` when a traffic split sent the
+    #: entities to different versions (each result names its own).
+    version: str
+
+
+#: A decision whose entities a traffic split sent to different versions.
+MIXED = "mixed"
 
 
 Lookup = tuple[list[dict[str, Any]], list[str]]
@@ -368,34 +382,62 @@ class DataPlane:
     # --- inference -----------------------------------------------------------------------
 
     async def infer(self, name: str, version: str | None, body: bytes,
-                    json_length: int | None) -> InferAnswer:
+                    json_length: int | None, route_key: str | None = None) -> InferAnswer:
         """Open Inference Protocol infer: the body (JSON, or JSON + binary tensors)."""
         deadline = time.monotonic() + self.config().request_timeout_s
         self.catalog.require(name)
         parsed, binary = codec.parse_request(body, json_length)
-        prediction = await self.predict(name, version, parsed, binary, deadline)
+        prediction = await self.predict(name, version, parsed, binary, deadline, route_key)
         content, header_length = codec.encode_response(parsed, prediction.spec,
                                                        prediction.version, prediction.outputs)
         return InferAnswer(content, header_length, summarise(prediction.cache), name,
                            prediction.version)
 
     async def predict(self, name: str, version: str | None, request: InferenceRequest,
-                      binary: bytes, deadline: float) -> Prediction:
-        """Infer on a parsed request (any transport's): its inputs checked against the
-        model's declared ones, then the cache where it pays and the model for the rest."""
+                      binary: bytes, deadline: float, route_key: str | None = None
+                      ) -> Prediction:
+        """Infer on a parsed request (any transport's): the version chosen (pinned, or the
+        model's traffic split by ``route_key``), its inputs checked against that version's
+        declared ones, then the cache where it pays and the model for the rest."""
         self.catalog.require(name)
+        routed = await self.route(name, version, route_key)
+        try:
+            return await self._predict_parsed(name, routed, request, binary, deadline)
+        except ModelNotFound:
+            if version is not None or routed is None:
+                raise
+            # The split's version was unloaded between the status this replica holds and
+            # the call (weights changed under load): the served version answers instead.
+            await self.catalog.status(name, fresh=True)
+            return await self._predict_parsed(name, None, request, binary, deadline)
+
+    async def _predict_parsed(self, name: str, version: str | None, request: InferenceRequest,
+                              binary: bytes, deadline: float) -> Prediction:
         spec = await self.catalog.spec(name, version)
         inputs = codec.decode_inputs(request, spec, binary)
         outputs = codec.requested_outputs(request, spec)
         return await self.predictor.predict(name, version, inputs, outputs, deadline=deadline)
 
+    async def route(self, name: str, version: str | None, key: str | None) -> str | None:
+        """The version a request goes to: the pinned one; else one the model's traffic
+        split picks (by ``key`` when given); else ``None`` (the served version)."""
+        if version is not None:
+            return version
+        status = await self.catalog.status(name)
+        if not status.traffic:
+            return None
+        chosen = choose_version(name, status.traffic, key)
+        return chosen if chosen in status.loaded else None
+
     # --- decisions -----------------------------------------------------------------------
 
-    async def decide(self, body: bytes, on_model: Callable[[str], None] | None = None
-                     ) -> DecideAnswer:
-        """``/v1/decide``: features for each entity (held rows within their staleness, one
-        coalesced lookup for the rest), then the model (cache where it pays).
-        ``on_model`` hears the model name as soon as it is known (metrics, authorization)."""
+    async def decide(self, body: bytes, on_model: Callable[[str], None] | None = None,
+                     route_key: str | None = None) -> DecideAnswer:
+        """``/v1/decide``: each entity's version (pinned, or the model's traffic split by
+        ``route_key``, else by the entity itself), features for each entity (held rows
+        within their staleness, one coalesced lookup for the rest), then the model (cache
+        where it pays). ``on_model`` hears the model name as soon as it is known
+        (metrics, authorization)."""
         started = time.perf_counter()
         settings = self.config()
         deadline = time.monotonic() + settings.request_timeout_s
@@ -409,38 +451,80 @@ class DataPlane:
             raise InvalidInput(f"entities: at most {settings.max_entities} entities per "
                                f"request (got {len(ask.entities)})")
         self.catalog.require(ask.model)
-        spec = await self.catalog.spec(ask.model, ask.version)
+        groups: dict[str | None, list[int]] = {}
+        for i, entity in enumerate(ask.entities):
+            routed = await self.route(ask.model, ask.version,
+                                      route_key if route_key is not None else entity_key(entity))
+            groups.setdefault(routed, []).append(i)
+        parts = await asyncio.gather(*(
+            self._decide_group(ask.model, version, ask.version is not None,
+                               [ask.entities[i] for i in members], deadline)
+            for version, members in groups.items()))
+        results: list[dict[str, Any]] = [{}] * len(ask.entities)
+        statuses: list[RowCache] = ["off"] * len(ask.entities)
+        total_ms = round((time.perf_counter() - started) * 1000, 3)
+        for members, (rows, row_statuses) in zip(groups.values(), parts, strict=True):
+            for i, row, status in zip(members, rows, row_statuses, strict=True):
+                row["timings_ms"]["total"] = total_ms
+                results[i] = row
+                statuses[i] = status
+        versions = {row["model_version"] for row in results}
+        version = versions.pop() if len(versions) == 1 else MIXED
+        timings = {stage: max(row["timings_ms"][stage] for row in results)
+                   for stage in ("features", "cache", "model")}
+        timings["total"] = total_ms
+        answer = {"model": ask.model, "model_version": version, "results": results,
+                  "timings_ms": timings}
+        return DecideAnswer(orjson.dumps(answer), summarise(statuses), ask.model, version)
+
+    async def _decide_group(self, model: str, version: str | None, pinned: bool,
+                            entities: list[dict[str, Any]], deadline: float
+                            ) -> tuple[list[dict[str, Any]], list[RowCache]]:
+        """Score entities on one version (``None``: the served one); the result rows (their
+        ``timings_ms`` without the total) and each row's cache status."""
+        try:
+            return await self._decide_rows(model, version, entities, deadline)
+        except ModelNotFound:
+            if pinned or version is None:
+                raise
+            # The split's version was unloaded under this request: the served one answers.
+            await self.catalog.status(model, fresh=True)
+            return await self._decide_rows(model, None, entities, deadline)
+
+    async def _decide_rows(self, model: str, version: str | None,
+                           entities: list[dict[str, Any]], deadline: float
+                           ) -> tuple[list[dict[str, Any]], list[RowCache]]:
+        spec = await self.catalog.spec(model, version)
         tensor = decision_input(spec)
         columns = list(tensor.columns or [])
         began = time.perf_counter()
-        table = await self._features_of(ask.entities, columns, deadline)
+        table = await self._features_of(entities, columns, deadline)
         features_ms = (time.perf_counter() - began) * 1000
         values = np.asarray(table.values, dtype=tensor.numpy_dtype)
-        if values.shape != (len(ask.entities), len(columns)):
+        if values.shape != (len(entities), len(columns)):
             raise DependencyUnavailable(f"the feature store answered {values.shape} values "
-                                        f"for {len(ask.entities)} entities x {len(columns)} "
+                                        f"for {len(entities)} entities x {len(columns)} "
                                         f"features")
         if not tensor.allow_nan and not np.isfinite(values).all():
             row = int(np.argwhere(~np.isfinite(values))[0][0])
             raise InvalidInput(f"entities[{row}]: a feature value is not finite and model "
                                f"{spec.name!r} does not allow NaN")
-        prediction = await self.predictor.predict(ask.model, spec.version,
-                                                  {tensor.name: values}, deadline=deadline)
+        prediction = await self.predictor.predict(model, spec.version, {tensor.name: values},
+                                                  deadline=deadline)
         timings = {"features": round(features_ms, 3), "cache": round(prediction.cache_ms, 3),
-                   "model": round(prediction.model_ms, 3),
-                   "total": round((time.perf_counter() - started) * 1000, 3)}
+                   "model": round(prediction.model_ms, 3)}
         rule = prediction.spec.decision
-        assert rule is not None  # decision_input checked it
-        scores = prediction.outputs[rule.output].reshape(len(ask.entities), -1)[:, rule.index]
-        version = prediction.version
-        results = [{"entity": entity, "score": score, "decision": score >= rule.threshold,
-                    "threshold": rule.threshold, "model": spec.name, "model_version": version,
-                    "cache": status, "timings_ms": timings}
-                   for entity, score, status in zip(ask.entities, scores.tolist(),
-                                                     prediction.cache, strict=True)]
-        answer = {"model": spec.name, "model_version": version, "results": results,
-                  "timings_ms": timings}
-        return DecideAnswer(orjson.dumps(answer), summarise(prediction.cache), spec.name)
+        if rule is None:  # the answering version is not the one checked above
+            raise InvalidInput(f"model: {spec.name!r} version {prediction.version!r} declares "
+                               f"no decision rule (model.yaml 'decision')")
+        scores = prediction.outputs[rule.output].reshape(len(entities), -1)[:, rule.index]
+        rows = [{"entity": entity, "score": score, "decision": score >= rule.threshold,
+                 "threshold": rule.threshold, "model": spec.name,
+                 "model_version": prediction.version, "cache": status,
+                 "timings_ms": dict(timings)}
+                for entity, score, status in zip(entities, scores.tolist(), prediction.cache,
+                                                 strict=True)]
+        return rows, list(prediction.cache)
 
     async def _features_of(self, entities: list[dict[str, Any]], columns: list[str],
                            deadline: float) -> FeatureRows:

@@ -66,10 +66,12 @@ class CacheMetrics:
         self._local_entries = make(catalog.CACHE_LOCAL_ENTRIES)
         self._evictions = make(catalog.CACHE_LOCAL_EVICTIONS)
 
-    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float) -> None:
+    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float,
+             version: str = "") -> None:
         for result, count in zip(get_args(CacheStatus), (hits, misses, shared), strict=True):
             if count:
-                self._rows.inc(count, tags={"model": model, "result": result})
+                self._rows.inc(count, tags={"model": model, "version": version,
+                                            "result": result})
         self._lookup.observe(lookup_ms, tags={"model": model})
         ratio = self._cache.counters.hit_ratio(model)
         if ratio is not None:
@@ -104,14 +106,16 @@ class IngressMetrics(SloObserver):
         self._batch = make(catalog.MODEL_BATCH_SIZE)
         self._feature_age = make(catalog.FEATURE_AGE)
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
         if not self._enabled():
             return
         if self._slo_events:
             super().request(http_route, model, status, latency_ms)
         self._requests.inc(1, tags={"http_route": http_route, "model": model,
-                                    "status": str(status)})
-        self._latency.observe(latency_ms, tags={"http_route": http_route, "model": model})
+                                    "version": version, "status": str(status)})
+        self._latency.observe(latency_ms, tags={"http_route": http_route, "model": model,
+                                                "version": version})
         if self._pusher is not None:
             self._pusher.ensure_running()
 

@@ -35,6 +35,7 @@ from deployments.ingress import codec
 from deployments.ingress import grpc_protocol as pb
 from deployments.ingress.auth import ApiKey, AuthConfig, authenticate, authorize
 from deployments.ingress.dataplane import DataPlane
+from deployments.ingress.routing import ROUTE_KEY_HEADER
 from deployments.ingress.scoring import Prediction, summarise
 from deployments.observability import tracing
 from deployments.observability.asgi import GuardedObserver, RequestObserver
@@ -224,7 +225,7 @@ class GrpcOip:
         self._methods: dict[str, Callable[[Any, ApiKey | None], Awaitable[Message]]] = {
             "ServerLive": self._server_live, "ServerReady": self._server_ready,
             "ServerMetadata": self._server_metadata, "ModelReady": self._model_ready,
-            "ModelMetadata": self._model_metadata, "ModelInfer": self._model_infer,
+            "ModelMetadata": self._model_metadata,
         }
 
     async def call(self, method: str, request: Any, context: GrpcContext) -> Message:
@@ -235,6 +236,7 @@ class GrpcOip:
         model = getattr(request, "model_name", "") or getattr(request, "name", "")
         auth = self._auth()
         metadata = metadata_of(context) if auth.enabled else {}  # read only for API keys
+        version = ""
         try:
             with tracing.span("keel.request", {"rpc.system": "grpc",
                                                "rpc.service": pb.SERVICE,
@@ -242,7 +244,10 @@ class GrpcOip:
                               kind=SpanKind.SERVER) as span:
                 try:
                     key = self._key(auth, method, metadata, model)
-                    response = await self._methods[method](request, key)
+                    if method == "ModelInfer":
+                        response, version = await self._model_infer(request, route_key(context))
+                    else:
+                        response = await self._methods[method](request, key)
                     status = 200
                     return response
                 except KeelError as exc:
@@ -257,7 +262,8 @@ class GrpcOip:
                     status = CLIENT_GONE  # the client's deadline passed, or it went away
                     raise
         finally:
-            self._observe(method, model, status, (time.perf_counter() - started) * 1000)
+            self._observe(method, model, status, (time.perf_counter() - started) * 1000,
+                          version)
 
     @staticmethod
     def _key(config: AuthConfig, method: str, metadata: Mapping[str, str],
@@ -269,9 +275,10 @@ class GrpcOip:
             authorize(key, model)
         return key
 
-    def _observe(self, method: str, model: str, status: int, latency_ms: float) -> None:
+    def _observe(self, method: str, model: str, status: int, latency_ms: float,
+                 version: str) -> None:
         if self._observer is not None:
-            self._observer.request(pb.method_path(method), model, status, latency_ms)
+            self._observer.request(pb.method_path(method), model, status, latency_ms, version)
 
     async def _server_live(self, request: Any, key: ApiKey | None) -> Message:
         return pb.ServerLiveResponse(live=True)
@@ -295,11 +302,12 @@ class GrpcOip:
         return _metadata_response(
             await self.plane.model_metadata(request.name, request.version or None))
 
-    async def _model_infer(self, request: Any, key: ApiKey | None) -> Message:
+    async def _model_infer(self, request: Any, route: str | None) -> tuple[Message, str]:
+        """The answer and the version that gave it."""
         with self.plane.admitted():  # UNAVAILABLE + retry-after when the replica is full
-            return await self._infer_admitted(request)
+            return await self._infer_admitted(request, route)
 
-    async def _infer_admitted(self, request: Any) -> Message:
+    async def _infer_admitted(self, request: Any, route: str | None) -> tuple[Message, str]:
         plane = self.plane
         config = plane.config()
         deadline = time.monotonic() + config.request_timeout_s
@@ -312,8 +320,17 @@ class GrpcOip:
                                   f"(Ingress user_config max_body_bytes)")
         parsed, binary = to_request(request)
         prediction = await plane.predict(request.model_name, request.model_version or None,
-                                         parsed, binary, deadline)
-        return to_response(request, prediction)
+                                         parsed, binary, deadline, route)
+        return to_response(request, prediction), prediction.version
+
+
+def route_key(context: GrpcContext) -> str | None:
+    """The call's ``x-keel-route-key`` metadata (the traffic split's sticky key), if any."""
+    wanted = ROUTE_KEY_HEADER.lower()
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == wanted and isinstance(value, str):
+            return value
+    return None
 
 
 def _require_name(value: str, field: str) -> None:

@@ -30,6 +30,7 @@ from deployments.ingress import codec, openapi
 # Where a route that learns its model from the body (/v1/decide, the LLM) leaves it for
 # the request metrics (the telemetry middleware reads it).
 from deployments.observability.asgi import MODEL_SCOPE_KEY as MODEL_SCOPE_KEY
+from deployments.observability.asgi import VERSION_SCOPE_KEY as VERSION_SCOPE_KEY
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from deployments.contracts import DecideRequest, DecideResponse
 from deployments.ingress import openapi
 from deployments.ingress.auth import authorize, key_of
 from deployments.ingress.dataplane import DataPlane
-from deployments.ingress.http import MODEL_SCOPE_KEY, read_body
+from deployments.ingress.http import MODEL_SCOPE_KEY, VERSION_SCOPE_KEY, read_body
+from deployments.ingress.routing import ROUTE_KEY_HEADER
 
 
 def add_decide_routes(app: FastAPI, plane: DataPlane) -> None:
@@ -33,6 +34,7 @@ async def decide_response(plane: DataPlane, request: Request) -> Response:
 
     with plane.admitted():  # 503 before anything else when the replica is full
         body = await read_body(request, plane.config().max_body_bytes)
-        answer = await plane.decide(body, on_model)
+        answer = await plane.decide(body, on_model, request.headers.get(ROUTE_KEY_HEADER))
+    request.scope[VERSION_SCOPE_KEY] = answer.version
     return Response(answer.body, media_type="application/json",
                     headers={"X-Keel-Cache": answer.cache})

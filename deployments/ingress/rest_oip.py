@@ -10,7 +10,14 @@ from fastapi.responses import Response
 from deployments.contracts import InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
 from deployments.ingress import openapi
 from deployments.ingress.dataplane import DataPlane
-from deployments.ingress.http import JSON_OR_BINARY, JSONBody, binary_json_length, read_body
+from deployments.ingress.http import (
+    JSON_OR_BINARY,
+    VERSION_SCOPE_KEY,
+    JSONBody,
+    binary_json_length,
+    read_body,
+)
+from deployments.ingress.routing import ROUTE_KEY_HEADER
 
 _Responses = dict[int | str, dict[str, Any]]
 _METADATA_RESPONSES: _Responses = {
@@ -86,7 +93,9 @@ async def infer_response(plane: DataPlane, name: str, version: str | None,
     with plane.admitted():  # 503 before anything else when the replica is full
         plane.catalog.require(name)  # 404 before reading any body
         body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
-        answer = await plane.infer(name, version, body, binary_json_length(request))
+        answer = await plane.infer(name, version, body, binary_json_length(request),
+                                   request.headers.get(ROUTE_KEY_HEADER))
+    request.scope[VERSION_SCOPE_KEY] = answer.version
     headers: dict[str, str] = {"X-Keel-Cache": answer.cache}
     if answer.json_length is None:
         return Response(answer.body, media_type="application/json", headers=headers)

@@ -160,7 +160,7 @@ class Predictor:
         with tracing.span("keel.cache.fetch", {"keel.model": name,
                                                "keel.model.version": spec.version,
                                                "keel.rows": len(keys)}) as span:
-            outputs, statuses = await cache.fetch(name, keys, compute)
+            outputs, statuses = await cache.fetch(name, keys, compute, spec.version)
             if span is not None:
                 span.set_attribute("keel.cache.result", summarise(statuses))
                 span.set_attribute("keel.cache.hits", statuses.count("hit"))

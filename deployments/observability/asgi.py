@@ -1,7 +1,7 @@
 """One ASGI middleware for the ingress's telemetry: request metrics and ``keel.request``
 spans (pure ASGI, no Ray here).
 
-Once each answer is sent, its route template, model, status and latency go to the
+Once each answer is sent, its route template, model, version, status and latency go to the
 ``RequestObserver`` (metrics and SLO events: after the answer, never before it); an
 observer that fails is logged once, never the request's problem. When tracing is on,
 the request runs inside a ``keel.request`` span: a child of the span Ray Serve opened
@@ -27,12 +27,16 @@ Send = Any
 
 #: Where a route that learns its model from the body leaves it (deployments/ingress/http.py).
 MODEL_SCOPE_KEY = "keel.model"
+#: Where a serving route leaves the version that answered (the traffic split chose it, or
+#: the request pinned it); absent: the label is empty (no version answered).
+VERSION_SCOPE_KEY = "keel.version"
 
 
 class RequestObserver(Protocol):
     """Told about every answered HTTP request (metrics, SLOs)."""
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None: ...
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None: ...
 
 
 class GuardedObserver:
@@ -43,9 +47,10 @@ class GuardedObserver:
         self._observer = observer
         self._failed_once = False
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
         try:
-            self._observer.request(http_route, model, status, latency_ms)
+            self._observer.request(http_route, model, status, latency_ms, version)
         except Exception:
             if not self._failed_once:
                 self._failed_once = True
@@ -103,4 +108,5 @@ class Telemetry:
         assert self.observer is not None
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         model = scope.get(MODEL_SCOPE_KEY) or scope.get("path_params", {}).get("name", "")
-        self.observer.request(route, str(model), status, latency_ms)
+        self.observer.request(route, str(model), status, latency_ms,
+                              str(scope.get(VERSION_SCOPE_KEY) or ""))

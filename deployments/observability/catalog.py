@@ -44,11 +44,12 @@ class MetricSpec:
 
 
 REQUESTS = MetricSpec("keel_requests_total", "counter",
-                      "HTTP requests answered by the ingress, by route, model and status code.",
-                      ("http_route", "model", "status"))
+                      "HTTP requests answered by the ingress, by route, model, the version "
+                      "that answered (empty: none did) and status code.",
+                      ("http_route", "model", "version", "status"))
 REQUEST_LATENCY = MetricSpec("keel_request_latency_ms", "histogram",
                              "Time from the ingress receiving a request to its answer, in ms.",
-                             ("http_route", "model"), LATENCY_BUCKETS_MS)
+                             ("http_route", "model", "version"), LATENCY_BUCKETS_MS)
 MODEL_LATENCY = MetricSpec("keel_model_latency_ms", "histogram",
                            "Round trip of one model call seen from the ingress (hop, queue, "
                            "batch wait, ONNX Runtime), in ms.", ("model",), LATENCY_BUCKETS_MS)
@@ -64,8 +65,8 @@ FEATURE_AGE = MetricSpec("keel_feature_age_seconds", "gauge",
                          "Age of the oldest feature row served in the last lookup batch "
                          "(now - event timestamp).", ("feature_view",))
 CACHE_ROWS = MetricSpec("keel_cache_rows_total", "counter",
-                        "Rows looked up in the prediction cache, by result (hit, miss, shared).",
-                        ("model", "result"))
+                        "Rows looked up in the prediction cache, by model version and result "
+                        "(hit, miss, shared).", ("model", "version", "result"))
 CACHE_ERRORS = MetricSpec("keel_cache_errors_total", "counter",
                           "Redis commands of the prediction cache that failed (the in-process "
                           "fallback answered).", ("operation",))

@@ -424,7 +424,8 @@ class SloObserver:
     def __init__(self, recorder: Recorder | None = None) -> None:
         self.recorder = recorder or process_recorder()
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
         if is_serving_route(http_route):
             self.recorder.observe(API, latency_ms, good=status < 500)
 

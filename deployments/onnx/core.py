@@ -17,11 +17,18 @@ from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import ConfigError, InvalidInput, KeelError, ModelNotFound, ModelNotReady
-from deployments.repository import ORT_TYPES, ModelRepository, ModelSpec, TensorSpec
+from deployments.repository import (
+    ORT_TYPES,
+    ModelRepository,
+    ModelSpec,
+    TensorSpec,
+    check_traffic,
+    version_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,14 @@ class OnnxModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Version to serve; ``None`` serves the latest version in the repository.
+    #: Version to serve; ``None`` serves the latest version in the repository (with
+    #: ``traffic``: the version with the largest weight).
     version: str | None = None
+    #: A weighted split between versions, e.g. ``{"1": 95, "2": 5}``: every version named
+    #: is kept loaded, and the ingress sends each request that pins no version to one of
+    #: them in proportion to its weight (sticky per route key). A weight of 0 keeps a
+    #: version loaded for pinned requests only. ``None``: every request to ``version``.
+    traffic: dict[str, float] | None = None
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     #: How long a batch waits to fill. At low load this is pure latency: size it to the SLO.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -64,6 +77,28 @@ class OnnxModelConfig(BaseModel):
         if self.version is not None and not self.version.strip():
             raise ValueError("version must not be empty")
         return self
+
+    @field_validator("traffic")
+    @classmethod
+    def _routable(cls, traffic: dict[str, float] | None,
+                  info: ValidationInfo) -> dict[str, float] | None:
+        if traffic is None:
+            return None
+        check_traffic(traffic)
+        version = info.data.get("version")
+        if version is not None and version not in traffic:
+            raise ValueError(f"names versions {sorted(traffic)} but not the served version "
+                             f"{version!r}; add it (weight 0 keeps it loaded without "
+                             f"traffic) or drop 'version'")
+        return traffic
+
+    @property
+    def primary_version(self) -> str | None:
+        """The version status reports as served: ``version``, else the heaviest in
+        ``traffic`` (ties: the newest), else ``None`` (the latest in the repository)."""
+        if self.version is not None or not self.traffic:
+            return self.version
+        return max(self.traffic, key=lambda v: (self.traffic[v], version_key(v)))  # type: ignore[index]
 
     def check_max_ongoing_requests(self, max_ongoing_requests: int | None) -> None:
         """Refuse a replica limit below the batch size.
@@ -281,7 +316,8 @@ def load_runner(repository: ModelRepository, name: str, version: str | None,
 
 
 class ModelVersions:
-    """The runners of one model: the served version plus the one it replaced.
+    """The runners of one model: the served version, the other versions its traffic
+    split names, and the served version it replaced.
 
     Swapping keeps the previous runner loaded so requests pinned to it, and
     batches already running on it, finish on the version they asked for.
@@ -292,27 +328,47 @@ class ModelVersions:
         self.name = name
         self.current: OnnxRunner | None = None
         self.previous: OnnxRunner | None = None
+        #: The split's other versions (not ``current``), by version.
+        self.others: dict[str, OnnxRunner] = {}
+        #: The split as configured (``{}``: every request to ``current``).
+        self.traffic: dict[str, float] = {}
 
     def apply(self, config: OnnxModelConfig) -> bool:
-        """Load what ``config`` asks for; returns True when the served runner changed."""
-        version = config.version or self.repository.latest_version(self.name)
+        """Load what ``config`` asks for; returns True when the served runner changed.
+
+        Every version first, then one assignment each: a failure to load any of them
+        (a version not in the repository, a broken file) changes nothing.
+        """
+        version = config.primary_version or self.repository.latest_version(self.name)
+        wanted = [version, *(v for v in (config.traffic or {}) if v != version)]
+        have = self.loaded()
+        runners: dict[str, OnnxRunner] = {}
+        for v in wanted:
+            known = have.get(v)
+            if known is not None and known.options == config.runtime:
+                runners[v] = known
+                continue
+            try:
+                runners[v] = load_runner(self.repository, self.name, v, config.runtime)
+            except ModelNotFound as exc:
+                if v == config.version or config.traffic is None:
+                    raise
+                raise ConfigError(f"traffic: version {v!r} of model {self.name!r} cannot be "
+                                  f"loaded: {exc.message}") from exc
         current = self.current
-        if current is not None and current.version == version \
-                and current.options == config.runtime:
-            return False
-        if self.previous is not None and self.previous.version == version \
-                and self.previous.options == config.runtime:
-            runner = self.previous
-        else:
-            runner = load_runner(self.repository, self.name, version, config.runtime)
-        # One assignment each: a batch that already took ``current`` keeps it. A reload of
-        # the same version (new runtime options) keeps the older version pinned requests use.
-        if current is not None and current.version != version:
+        runner = runners.pop(version)
+        changed = current is not runner
+        if current is not None and current.version != version and current.version not in runners:
             self.previous = current
-        elif self.previous is not None and self.previous.version == version:
+        elif self.previous is not None and (self.previous.version == version
+                                            or self.previous.version in runners):
             self.previous = None
+        changed = changed or set(self.others) != set(runners) or any(
+            self.others[v] is not r for v, r in runners.items())
+        self.others = runners
+        self.traffic = dict(config.traffic or {})
         self.current = runner
-        return True
+        return changed
 
     def runner_for(self, version: str | None) -> OnnxRunner:
         """The runner for a pinned version, or the served one."""
@@ -321,6 +377,9 @@ class ModelVersions:
             raise ModelNotReady(f"model {self.name!r} is not loaded yet")
         if version is None or version == current.version:
             return current
+        other = self.others.get(version)
+        if other is not None:
+            return other
         previous = self.previous
         if previous is not None and previous.version == version:
             return previous
@@ -374,8 +433,10 @@ class ModelVersions:
             loaded={v: r.spec for v, r in loaded.items()},
             available_versions=available,
             providers=current.providers if current else [],
+            traffic=self.traffic,
         )
 
     def loaded(self) -> dict[str, OnnxRunner]:
-        runners = [r for r in (self.previous, self.current) if r is not None]
+        runners = [r for r in (self.previous, *self.others.values(), self.current)
+                   if r is not None]
         return {r.version: r for r in runners}

@@ -188,7 +188,8 @@ class Timings:
         self.writes: list[tuple[str, float, int, int]] = []
         self.failures: list[str] = []
 
-    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float) -> None:
+    def rows(self, model: str, hits: int, misses: int, shared: int, lookup_ms: float,
+             version: str = "") -> None:
         self.lookups.append((model, hits, misses, shared, lookup_ms))
 
     def stored(self, model: str, write_ms: float, local_entries: int, evictions: int) -> None:

@@ -74,14 +74,40 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
          "(Ingress).user_config.max_requests"),
         (lambda app: _dep(app, "Ingress").update(max_ongoing_requests=1280),
          "(Ingress).max_ongoing_requests: 1280 must be above user_config.max_requests (1280)"),
+        (lambda app: _dep(app, "risk_gbdt")["user_config"].update(traffic={"1": -5}),
+         "(risk_gbdt).user_config.traffic"),
+        (lambda app: _dep(app, "risk_gbdt")["user_config"].update(traffic={"1": 0, "2": 0}),
+         "every weight is 0"),
+        (lambda app: _dep(app, "Ingress")["user_config"]["models"]["risk_mlp"].update(
+            traffic={"1": 1}, version="2"), "(Ingress).user_config.models.risk_mlp"),
     ],
     ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema",
          "feature-timeout", "cache-hash", "max-entities", "slo-window", "slo-threshold",
-         "max-requests", "ray-below-keel"],
+         "max-requests", "ray-below-keel", "negative-weight", "zero-weights",
+         "served-not-in-split"],
 )
 def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str) -> None:
     problems = check_serve_config(_write(tmp_path, mutate))
     assert any(expected in p for p in problems), problems
+
+
+def test_versions_a_config_names_must_be_in_its_repository(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    for name in ("risk_mlp", "risk_gbdt", "risk_mlp_int8"):
+        write_linear_model(repository, name, "1")
+    write_linear_model(repository, "risk_gbdt", "2", seed=1)
+
+    def mutate(app: dict[str, Any]) -> None:
+        app["args"]["model_repository"] = str(repository)
+        _dep(app, "risk_gbdt")["user_config"]["traffic"] = {"1": 90, "2": 5, "3": 5}
+        _dep(app, "Ingress")["user_config"]["models"]["risk_mlp"]["version"] = "4"
+
+    problems = check_serve_config(_write(tmp_path, mutate))
+    assert any("(risk_gbdt).user_config.traffic: model 'risk_gbdt' has no version ['3'] "
+               "(versions: ['1', '2'])" in p for p in problems), problems
+    assert any("(Ingress).user_config.models.risk_mlp.version: model 'risk_mlp' has no "
+               "version '4'" in p for p in problems), problems
+    assert len(problems) == 2, problems
 
 
 def test_check_config_command_exit_codes(tmp_path: Path,

@@ -584,7 +584,8 @@ class _Routes:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, int]] = []
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
         self.seen.append((http_route, model, status))
 
 

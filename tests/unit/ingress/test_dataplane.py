@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from deployments.cache.core import PredictionCache
 from deployments.contracts import InferCall, InferResult
 from deployments.errors import EntityNotFound, InvalidInput, KeelError, ModelNotFound
 from deployments.features.core import FeatureFetcher, FeatureRows
@@ -330,3 +332,121 @@ async def test_auto_cache_steps_aside_for_a_model_in_the_ingress(
     assert state["in_use"] is False and state["compute_ms"] < state["lookup_ms"]
     await cache.settled()
     await cache.store.remote.client.aclose()  # type: ignore[union-attr]
+
+
+# --- traffic splits between versions ----------------------------------------------------
+
+
+def _split_plane(pool: tuple[ModelPool, EmbeddedModels, RemoteModels],
+                 traffic: dict[str, float], cache: PredictionCache | None = None) -> DataPlane:
+    """``linear`` split by ``traffic``; the status held for a minute (no refresh unless
+    something forces it)."""
+    models, embedded, _ = pool
+    embedded.apply({"linear": OnnxModelConfig(traffic=traffic)})
+    config = IngressConfig(status_ttl_s=60, **({"cache": cache.config} if cache else {}))
+    return DataPlane(models, MutableIngressConfig(config), cache=cache)
+
+
+async def test_a_split_sends_keys_to_versions_by_weight_and_each_answer_is_its_versions(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> None:
+    plane = _split_plane(pool, {"1": 70, "2": 30})
+    x = _rows(1, seed=40)
+    references = {"1": reference_probabilities(x, seed=0), "2": reference_probabilities(x, seed=1)}
+    answers = await asyncio.gather(*(plane.infer("linear", None, _body(x), None, f"acct-{i}")
+                                     for i in range(1200)))
+    counts = Counter(a.version for a in answers)
+    assert 0.25 < counts["2"] / 1200 < 0.35, counts
+    for answer in answers:
+        np.testing.assert_allclose(_probabilities(answer.body), references[answer.version],
+                                   atol=ATOL)
+    # Sticky: a key keeps its version; a pinned version overrides the split.
+    for i in range(20):
+        again = {(await plane.infer("linear", None, _body(x), None, f"acct-{i}")).version
+                 for _ in range(3)}
+        assert again == {answers[i].version}
+    pinned = await plane.infer("linear", "2", _body(x), None, "acct-0")
+    assert pinned.version == "2"
+    np.testing.assert_allclose(_probabilities(pinned.body), references["2"], atol=ATOL)
+
+
+async def test_the_cache_keeps_each_versions_rows_apart(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> None:
+    """The version is chosen before keying: a row computed by 1 is never a hit for 2."""
+    import uuid
+
+    from deployments.cache.core import CacheConfig, redis_store
+
+    config = CacheConfig(key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:", policy="always")
+    cache = PredictionCache(redis_store("redis://127.0.0.1:6379/0"), config)
+    plane = _split_plane(pool, {"1": 50, "2": 50}, cache=cache)
+    x = _rows(3, seed=41)
+    seeds = {"1": 0, "2": 1}
+    key_for: dict[str, str] = {}
+    for i in range(200):  # the same rows under keys that land on 1 and on 2
+        answer = await plane.infer("linear", None, _body(x), None, f"k{i}")
+        if answer.version in key_for:
+            continue
+        key_for[answer.version] = f"k{i}"
+        # The first answer of each version is computed by it: the other's row is no hit.
+        assert answer.cache == "miss", (answer.version, key_for)
+        np.testing.assert_allclose(_probabilities(answer.body),
+                                   reference_probabilities(x, seed=seeds[answer.version]),
+                                   atol=ATOL)
+        await cache.settled()
+        if len(key_for) == 2:
+            break
+    assert sorted(key_for) == ["1", "2"]
+    for version, key in key_for.items():
+        answer = await plane.infer("linear", None, _body(x), None, key)
+        assert answer.version == version and answer.cache == "hit"
+        np.testing.assert_allclose(_probabilities(answer.body),
+                                   reference_probabilities(x, seed=seeds[version]), atol=ATOL)
+    await cache.settled()
+    await cache.store.remote.client.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_version_unloaded_under_a_stale_split_is_answered_by_the_served_one(
+        pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> None:
+    """Weights change while requests are in flight: this replica still holds the old split
+    (status_ttl_s), chooses a version that is gone, and the request is answered anyway."""
+    _, embedded, _ = pool
+    plane = _split_plane(pool, {"1": 50, "2": 50})
+    embedded.apply({"linear": OnnxModelConfig(traffic={"1": 50, "2": 50}, version="2")})
+    x = _rows(1, seed=42)
+    assert (await plane.catalog.status("linear")).traffic == {"1": 50, "2": 50}
+    embedded.apply({"linear": OnnxModelConfig(version="2")})  # 1 unloaded, split gone
+    answers = await asyncio.gather(*(plane.infer("linear", None, _body(x), None, f"a{i}")
+                                     for i in range(40)))
+    assert {a.version for a in answers} == {"2"}
+    assert (await plane.catalog.status("linear")).traffic == {}  # refreshed on the way
+    with pytest.raises(ModelNotFound, match="'1'"):  # pinned by the client: its own error
+        await plane.infer("linear", "1", _body(x), None)
+
+
+async def test_decide_routes_each_entity_stickily_and_a_mixed_answer_says_so(
+        demo: tuple[Path, FeatureFetcher], tmp_path: Path) -> None:
+    import shutil
+
+    _, fetcher = demo
+    models = tmp_path / "models"  # the demo's risk_mlp as versions 1 and 2
+    shutil.copytree(demo[0] / "risk_mlp" / "1", models / "risk_mlp" / "1")
+    shutil.copytree(demo[0] / "risk_mlp" / "1", models / "risk_mlp" / "2")
+    repository = ModelRepository(models)
+    embedded = EmbeddedModels(repository, ["risk_mlp"])
+    embedded.apply({"risk_mlp": OnnxModelConfig(traffic={"1": 50, "2": 50})})
+    plane = DataPlane(ModelPool(embedded, None), MutableIngressConfig(),
+                      features=InProcessFeatures(fetcher))
+    items = _entities(12)
+    body = json.dumps({"model": "risk_mlp", "entities": items}).encode()
+    first = json.loads((await plane.decide(body)).body)
+    versions = [r["model_version"] for r in first["results"]]
+    assert set(versions) == {"1", "2"} and first["model_version"] == "mixed"
+    for i, item in enumerate(items):  # alone, each entity gets the version it got in a batch
+        alone = await plane.decide(json.dumps({"model": "risk_mlp",
+                                               "entities": [item]}).encode())
+        assert alone.version == versions[i]
+    keyed = await plane.decide(body, route_key="one-account")
+    assert keyed.version in ("1", "2")  # one key for the whole request: one version
+    pinned = json.loads((await plane.decide(json.dumps(
+        {"model": "risk_mlp", "version": "2", "entities": items}).encode())).body)
+    assert {r["model_version"] for r in pinned["results"]} == {"2"}

@@ -61,7 +61,8 @@ class Observed:
 
     calls: list[tuple[str, str, int]] = field(default_factory=list)
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
         self.calls.append((http_route, model, status))
 
 

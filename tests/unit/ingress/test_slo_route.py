@@ -30,7 +30,8 @@ class RecordingObserver(SloObserver):
         super().__init__(recorder)
         self.requests: list[tuple[str, str, int]] = []
 
-    def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+    def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
         super().request(http_route, model, status, latency_ms)
         self.requests.append((http_route, model, status))
 
@@ -93,7 +94,8 @@ def test_slo_report_counts_serving_requests_and_model_calls(
 def test_a_failing_observer_never_fails_a_request(backend: InProcessModels,
                                                   ingress_config: MutableIngressConfig) -> None:
     class Broken(SloObserver):
-        def request(self, http_route: str, model: str, status: int, latency_ms: float) -> None:
+        def request(self, http_route: str, model: str, status: int, latency_ms: float,
+                version: str = "") -> None:
             raise RuntimeError("metrics backend down")
 
     app = create_app(backend, ingress_config, observer=Broken(Recorder()))

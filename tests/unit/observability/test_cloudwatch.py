@@ -33,6 +33,8 @@ from tests.support.emf import assert_emf
 
 ROOT = Path(__file__).resolve().parents[3]
 ROUTE = "/v2/models/{name}/infer"
+LATENCY_TAGS = {"http_route": ROUTE, "model": "linear", "version": "1"}
+REQUEST_TAGS = {**LATENCY_TAGS, "status": "200"}
 
 
 class Recorded:
@@ -126,7 +128,7 @@ def test_put_metric_data_without_a_region_refuses_to_start(
 def test_dimension_sets_follow_the_settings() -> None:
     config = CloudWatchConfig()
     assert config.dimension_sets(catalog.REQUESTS) == [
-        ("application", "http_route", "model", "status"), ("application",)]
+        ("application", "http_route", "model", "version", "status"), ("application",)]
     assert config.dimension_sets(catalog.SLO_VALUE) == [("application", "slo", "window")]
     assert config.unit(catalog.REQUEST_LATENCY) == "Milliseconds"
     assert config.unit(catalog.FEATURE_AGE) == "Seconds"
@@ -148,13 +150,13 @@ def test_the_wrapper_passes_every_call_on_and_aggregates() -> None:
     ray_side = Recorded()
     metric = exporter.wrap(catalog.REQUESTS, ray_side, application="keel",
                            deployment="Ingress")
-    tags = {"http_route": ROUTE, "model": "linear", "status": "200"}
+    tags = {"http_route": ROUTE, "model": "linear", "version": "1", "status": "200"}
     metric.inc(1, tags=tags)
     metric.inc(2, tags=tags)
     assert ray_side.calls == [("inc", 1, tags), ("inc", 2, tags)]
     snapshot = exporter.aggregate.drain()
     assert snapshot.counters == {
-        ("keel_requests_total", ("keel", ROUTE, "linear", "200")): 3.0}
+        ("keel_requests_total", ("keel", ROUTE, "linear", "1", "200")): 3.0}
     assert not len(exporter.aggregate.drain()), "counters start again after a drain"
 
 
@@ -235,20 +237,20 @@ def test_emf_documents_meet_the_specification_and_carry_the_values(tmp_path: Pat
                             deployment="Ingress")
     slo = exporter.wrap(catalog.SLO_VALUE, Recorded(), application="keel")
     for i in range(30):
-        requests.inc(1, tags={"http_route": ROUTE, "model": "linear", "status": "200"})
-        latency.observe(2.0 + i, tags={"http_route": ROUTE, "model": "linear"})
-    requests.inc(1, tags={"http_route": ROUTE, "model": "", "status": "404"})
+        requests.inc(1, tags=REQUEST_TAGS)
+        latency.observe(2.0 + i, tags=LATENCY_TAGS)
+    requests.inc(1, tags={"http_route": ROUTE, "model": "", "version": "", "status": "404"})
     slo.set(21.5, tags={"slo": "api_p95", "window": "5m"})
     assert exporter.flush() == 4
     docs = _emf_lines(out)
     declared = {d for doc in docs for d in assert_emf(doc)}
     assert ("KeelTest", "keel_requests_total", ("application",)) in declared
     assert ("KeelTest", "keel_request_latency_ms",
-            ("application", "http_route", "model")) in declared
+            ("application", "http_route", "model", "version")) in declared
     ok = next(d for d in docs if d.get("status") == "200")
     assert ok["keel_requests_total"] == 30 and ok["model"] == "linear"
     assert ok["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [
-        ["application", "http_route", "model", "status"], ["application"]]
+        ["application", "http_route", "model", "version", "status"], ["application"]]
     missing = next(d for d in docs if d.get("status") == "404")
     assert missing["model"] == cloudwatch.NO_VALUE, "empty tag values become 'none'"
     hist = next(d for d in docs if "keel_request_latency_ms" in d)["keel_request_latency_ms"]
@@ -401,10 +403,10 @@ def test_put_metric_data_batches_reach_cloudwatch_and_read_back(
     slo = exporter.wrap(catalog.SLO_COMPLIANT, Recorded(), application="keel")
     routes = [f"/r{i}" for i in range(1200)]  # 1200 series: more than one call's 1000
     for route in routes:
-        requests.inc(2, tags={"http_route": route, "model": "linear", "status": "200"})
+        requests.inc(2, tags={**REQUEST_TAGS, "http_route": route})
     observed = [0.5, 3.0, 3.0, 24.9, 25.0, 79.0, 81.0, 4000.0]
     for value in observed:
-        latency.observe(value, tags={"http_route": ROUTE, "model": "linear"})
+        latency.observe(value, tags=LATENCY_TAGS)
     slo.set(1, tags={"slo": "api_p95", "window": "5m"})
     calls = exporter.flush()
     assert exporter.errors == {}, exporter.errors
@@ -415,10 +417,10 @@ def test_put_metric_data_batches_reach_cloudwatch_and_read_back(
              if m["MetricName"] == "keel_requests_total"]
     assert len(names) == 1201
     full = {tuple(sorted(d["Name"] for d in m["Dimensions"])) for m in names}
-    assert full == {("application", "http_route", "model", "status"), ("application",)}
+    assert full == {("application", "http_route", "model", "status", "version"), ("application",)}
     one = _statistics(client, namespace, "keel_requests_total",
                       {"application": "keel", "http_route": "/r7", "model": "linear",
-                       "status": "200"})
+                       "version": "1", "status": "200"})
     assert one["Sum"] == 2
     # moto matches every series whose dimensions INCLUDE the ones asked for (CloudWatch
     # matches them exactly), so asking for the rollup also sums the full series: twice
@@ -432,7 +434,8 @@ def test_put_metric_data_batches_reach_cloudwatch_and_read_back(
     assert hist["Maximum"] == 4000.0  # alone in its bucket: its mean is itself
     assert hist["Minimum"] == 0.5
     exact = _statistics(client, namespace, "keel_request_latency_ms",
-                        {"application": "keel", "http_route": ROUTE, "model": "linear"})
+                        {"application": "keel", "http_route": ROUTE, "model": "linear",
+                         "version": "1"})
     assert exact["SampleCount"] == len(observed)
     assert exact["Sum"] == pytest.approx(sum(observed))
     gauge = _statistics(client, namespace, "keel_slo_compliant",
@@ -447,8 +450,8 @@ def _busy(exporter: Exporter) -> None:
     requests = exporter.wrap(catalog.REQUESTS, Recorded(), application="keel")
     latency = exporter.wrap(catalog.REQUEST_LATENCY, Recorded(), application="keel")
     for i in range(100):
-        requests.inc(1, tags={"http_route": ROUTE, "model": "linear", "status": "200"})
-        latency.observe(float(i), tags={"http_route": ROUTE, "model": "linear"})
+        requests.inc(1, tags=REQUEST_TAGS)
+        latency.observe(float(i), tags=LATENCY_TAGS)
 
 
 @pytest.mark.parametrize("where", ["a directory", "a missing directory"])
@@ -518,7 +521,7 @@ def test_make_wraps_when_the_sink_is_on(clean_env: pytest.MonkeyPatch, tmp_path:
     clean_env.setenv("KEEL_CLOUDWATCH_EMF_FILE", str(tmp_path / "emf.log"))
     metric = make(catalog.REQUESTS)
     assert isinstance(metric, cloudwatch.ExportedMetric)
-    metric.inc(1, tags={"http_route": ROUTE, "model": "linear", "status": "200"})
+    metric.inc(1, tags=REQUEST_TAGS)
     exporter = cloudwatch.process_exporter()
     assert exporter is not None and exporter.on_error is not None
     assert exporter.flush() == 1

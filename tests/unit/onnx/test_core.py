@@ -464,3 +464,64 @@ def test_infer_batch_mixes_versions_errors_and_output_subsets(
     assert subset.outputs["label"].shape == (2,)
     assert isinstance(bad, InvalidInput) and "expected FP32" in bad.message
     assert isinstance(missing, ModelNotFound) and "'9'" in missing.message
+
+
+# --- traffic splits -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("traffic", "version", "message"), [
+    ({}, None, "names no version"),
+    ({"1": -1, "2": 5}, None, r"version '1': weight -1 "),
+    ({"1": float("inf")}, None, r"version '1': weight inf"),
+    ({"1": 0, "2": 0}, None, "every weight is 0"),
+    ({"../1": 1}, None, "is not a version name"),
+    ({"1": 1, "2": 1}, "3", "not the served version '3'"),
+])
+def test_a_traffic_split_that_cannot_route_is_refused_naming_the_field(
+        traffic: dict[str, float], version: str | None, message: str) -> None:
+    with pytest.raises(ValidationError, match=message) as info:
+        OnnxModelConfig(traffic=traffic, version=version)
+    assert "traffic" in str(info.value)
+
+
+def test_the_primary_version_is_the_pinned_one_else_the_heaviest() -> None:
+    assert OnnxModelConfig(traffic={"1": 90, "2": 10}).primary_version == "1"
+    assert OnnxModelConfig(traffic={"1": 5, "2": 5}).primary_version == "2"  # tie: newest
+    assert OnnxModelConfig(traffic={"1": 90, "2": 10}, version="2").primary_version == "2"
+    assert OnnxModelConfig().primary_version is None
+
+
+def test_versions_with_traffic_keep_every_named_version_loaded(
+        repository: ModelRepository) -> None:
+    versions = ModelVersions(repository, "linear")
+    assert versions.apply(OnnxModelConfig(traffic={"1": 95, "2": 5})) is True
+    assert versions.current is not None and versions.current.version == "1"
+    assert sorted(versions.loaded()) == ["1", "2"]
+    status = versions.status()
+    assert status.served_version == "1" and status.traffic == {"1": 95, "2": 5}
+    assert sorted(status.loaded) == ["1", "2"]
+    _check_answers(versions.runner_for("1"), seed=0)
+    _check_answers(versions.runner_for("2"), seed=1)
+    one, two = versions.runner_for("1"), versions.runner_for("2")
+    # New weights reuse the loaded sessions; promoting 2 keeps 1 as the split's other.
+    assert versions.apply(OnnxModelConfig(traffic={"1": 50, "2": 50}, version="1")) is False
+    assert versions.apply(OnnxModelConfig(traffic={"1": 10, "2": 90})) is True
+    assert versions.current is two and versions.runner_for("1") is one
+    assert versions.status().traffic == {"1": 10, "2": 90}
+    # Retiring 1 ends the split; 2 was already the served version, so 1 is unloaded (it is
+    # not "the version 2 replaced", which stays loaded only across a swap of the served one).
+    assert versions.apply(OnnxModelConfig(version="2")) is True
+    assert versions.current is two and sorted(versions.loaded()) == ["2"]
+    assert versions.status().traffic == {}
+    with pytest.raises(ModelNotFound, match="in the repository but not loaded"):
+        versions.runner_for("1")
+
+
+def test_a_split_naming_a_missing_version_changes_nothing(repository: ModelRepository) -> None:
+    versions = ModelVersions(repository, "linear")
+    versions.apply(OnnxModelConfig(version="1"))
+    before = versions.current
+    with pytest.raises(ConfigError, match=r"traffic: version '7' of model 'linear'"):
+        versions.apply(OnnxModelConfig(traffic={"1": 90, "7": 10}))
+    assert versions.current is before and sorted(versions.loaded()) == ["1"]
+    assert versions.status().traffic == {}
