@@ -11,14 +11,17 @@
    Zipf-distributed ids, so the cache sees a realistic key mix) and the rest
    ``/v2/models/<model>/infer`` with distinct random rows (misses).
 4. Every ``--interval`` seconds: requests sent, answered, success rate, p50/p95/p99.
-   The resident memory (RSS) of every process of the Ray instance (replicas,
-   proxy/HAProxy, raylet, GCS, ...) at the start of the soak and at its end, to
-   catch leaks.
+5. Every ``--rss-every`` seconds (default 60) the resident memory (RSS) of every
+   process of the Ray instance (replicas, HAProxy, raylet, GCS, ...). Per process, a
+   least-squares growth line over the samples after ``--settle`` seconds (default 600):
+   MB per 10 minutes; a process growing faster than ``--growth-limit`` (1 MB per 10
+   minutes) is listed as growing. The hour-long run: ``--duration 3600``.
 
 Writes ``<out>/<date>-soak.json`` and ``.png`` and prints a table::
 
     .venv/bin/python -m bench.soak                 # 10 minutes
     .venv/bin/python -m bench.soak --duration 120  # a quick look
+    .venv/bin/python -m bench.soak --duration 3600 # an hour of memory
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import psutil
 
 from bench import serving_core
@@ -207,6 +212,89 @@ def memory_table(start: dict[str, dict[str, Any]],
     return rows
 
 
+class MemorySampler:
+    """Samples :func:`ray_processes` every ``every_s`` seconds on its own thread (so the
+    load generator's loop never waits for the process walk)."""
+
+    def __init__(self, server: Server, every_s: float) -> None:
+        self.server = server
+        self.every_s = every_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._began = 0.0
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append({"t_s": round(time.monotonic() - self._began, 1),
+                                 "processes": ray_processes(self.server)})
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> MemorySampler:
+        self._began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append({"t_s": round(time.monotonic() - self._began, 1),
+                             "processes": ray_processes(self.server)})
+
+
+def growth_lines(samples: list[dict[str, Any]], settle_s: float,
+                 limit_mb_per_10min: float) -> list[dict[str, Any]]:
+    """Per process: RSS first/last and a least-squares line over the samples taken after
+    ``settle_s`` (MB per 10 minutes); ``growing`` when the slope exceeds the limit. A
+    process with fewer than three settled samples (it came or went) gets no line."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    names: dict[str, str] = {}
+    for sample in samples:
+        for key, proc in sample["processes"].items():
+            series.setdefault(key, []).append((sample["t_s"], proc["rss_mb"]))
+            names[key] = proc["name"]
+    rows = []
+    for key in sorted(series, key=int):
+        points = series[key]
+        settled = [(t, mb) for t, mb in points if t >= settle_s]
+        slope = None
+        if len(settled) >= 3:
+            t = np.array([p[0] for p in settled])
+            mb = np.array([p[1] for p in settled])
+            slope = round(float(np.polyfit(t, mb, 1)[0]) * 600, 2)
+        rows.append({"process": names[key], "pid": int(key), "samples": len(points),
+                     "first_mb": points[0][1], "last_mb": points[-1][1],
+                     "settled_min_mb": min((mb for _, mb in settled), default=None),
+                     "settled_max_mb": max((mb for _, mb in settled), default=None),
+                     "mb_per_10min": slope,
+                     "growing": slope is not None and slope > limit_mb_per_10min})
+    return rows
+
+
+def plot_memory(document: dict[str, Any], path: Path) -> None:
+    """RSS over time, one line per process (the twelve largest), and the settle line."""
+    plt = pyplot()
+    samples = document["memory_samples"]
+    largest = sorted(document["memory_growth"], key=lambda r: -r["last_mb"])[:12]
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for row in largest:
+        key = str(row["pid"])
+        points = [(s["t_s"] / 60, s["processes"][key]["rss_mb"]) for s in samples
+                  if key in s["processes"]]
+        slope = row["mb_per_10min"]
+        label = f"{row['process'][:38]} ({row['pid']})" + (
+            f": {slope:+.2f} MB/10 min" if slope is not None else "")
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label)
+    ax.axvline(document["settings"]["settle"] / 60, color="grey", linestyle="--")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS, MB")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    save_figure(fig, path, f"RSS per process during {document['title']}")
+
+
 def plot(document: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     windows = document["windows"]
@@ -246,6 +334,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         n for n, t in TARGETS.items() if t.kind == "keel"])
     parser.add_argument("--request-timeout", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=20240611)
+    parser.add_argument("--rss-every", type=float, default=60.0,
+                        help="seconds between RSS samples of every Ray process")
+    parser.add_argument("--settle", type=float, default=600.0,
+                        help="seconds before the growth lines start (start-up, warm-up)")
+    parser.add_argument("--growth-limit", type=float, default=1.0,
+                        help="MB per 10 minutes above which a process counts as growing")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if not 0 < args.fraction <= 1 or not 0 <= args.decide_share <= 1:
@@ -287,10 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         document["max_rps"] = round(max_rps, 1)
         document["target_rps"] = round(rate, 1)
         log(f"maximum {max_rps:.0f} req/s; holding {rate:.0f} req/s for {args.duration:g} s")
-        memory_start = ray_processes(server)
-
-        with Progress("soak", math.ceil(args.duration / args.interval),
-                      unit="windows") as progress:
+        windows_total = math.ceil(args.duration / args.interval)
+        with MemorySampler(server, args.rss_every) as sampler, \
+                Progress("soak", windows_total, unit="windows") as progress:
 
             def on_window(window: Window) -> None:
                 s = window.summary()
@@ -301,7 +394,6 @@ def main(argv: list[str] | None = None) -> int:
             progress.step(f"{rate:.0f} req/s")
             windows = asyncio.run(soak(mix, rate, args.duration, args.interval,
                                        args.request_timeout, on_window))
-        memory_end = ray_processes(server)
     finally:
         document["stop"] = server.stop()
         server.cleanup()
@@ -313,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in windows:
         for k, v in w.statuses.items():
             statuses[k] = statuses.get(k, 0) + v
-    memory = memory_table(memory_start, memory_end)
+    memory = memory_table(sampler.samples[0]["processes"], sampler.samples[-1]["processes"])
+    growth = growth_lines(sampler.samples, args.settle, args.growth_limit)
     document.update({
         "title": (f"Keel soak: {rate:.0f} req/s ({args.fraction:.0%} of the measured "
                   f"{max_rps:.0f}) for {args.duration / 60:g} min, {args.decide_share:.0%} "
@@ -327,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         "memory_total_mb": {
             "start": round(sum(r["start_mb"] or 0 for r in memory), 1),
             "end": round(sum(r["end_mb"] or 0 for r in memory), 1)},
+        "memory_samples": sampler.samples,
+        "memory_growth": growth,
+        "growing": [r for r in growth if r["growing"]],
     })
     json_path.write_text(json.dumps(document, indent=2) + "\n")
     plot(document, json_path.with_suffix(".png"))
+    plot_memory(document, json_path.with_name(json_path.stem + "-memory.png"))
     print(f"\n{document['title']}\n")
     print("| minutes | sent | ok | failed | success | p50 ms | p95 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
@@ -353,7 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     m = document["memory_total_mb"]
     print(f"| all {len(memory)} processes | {m['start']} | {m['end']} | "
           f"{round(m['end'] - m['start'], 1)} |")
-    log(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    print(f"\nGrowth after the first {args.settle / 60:g} min (least squares, MB per 10 min; "
+          f"limit {args.growth_limit:g}):\n")
+    print("| process | pid | samples | first MB | last MB | settled min..max MB | MB/10 min |")
+    print("|---|---|---|---|---|---|---|")
+    for row in sorted(growth, key=lambda r: -(r["mb_per_10min"] or 0)):
+        flag = " **growing**" if row["growing"] else ""
+        print(f"| {row['process']} | {row['pid']} | {row['samples']} | {row['first_mb']} "
+              f"| {row['last_mb']} | {row['settled_min_mb']}..{row['settled_max_mb']} "
+              f"| {row['mb_per_10min']}{flag} |")
+    log(f"wrote {json_path}, {json_path.with_suffix('.png')} and the -memory.png")
     return 0
 
 

@@ -125,6 +125,8 @@ class Server:
             self.grpc_port = quiet_port()
         self.direct_port: int | None = None
         self.direct_base = 0
+        #: Ray's dashboard (and its REST API: ``serve deploy``), when started with one.
+        self.dashboard_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._known: dict[int, psutil.Process] = {}
@@ -168,7 +170,8 @@ class Server:
         common = ["--host", "127.0.0.1", "--port", str(self.port)]
         ray_common = ["--temp-dir", str(self.temp_dir)]
         if a.dashboard:
-            ray_common += ["--dashboard-port", str(free_port())]
+            self.dashboard_port = free_port()
+            ray_common += ["--dashboard-port", str(self.dashboard_port)]
         if self.target.kind == "keel":
             extra = (["--model-user-config", json.dumps(self.target.model_user_config)]
                      if self.target.model_user_config else [])

@@ -113,6 +113,10 @@ class IngressConfig(BaseModel):
     max_requests: int = Field(default=1280, ge=1, le=1_000_000)
     #: Most requests one coalesced call carries to a model deployment or the store.
     max_batch_size: int = Field(default=64, ge=1, le=4096)
+    #: A call to a model deployment that has not answered after this many seconds (or
+    #: whose replica died under it) is sent once more, to another replica; ``None``: never.
+    #: Keep it well above the model's p99 under load and below ``request_timeout_s``.
+    model_call_retry_s: float | None = Field(default=5.0, gt=0, le=600)
     #: Handle calls running at once per model deployment (and to the FeatureService);
     #: requests arriving meanwhile queue into the next call. A model deployment's
     #: autoscaler counts these calls as its ongoing requests.

@@ -238,7 +238,8 @@ class Ingress:
         self._metrics = IngressMetrics(self._pusher, lambda: self._config.metrics)
         self._cache = build_cache(self._config.cache, self._metrics)
         self._features = HandleFeatures(features) if features is not None else None
-        self._handles = HandleModels(models) if models else None
+        self._handles = HandleModels(models, lambda: self._config.model_call_retry_s) \
+            if models else None
         pool = ModelPool(self._embedded, self._handles,
                          max_batch_size=self._max_batch_size,
                          max_in_flight=lambda: self._config.calls_in_flight,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
 from opentelemetry.trace import SpanKind
@@ -30,11 +30,21 @@ Lookup = tuple[list[dict[str, Any]], list[str]]
 
 
 class HandleModels:
-    """``OnnxModel`` deployments through their handles: one handle call per batch."""
+    """``OnnxModel`` deployments through their handles: one handle call per batch.
 
-    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
+    A call that has not answered after ``retry_after_s()`` seconds, or whose replica died
+    under it, is sent once more (inference has no side effects): Serve routes the second
+    call around a replica that stopped answering its queue-length probes, so a hung or
+    killed replica costs its callers seconds, not their whole time budget and a 504.
+    """
+
+    def __init__(self, models: dict[str, DeploymentHandle],
+                 retry_after_s: Callable[[], float | None] = lambda: None) -> None:
         self._models = models
         self._names = sorted(models)
+        self._retry_after_s = retry_after_s
+        #: Calls sent a second time (since the replica started), by model.
+        self.retried: dict[str, int] = {}
 
     def model_names(self) -> list[str]:
         return self._names
@@ -56,10 +66,31 @@ class HandleModels:
         # carrier (set by the predictor) lets the batch span there link its request too.
         with tracing.span("keel.model.call", {"keel.model": name, "keel.batch.size": len(calls)},
                           kind=SpanKind.CLIENT, links=tracing.links([c.trace for c in calls])):
-            answers: list[InferResult | KeelError] = await call(
-                f"model {name!r}", self._handle(name).infer_many.remote(calls), "model")
+            answers = await self._call_with_one_retry(name, calls)
         return [a.at("model") if isinstance(a, KeelError) and a.status >= 500 else a
                 for a in answers]
+
+    async def _call_with_one_retry(self, name: str, calls: list[InferCall]
+                                   ) -> list[InferResult | KeelError]:
+        what = f"model {name!r}"
+        handle = self._handle(name)
+        limit = self._retry_after_s()
+        try:
+            first = call(what, handle.infer_many.remote(calls), "model")
+            answers: list[InferResult | KeelError] = await (
+                first if limit is None else asyncio.wait_for(first, limit))
+            return answers
+        except TimeoutError:
+            why = f"no answer after {limit} s"
+        except DependencyUnavailable as exc:
+            if exc.retry_after_s is None:  # a failure inside the model, not a lost replica
+                raise
+            why = exc.message
+        self.retried[name] = self.retried.get(name, 0) + 1
+        log.warning("%s: %s; sending the batch of %d once more", what, why, len(calls))
+        retried: list[InferResult | KeelError] = await call(
+            what, handle.infer_many.remote(calls), "model")
+        return retried
 
 
 class HandleFeatures:

@@ -60,6 +60,11 @@ def test_keel_metrics_reach_rays_prometheus_endpoint(keel_app: KeelApp,
                    r'[^}]*model="linear"[^}]*status="200"[^}]*\} (\d+(\.\d+)?)', text)
     assert ok and float(ok.group(1)) >= 20, "request counter with route/model/status tags"
     assert not_found.search(text)
+    # The version that answered labels the request (none answered a 404: empty).
+    lines = [line for line in text.splitlines() if line.startswith(catalog.REQUESTS.exported)]
+    assert any('model="linear"' in line and 'version="1"' in line and 'status="200"' in line
+               for line in lines), lines[:5]
+    assert any('model="nope"' in line and 'version=""' in line for line in lines), lines[:5]
     # The SLO thresholds are bucket bounds of the latency histogram.
     assert re.search(r'ray_keel_request_latency_ms_bucket\{[^}]*le="80(\.0)?"', text)
 

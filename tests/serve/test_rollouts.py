@@ -1,0 +1,146 @@
+"""Weighted traffic splits between model versions on the shared Ray Serve application."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.serve.test_serving import infer_body, probabilities, rows
+from tests.support.modelkit import reference_probabilities
+from tests.support.serve_app import KeelApp
+
+pytestmark = pytest.mark.slow
+
+KEYS = 300  # distinct route keys (accounts)
+
+
+class KeyedLoad:
+    """Client threads posting one row each under a route key, until stopped; every answer
+    kept with the time it came back."""
+
+    def __init__(self, base_url: str, x: np.ndarray, clients: int = 4) -> None:
+        self.base_url = base_url
+        self.x = x
+        self.results: list[tuple[float, int, Any, int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._worker, args=(k,))
+                         for k in range(clients)]
+
+    def _worker(self, offset: int) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=60) as client:
+            i = offset * 7919
+            while not self._stop.is_set():
+                row, key = i % len(self.x), f"acct-{i % KEYS}"
+                answer = client.post("/v2/models/linear/infer",
+                                     json=infer_body(self.x[row:row + 1]),
+                                     headers={"X-Keel-Route-Key": key})
+                body = answer.json() if answer.status_code == 200 else answer.text
+                self.results.append((time.monotonic(), answer.status_code, body, row, key))
+                i += 1
+
+    def __enter__(self) -> KeyedLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def wait_for(self, what: str, done: Any, timeout_s: float = 60) -> float:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.results[-40:]):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+        return time.monotonic()
+
+
+def _version(body: Any) -> str | None:
+    return body.get("model_version") if isinstance(body, dict) else None
+
+
+def test_a_split_changed_under_load_fails_nothing_and_holds_its_weights(
+        keel_app: KeelApp) -> None:
+    x = rows(64, seed=11, width=4)
+    expected = {"1": reference_probabilities(x, seed=1), "2": reference_probabilities(x, seed=2)}
+    original = keel_app.modified()
+
+    def deploy(user_config: dict[str, Any]) -> None:
+        config = keel_app.modified()
+        dep = keel_app.deployment("linear", config)
+        dep["user_config"] = {k: v for k, v in dep["user_config"].items()
+                              if k not in ("version", "traffic")} | user_config
+        keel_app.deploy(config)
+
+    try:
+        with KeyedLoad(keel_app.base_url, x) as load:
+            time.sleep(1.0)
+            deploy({"traffic": {"1": 80, "2": 20}})
+            # Every ingress replica holds the model's status for status_ttl_s (1 s): the
+            # split is measured from a little after its first answer on version 2.
+            load.wait_for("version 2 answers", lambda last: any(_version(b) == "2"
+                                                                 for _, _, b, _, _ in last))
+            split_from = time.monotonic() + 2.0
+            load.wait_for("1,000 answers under the split", lambda _: sum(
+                t >= split_from for t, *_ in load.results) >= 1000, timeout_s=120)
+            split_to = time.monotonic()
+            deploy({"traffic": {"1": 0, "2": 100}})  # promote: 1 stays loaded, no traffic
+            load.wait_for("only version 2", lambda last: all(
+                _version(b) == "2" for _, _, b, _, _ in last))
+            time.sleep(1.0)
+    finally:
+        keel_app.deploy(original)
+
+    failures = [(s, b) for _, s, b, _, _ in load.results if s != 200]
+    assert not failures, failures[:3]
+    for _, _, body, row, _ in load.results:
+        np.testing.assert_allclose(probabilities(body)[0], expected[_version(body)][row],
+                                   atol=1e-5)
+    split = [(key, _version(b)) for t, _, b, _, key in load.results if split_from <= t < split_to]
+    shares = Counter(v for _, v in split)
+    assert 0.15 < shares["2"] / len(split) < 0.25, shares
+    per_key: dict[str, set[str | None]] = defaultdict(set)
+    for key, version in split:
+        per_key[key].add(version)
+    flipped = {k: v for k, v in per_key.items() if len(v) > 1}
+    assert not flipped, f"keys answered by both versions under one split: {flipped}"
+    pinned = httpx.post(f"{keel_app.base_url}/v2/models/linear/versions/1/infer",
+                        json=infer_body(x[:1]), timeout=30)
+    assert pinned.status_code == 200 and pinned.json()["model_version"] == "1"
+
+
+def test_a_split_naming_a_version_the_repository_lacks_fails_the_deploy_not_the_traffic(
+        keel_app: KeelApp) -> None:
+    original = keel_app.modified()
+    config = keel_app.modified()
+    keel_app.deployment("linear", config)["user_config"]["traffic"] = {"1": 90, "7": 10}
+    keel_app.deployment("linear", config)["user_config"].pop("version", None)
+    x = rows(4, seed=12, width=4)
+    try:
+        keel_app.deploy(config, wait=False)
+        from ray import serve
+
+        from tests.support.serve_app import APP_NAME
+
+        deadline = time.monotonic() + 90
+        message = ""
+        while time.monotonic() < deadline:
+            status = serve.status().applications[APP_NAME]
+            dep = status.deployments.get("linear")
+            message = (dep.message if dep else "") or status.message
+            if "traffic: version '7'" in message:
+                break
+            answer = httpx.post(f"{keel_app.base_url}/v2/models/linear/infer",
+                                json=infer_body(x[:1]), timeout=30)
+            assert answer.status_code == 200, answer.text  # the old config keeps serving
+            time.sleep(0.5)
+        assert "traffic: version '7' of model 'linear'" in message, message
+    finally:
+        keel_app.deploy(original)
