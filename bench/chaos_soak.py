@@ -140,8 +140,16 @@ def private_repository(into: Path, seed: int) -> Path:
     return repository
 
 
+#: ``risk_gbdt``'s CPU reservation here. serve_config.yaml reserves 1.85 CPUs with one
+#: risk_gbdt replica (two Ingress at 0.5, FeatureService and LLMGateway at 0.25,
+#: SloMonitor 0.1, risk_gbdt 0.25): on 2 cores a second replica at 0.25 does not fit, and
+#: a replacement would wait for CPUs that never free up.
+MODEL_CPUS = 0.05
+
+
 def chaos_config(repository: Path, min_replicas: int, into: Path) -> Path:
-    """serve_config.yaml over the private repository, ``risk_gbdt`` pinned to version 1."""
+    """serve_config.yaml over the private repository, ``risk_gbdt`` pinned to version 1,
+    at least ``min_replicas`` of it, each reserving ``MODEL_CPUS``."""
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["model_repository"] = str(repository)
@@ -154,6 +162,7 @@ def chaos_config(repository: Path, min_replicas: int, into: Path) -> Path:
             scaling["max_replicas"] = max(scaling["min_replicas"],
                                           scaling.get("max_replicas", 1))
             dep["autoscaling_config"] = scaling
+            dep.setdefault("ray_actor_options", {})["num_cpus"] = MODEL_CPUS
     path = into / "serve_config.chaos.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -492,7 +501,7 @@ class Chaos:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.server.dashboard_port}/api/serve/applications/",
             data=json.dumps(config).encode(), method="PUT",
-            headers={"Content-Type": "application/json"})
+            headers={"Content-Type": "application/json", **auth_header()})
         with urllib.request.urlopen(request, timeout=30) as answer:
             if answer.status != 200:
                 raise RuntimeError(f"serve deploy answered {answer.status}")
@@ -541,6 +550,16 @@ class Chaos:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=300)
+
+
+def auth_header() -> dict[str, str]:
+    """Ray's dashboard asks for the token Ray keeps in ``~/.ray/auth_token`` (or
+    ``$RAY_AUTH_TOKEN``) when token authentication is on; none when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path.home() / ".ray" / "auth_token"
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # -- report ---------------------------------------------------------------------------------------
