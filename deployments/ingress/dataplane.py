@@ -456,10 +456,17 @@ class DataPlane:
                                f"request (got {len(ask.entities)})")
         self.catalog.require(ask.model)
         groups: dict[str | None, list[int]] = {}
-        for i, entity in enumerate(ask.entities):
-            routed = await self.route(ask.model, ask.version,
-                                      route_key if route_key is not None else entity_key(entity))
-            groups.setdefault(routed, []).append(i)
+        model_status = await self.catalog.status(ask.model)
+        split = model_status.traffic
+        if ask.version is not None or not split or route_key is not None:
+            # One version for the whole request: pinned, unsplit, or one route key.
+            groups[await self.route(ask.model, ask.version, route_key)] = \
+                list(range(len(ask.entities)))
+        else:
+            for i, entity in enumerate(ask.entities):
+                chosen = choose_version(ask.model, split, entity_key(entity))
+                groups.setdefault(chosen if chosen in model_status.loaded else None,
+                                  []).append(i)
         parts = await asyncio.gather(*(
             self._decide_group(ask.model, version, ask.version is not None,
                                [ask.entities[i] for i in members], deadline)

@@ -43,8 +43,6 @@ class HandleModels:
         self._models = models
         self._names = sorted(models)
         self._retry_after_s = retry_after_s
-        #: Calls sent a second time (since the replica started), by model.
-        self.retried: dict[str, int] = {}
 
     def model_names(self) -> list[str]:
         return self._names
@@ -86,7 +84,6 @@ class HandleModels:
             if exc.retry_after_s is None:  # a failure inside the model, not a lost replica
                 raise
             why = exc.message
-        self.retried[name] = self.retried.get(name, 0) + 1
         log.warning("%s: %s; sending the batch of %d once more", what, why, len(calls))
         retried: list[InferResult | KeelError] = await call(
             what, handle.infer_many.remote(calls), "model")

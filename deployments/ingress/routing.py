@@ -51,11 +51,3 @@ def choose_version(model: str, traffic: Mapping[str, float], key: str | None, *,
 def entity_key(entity: Mapping[str, Any]) -> str:
     """A decision entity's route key: its key fields in name order (``a=1&b=2``)."""
     return "&".join(f"{name}={entity[name]}" for name in sorted(entity))
-
-
-def shares(traffic: Mapping[str, float]) -> dict[str, float]:
-    """The split as shares of 1, by version (``{}`` for no split)."""
-    total = sum(w for w in traffic.values() if w > 0)
-    if total <= 0:
-        return {}
-    return {v: traffic[v] / total for v in sorted(traffic, key=version_key)}

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from deployments.ingress.routing import choose_version, entity_key, key_point, shares
+from deployments.ingress.routing import choose_version, entity_key, key_point
 
 
 def test_keys_spread_over_the_versions_by_weight() -> None:
@@ -63,7 +63,3 @@ def test_entity_keys_do_not_depend_on_field_order_and_points_are_stable() -> Non
     assert 0 <= key_point("m", "k") < 1
     assert key_point("m", "k" * 600) == key_point("m", "k" * 512)  # long keys are cut
 
-
-def test_shares_are_fractions_of_one_in_version_order() -> None:
-    assert shares({"2": 1, "1": 3}) == {"1": 0.75, "2": 0.25}
-    assert shares({"1": 0}) == {}
