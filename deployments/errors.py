@@ -62,6 +62,22 @@ class ModelNotFound(KeelError):
 
     status = 404
 
+    def __init__(self, message: str, *, retry_after_s: int | None = None,
+                 serving: str | None = None) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        #: For a version that is not loaded: the version the answering replica serves
+        #: (replicas of one model can disagree for a moment while a new version rolls out).
+        self.serving = serving
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_not_found, (self.message, self.stage, self.serving))
+
+
+def _rebuild_not_found(message: str, stage: str | None, serving: str | None) -> ModelNotFound:
+    error = ModelNotFound(message, serving=serving)
+    error.stage = stage
+    return error
+
 
 class EntityNotFound(KeelError):
     """An entity of an entity-keyed request is not in the feature store."""

@@ -520,7 +520,9 @@ class DataPlane:
             row = int(np.argwhere(~np.isfinite(values))[0][0])
             raise InvalidInput(f"entities[{row}]: a feature value is not finite and model "
                                f"{spec.name!r} does not allow NaN")
-        prediction = await self.predictor.predict(model, spec.version, {tensor.name: values},
+        # ``version``, not ``spec.version``: unpinned, the predictor may key again with the
+        # version the answering replica serves (mid-rollout, replicas can disagree).
+        prediction = await self.predictor.predict(model, version, {tensor.name: values},
                                                   deadline=deadline)
         timings = {"features": round(features_ms, 3), "cache": round(prediction.cache_ms, 3),
                    "model": round(prediction.model_ms, 3)}

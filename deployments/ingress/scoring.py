@@ -109,12 +109,16 @@ class Predictor:
             return await self._uncached(name, version, spec, inputs, outputs, deadline)
         try:
             prediction = await self._cached(cache, name, spec, inputs, deadline)
-        except ModelNotFound:
+        except ModelNotFound as exc:
             if version is not None:
                 raise
-            # The served version moved on and the one we keyed with was unloaded: key again.
-            await self.catalog.status(name, fresh=True)
-            spec = await self.catalog.spec(name, None)
+            # The version we keyed with is not loaded where the call went: the served
+            # version moved on and unloaded it, or (mid-rollout) the replica that answered
+            # has not reached it yet. Key again with the version that replica serves.
+            status = await self.catalog.status(name, fresh=True)
+            serving = exc.serving if exc.serving != spec.version else None
+            spec = await self.catalog.spec(
+                name, serving if serving in status.loaded else None)
             prediction = await self._cached(cache, name, spec, inputs, deadline)
         if outputs:
             prediction.outputs = {k: v for k, v in prediction.outputs.items() if k in outputs}

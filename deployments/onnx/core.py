@@ -386,7 +386,8 @@ class ModelVersions:
         known = self.repository.versions(self.name) if self.repository.root.is_dir() else []
         if version in known:
             raise ModelNotFound(f"model {self.name!r} version {version!r} is in the repository "
-                                f"but not loaded (serving {current.version!r})")
+                                f"but not loaded (serving {current.version!r})",
+                                serving=current.version)
         raise ModelNotFound(f"model {self.name!r} has no version {version!r}")
 
     def infer_batch(self, calls: Sequence[InferCall]) -> list[InferResult | KeelError]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -450,3 +451,83 @@ async def test_decide_routes_each_entity_stickily_and_a_mixed_answer_says_so(
     pinned = json.loads((await plane.decide(json.dumps(
         {"model": "risk_mlp", "version": "2", "entities": items}).encode())).body)
     assert {r["model_version"] for r in pinned["results"]} == {"2"}
+
+
+class RollingReplicas:
+    """One model deployment's two replicas mid-rollout, as Serve reconfigures them one at a
+    time: ``ahead`` already serves ``new`` (and keeps ``old`` loaded), ``behind`` still
+    serves ``old``. The status comes from the one ahead; two calls in three go to the one
+    behind (a retry can land on the same replica again, as with Serve's router)."""
+
+    def __init__(self, repository: ModelRepository, name: str, old: str, new: str) -> None:
+        self.name = name
+        self.ahead = InProcessModels(repository, {name: OnnxModelConfig(version=old)})
+        self.ahead.apply(name, OnnxModelConfig(version=new))
+        self.behind = InProcessModels(repository, {name: OnnxModelConfig(version=old)})
+        self.calls = Counter[str]()
+
+    def model_names(self) -> list[str]:
+        return [self.name]
+
+    async def status(self, name: str) -> Any:
+        return await self.ahead.status(name)
+
+    async def infer_many(self, name: str, calls: list[InferCall]
+                         ) -> Sequence[InferResult | KeelError]:
+        replica = "ahead" if sum(self.calls.values()) % 3 == 2 else "behind"
+        self.calls[replica] += 1
+        answers = await getattr(self, replica).infer_many(name, calls)
+        return pickle.loads(pickle.dumps(answers))  # across processes, as through a handle
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_replicas_that_disagree_on_the_served_version_fail_no_request(
+        repository: ModelRepository, cached: bool) -> None:
+    """Mid-rollout the ingress learns of version 2 from one replica and keys its cache with
+    it; the replica still on 1 answers the unpinned request with its own version."""
+    import uuid
+
+    from deployments.cache.core import CacheConfig, redis_store
+
+    cache = PredictionCache(redis_store("redis://127.0.0.1:6379/0"), CacheConfig(
+        key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:", policy="always")) if cached else None
+    replicas = RollingReplicas(repository, "linear", old="1", new="2")
+    config = IngressConfig(**({"cache": cache.config} if cache else {}))
+    plane = DataPlane(ModelPool(None, replicas), MutableIngressConfig(config), cache=cache)
+    references = {}
+    for i in range(12):
+        x = _rows(2, seed=60 + i)
+        answer = await plane.infer("linear", None, _body(x), None)
+        references[answer.version] = True
+        np.testing.assert_allclose(
+            _probabilities(answer.body),
+            reference_probabilities(x, seed={"1": 0, "2": 1}[answer.version]), atol=ATOL)
+    assert replicas.calls["behind"] >= 8 and replicas.calls["ahead"] >= 4
+    assert set(references) <= {"1", "2"}
+    with pytest.raises(ModelNotFound, match="serving '1'"):  # a client's pin is not rerouted
+        for _ in range(3):
+            await plane.infer("linear", "2", _body(_rows(1, seed=1)), None)
+    if cache is not None:
+        await cache.settled()
+        await cache.store.remote.client.aclose()  # type: ignore[union-attr]
+
+
+async def test_decisions_fail_no_request_while_replicas_disagree_on_the_version(
+        demo: tuple[Path, FeatureFetcher], tmp_path: Path) -> None:
+    import shutil
+
+    _, fetcher = demo
+    models = tmp_path / "models"  # the demo's risk_mlp as versions 1 and 2
+    shutil.copytree(demo[0] / "risk_mlp" / "1", models / "risk_mlp" / "1")
+    shutil.copytree(demo[0] / "risk_mlp" / "1", models / "risk_mlp" / "2")
+    replicas = RollingReplicas(ModelRepository(models), "risk_mlp", old="1", new="2")
+    plane = DataPlane(ModelPool(None, replicas), MutableIngressConfig(),
+                      features=InProcessFeatures(fetcher))
+    items = [_entities(1, offset=i)[0] for i in range(12)]
+    expected = _expected(demo, items)
+    for i, item in enumerate(items):
+        body = json.dumps({"model": "risk_mlp", "entities": [item]}).encode()
+        answer = json.loads((await plane.decide(body)).body)
+        assert answer["model_version"] in ("1", "2")
+        assert answer["results"][0]["score"] == pytest.approx(float(expected[i]), abs=ATOL)
+    assert replicas.calls["behind"] >= 8
