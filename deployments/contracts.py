@@ -142,6 +142,19 @@ class InferResult(BaseModel):
     model_ms: float = 0.0
 
 
+class Shadow(BaseModel):
+    """A version that gets a copy of live traffic after the answer (a model's
+    ``user_config.shadow``): its answers are compared with the live ones, never returned,
+    never cached."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                         description="The version to mirror requests to (kept loaded)")
+    #: Share of the requests that pin no version which are also sent to the shadow.
+    fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
 class ModelStatus(BaseModel):
     """A model deployment's view of itself: what is loaded and which version is served."""
 
@@ -154,6 +167,8 @@ class ModelStatus(BaseModel):
     #: The weighted split between loaded versions (``{}``: every request to the served
     #: version); the ingress picks a version per request from it.
     traffic: dict[str, float] = Field(default_factory=dict)
+    #: The version mirrored to after each answer (``None``: no shadow).
+    shadow: Shadow | None = None
 
 
 # --- the decision API (/v1/decide) ----------------------------------------------------

@@ -20,8 +20,9 @@ from deployments.repository import ModelRepository
 
 def version_problems(repository: ModelRepository | None, model: str, config: OnnxModelConfig,
                      where: str) -> list[str]:
-    """The versions a model's config names (``version``, ``traffic``) that its repository
-    does not hold; none when the repository is not on this machine."""
+    """The versions a model's config names (``version``, ``traffic``, ``shadow``) that its
+    repository does not hold, and a shadow that would be the served version; none when
+    the repository is not on this machine."""
     if repository is None or model not in repository.model_names():
         return []
     have = repository.versions(model)
@@ -33,6 +34,14 @@ def version_problems(repository: ModelRepository | None, model: str, config: Onn
     if missing:
         problems.append(f"{where}.traffic: model {model!r} has no version {missing} "
                         f"(versions: {have})")
+    if config.shadow is not None:
+        shadow = config.shadow.version
+        if shadow not in have:
+            problems.append(f"{where}.shadow.version: model {model!r} has no version "
+                            f"{shadow!r} (versions: {have})")
+        elif config.primary_version is None and not config.traffic and shadow == have[-1]:
+            problems.append(f"{where}.shadow.version: {shadow!r} is model {model!r}'s latest "
+                            f"version, which it serves; pin 'version' to another one")
     return problems
 
 

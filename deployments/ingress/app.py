@@ -58,6 +58,7 @@ def build_plane(models: ModelPool | ModelBackend, config: Callable[[], IngressCo
     return DataPlane(pool, config, cache=cache, features=features,
                      feature_observer=observer if hasattr(observer, "feature_ages") else None,
                      slo=slo, observer=observer if hasattr(observer, "model_call") else None,
+                     shadow_observer=observer if hasattr(observer, "shadow_compared") else None,
                      warm_up=warm_up)
 
 

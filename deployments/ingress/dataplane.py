@@ -61,6 +61,7 @@ from deployments.ingress.scoring import (
     summarise,
     within_budget,
 )
+from deployments.ingress.shadow import ShadowMirror, ShadowObserver
 from deployments.observability import tracing
 from deployments.observability.slo import SloReport
 from deployments.onnx.core import OnnxModelConfig
@@ -117,6 +118,10 @@ class IngressConfig(BaseModel):
     #: whose replica died under it) is sent once more, to another replica; ``None``: never.
     #: Keep it well above the model's p99 under load and below ``request_timeout_s``.
     model_call_retry_s: float | None = Field(default=5.0, gt=0, le=600)
+    #: Shadow copies (a model's ``shadow``) waiting for their shadow call in this replica;
+    #: more are dropped and counted (``keel_shadow_dropped_total``), never waited for.
+    #: 0 turns mirroring off here.
+    shadow_queue: int = Field(default=1024, ge=0, le=1_000_000)
     #: Handle calls running at once per model deployment (and to the FeatureService);
     #: requests arriving meanwhile queue into the next call. A model deployment's
     #: autoscaler counts these calls as its ongoing requests.
@@ -210,6 +215,11 @@ class ModelCatalog:
                                 f"(versions: {status.available_versions})")
         return spec
 
+    def held(self, name: str) -> ModelStatus | None:
+        """The status this replica holds for ``name``, however old (never a call)."""
+        cached = self._cache.get(name)
+        return cached.status if cached is not None else None
+
     def saw_version(self, name: str, version: str) -> None:
         cached = self._cache.get(name)
         if cached is not None and cached.status.served_version != version:
@@ -258,6 +268,7 @@ class DataPlane:
                  feature_observer: FeatureObserver | None = None,
                  slo: SloSource | None = None,
                  observer: CallObserver | None = None,
+                 shadow_observer: ShadowObserver | None = None,
                  warm_up: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         self.models = models
         self.config = config
@@ -269,6 +280,11 @@ class DataPlane:
         self.catalog = ModelCatalog(models, config)
         self.predictor = Predictor(models, self.catalog, cache,
                                    lambda: config().request_timeout_s, observer)
+        self.shadow = ShadowMirror(models.infer_aside, self.catalog.spec,
+                                   capacity=lambda: config().shadow_queue,
+                                   batch_size=lambda: config().max_batch_size,
+                                   timeout_s=lambda: config().request_timeout_s,
+                                   observer=shadow_observer)
         self._lookups: Coalescer[tuple[Lookup, dict[str, str] | None], FeatureRows] | None = None
         if features is not None:
             self._lookups = Coalescer(self._lookup_batch,
@@ -406,21 +422,37 @@ class DataPlane:
         self.catalog.require(name)
         routed = await self.route(name, version, route_key)
         try:
-            return await self._predict_parsed(name, routed, request, binary, deadline)
+            prediction, inputs = await self._predict_parsed(name, routed, request, binary,
+                                                            deadline)
         except ModelNotFound:
             if version is not None or routed is None:
                 raise
             # The split's version was unloaded between the status this replica holds and
             # the call (weights changed under load): the served version answers instead.
             await self.catalog.status(name, fresh=True)
-            return await self._predict_parsed(name, None, request, binary, deadline)
+            prediction, inputs = await self._predict_parsed(name, None, request, binary,
+                                                            deadline)
+        if version is None:  # a pinned request is the client's choice: not mirrored
+            self._mirror(name, prediction, inputs)
+        return prediction
 
     async def _predict_parsed(self, name: str, version: str | None, request: InferenceRequest,
-                              binary: bytes, deadline: float) -> Prediction:
+                              binary: bytes, deadline: float
+                              ) -> tuple[Prediction, dict[str, np.ndarray]]:
         spec = await self.catalog.spec(name, version)
         inputs = codec.decode_inputs(request, spec, binary)
         outputs = codec.requested_outputs(request, spec)
-        return await self.predictor.predict(name, version, inputs, outputs, deadline=deadline)
+        prediction = await self.predictor.predict(name, version, inputs, outputs,
+                                                  deadline=deadline)
+        return prediction, inputs
+
+    def _mirror(self, name: str, prediction: Prediction, inputs: dict[str, np.ndarray]) -> None:
+        """A copy of an answered request for the model's shadow version, if it has one
+        (the status this replica holds says), queued for after the answer."""
+        status = self.catalog.held(name)
+        if status is not None and status.shadow is not None:
+            self.shadow.offer(name, status.shadow, prediction.version, prediction.spec,
+                              inputs, prediction.outputs)
 
     async def route(self, name: str, version: str | None, key: str | None) -> str | None:
         """The version a request goes to: the pinned one; else one the model's traffic
@@ -494,16 +526,16 @@ class DataPlane:
         """Score entities on one version (``None``: the served one); the result rows (their
         ``timings_ms`` without the total) and each row's cache status."""
         try:
-            return await self._decide_rows(model, version, entities, deadline)
+            return await self._decide_rows(model, version, entities, deadline, not pinned)
         except ModelNotFound:
             if pinned or version is None:
                 raise
             # The split's version was unloaded under this request: the served one answers.
             await self.catalog.status(model, fresh=True)
-            return await self._decide_rows(model, None, entities, deadline)
+            return await self._decide_rows(model, None, entities, deadline, True)
 
     async def _decide_rows(self, model: str, version: str | None,
-                           entities: list[dict[str, Any]], deadline: float
+                           entities: list[dict[str, Any]], deadline: float, mirror: bool
                            ) -> tuple[list[dict[str, Any]], list[RowCache]]:
         spec = await self.catalog.spec(model, version)
         tensor = decision_input(spec)
@@ -522,8 +554,10 @@ class DataPlane:
                                f"{spec.name!r} does not allow NaN")
         # ``version``, not ``spec.version``: unpinned, the predictor may key again with the
         # version the answering replica serves (mid-rollout, replicas can disagree).
-        prediction = await self.predictor.predict(model, version, {tensor.name: values},
-                                                  deadline=deadline)
+        inputs = {tensor.name: values}
+        prediction = await self.predictor.predict(model, version, inputs, deadline=deadline)
+        if mirror:
+            self._mirror(model, prediction, inputs)
         timings = {"features": round(features_ms, 3), "cache": round(prediction.cache_ms, 3),
                    "model": round(prediction.model_ms, 3)}
         rule = prediction.spec.decision
@@ -601,6 +635,32 @@ class DataPlane:
                        for m in models},
             "feature_rows": feature_rows,
         }
+
+    async def rollouts(self) -> dict[str, Any]:
+        """``/v1/rollouts``: each model's versions, traffic split and shadow, and how the
+        shadow's answers compared with the live ones in this replica so far."""
+        names = self.models.model_names()
+        statuses = await asyncio.gather(*(self.catalog.status(n) for n in names),
+                                        return_exceptions=True)
+        models: dict[str, Any] = {}
+        for name, status in zip(names, statuses, strict=True):
+            if not isinstance(status, ModelStatus):
+                models[name] = {"error": _describe(status)}
+                continue
+            weights = status.traffic or ({status.served_version: 1.0}
+                                         if status.served_version else {})
+            total = sum(weights.values())
+            models[name] = {
+                "served_version": status.served_version,
+                "loaded_versions": sorted(status.loaded),
+                "traffic": status.traffic,
+                "shares": {v: w / total for v, w in weights.items()} if total else {},
+                "shadow": status.shadow.model_dump() if status.shadow else None,
+                "comparisons": self.shadow.state(name),
+            }
+        return {"models": models,
+                "shadow_queue": {"waiting": self.shadow.waiting,
+                                 "capacity": self.config().shadow_queue}}
 
     async def slo_report(self) -> SloReport:
         if self.slo is None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, get_args
 
+import numpy as np
 from fastapi import FastAPI
 from google.protobuf.message import Message
 from ray import serve
@@ -105,6 +106,10 @@ class IngressMetrics(SloObserver):
         self._model_latency = make(catalog.MODEL_LATENCY)
         self._batch = make(catalog.MODEL_BATCH_SIZE)
         self._feature_age = make(catalog.FEATURE_AGE)
+        self._shadow_compared = make(catalog.SHADOW_COMPARED)
+        self._shadow_flips = make(catalog.SHADOW_FLIPS)
+        self._shadow_difference = make(catalog.SHADOW_DIFFERENCE)
+        self._shadow_dropped = make(catalog.SHADOW_DROPPED)
 
     def request(self, http_route: str, model: str, status: int, latency_ms: float,
                 version: str = "") -> None:
@@ -134,6 +139,25 @@ class IngressMetrics(SloObserver):
         """A coalesced call's size (for ingress-placed models, the ONNX Runtime batch)."""
         if self._enabled():
             self._batch.observe(size, tags={"model": model})
+
+    def shadow_compared(self, model: str, version: str, shadow_version: str,
+                        differences: np.ndarray, flips: int) -> None:
+        """A shadow copy compared (after the answer, off the request path)."""
+        if not self._enabled():
+            return
+        tags = {"model": model, "version": version, "shadow_version": shadow_version}
+        self._shadow_compared.inc(len(differences), tags=tags)
+        if flips:
+            self._shadow_flips.inc(flips, tags=tags)
+        for difference in differences.tolist():
+            self._shadow_difference.observe(difference, tags=tags)
+
+    def shadow_dropped(self, model: str, version: str, shadow_version: str,
+                       reason: str) -> None:
+        if self._enabled():
+            self._shadow_dropped.inc(1, tags={"model": model, "version": version,
+                                              "shadow_version": shadow_version,
+                                              "reason": reason})
 
     def feature_ages(self, ages: dict[str, float]) -> None:
         """How old (event time) the feature rows a decision used were, per feature view."""

@@ -10,6 +10,7 @@ Runtime run) per batch of requests, never a wait for a lone one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
@@ -35,6 +36,11 @@ class ModelBackend(Protocol):
 
     async def infer_many(self, name: str, calls: list[InferCall]) -> Sequence[Answer]:
         """One answer per call, in order: its result or its own error."""
+        ...
+
+    async def infer_aside(self, name: str, calls: list[InferCall]) -> Sequence[Answer]:
+        """As ``infer_many``, apart from live traffic (shadow copies): never in a live
+        batch, never on the event loop that serves requests."""
         ...
 
 
@@ -87,6 +93,10 @@ class EmbeddedModels:
     async def infer_many(self, name: str, calls: list[InferCall]) -> Sequence[Answer]:
         # ONNX Runtime on this event loop: the model costs microseconds, a thread hop more.
         return self._get(name).infer_batch(calls)
+
+    async def infer_aside(self, name: str, calls: list[InferCall]) -> Sequence[Answer]:
+        # In a thread: a slow shadow version must not hold the loop live requests run on.
+        return await asyncio.to_thread(self._get(name).infer_batch, calls)
 
 
 def _warm(versions: ModelVersions) -> None:
@@ -165,6 +175,11 @@ class ModelPool:
         if self.placement(name) == "deployment":
             coalescer.max_in_flight = self._max_in_flight()
         return await coalescer.submit(call)
+
+    async def infer_aside(self, name: str, calls: list[InferCall]) -> Sequence[Answer]:
+        """Calls that must not share a batch with live ones (shadow copies): one backend
+        call, no coalescing."""
+        return await self._backend(name).infer_aside(name, calls)
 
     def batch_stats(self, name: str) -> dict[str, float | int | None]:
         coalescer = self._coalescers.get(name)

@@ -68,6 +68,13 @@ class HandleModels:
         return [a.at("model") if isinstance(a, KeelError) and a.status >= 500 else a
                 for a in answers]
 
+    async def infer_aside(self, name: str, calls: list[InferCall]
+                          ) -> Sequence[InferResult | KeelError]:
+        """Shadow copies: their own handle call (never in a live batch), no retry."""
+        answers: list[InferResult | KeelError] = await call(
+            f"model {name!r}", self._handle(name).infer_aside.remote(calls), "model")
+        return answers
+
     async def _call_with_one_retry(self, name: str, calls: list[InferCall]
                                    ) -> list[InferResult | KeelError]:
         what = f"model {name!r}"

@@ -1,4 +1,5 @@
-"""Operational routes over the data plane: ``/v1/slo`` and ``/v1/cache``. HTTP only."""
+"""Operational routes over the data plane: ``/v1/slo``, ``/v1/cache`` and
+``/v1/rollouts``. HTTP only."""
 
 from __future__ import annotations
 
@@ -22,3 +23,9 @@ def add_admin_routes(app: FastAPI, plane: DataPlane) -> None:
                                   "feature rows held for /v1/decide")
     async def cache_state() -> dict[str, Any]:
         return plane.cache_state()
+
+    @app.get("/v1/rollouts", summary="Each model's versions, traffic split and shadow, and "
+                                     "the shadow's comparison with live answers (this "
+                                     "replica)")
+    async def rollouts() -> dict[str, Any]:
+        return await plane.rollouts()

@@ -91,6 +91,27 @@ CACHE_LOCAL_ENTRIES = MetricSpec("keel_cache_local_entries", "gauge",
 CACHE_LOCAL_EVICTIONS = MetricSpec("keel_cache_local_evictions_total", "counter",
                                    "Entries the in-process cache layer evicted to stay within "
                                    "local_max_entries.")
+#: |live score - shadow score| per row: from bit-level noise (INT8 against FP32) to a
+#: different model.
+DIFFERENCE_BUCKETS: tuple[float, ...] = (
+    1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1,
+)
+SHADOW_TAGS = ("model", "version", "shadow_version")
+SHADOW_COMPARED = MetricSpec("keel_shadow_compared_total", "counter",
+                             "Rows answered by the live version and also by its shadow "
+                             "version, and compared.", SHADOW_TAGS)
+SHADOW_FLIPS = MetricSpec("keel_shadow_decision_flips_total", "counter",
+                          "Compared rows whose decision (the model's decision rule; else the "
+                          "arg-max class) differs between the live and the shadow version.",
+                          SHADOW_TAGS)
+SHADOW_DIFFERENCE = MetricSpec("keel_shadow_score_difference", "histogram",
+                               "Per compared row, |live score - shadow score| (the decision "
+                               "rule's score; else the largest output difference).",
+                               SHADOW_TAGS, DIFFERENCE_BUCKETS)
+SHADOW_DROPPED = MetricSpec("keel_shadow_dropped_total", "counter",
+                            "Shadow copies not compared: the ingress's shadow queue was full, "
+                            "or the shadow call failed. Live requests are never affected.",
+                            (*SHADOW_TAGS, "reason"))
 LLM_REQUESTS = MetricSpec("keel_llm_requests_total", "counter",
                           "Chat completions answered by the LLM gateway, by cache result "
                           "(hit, miss, bypass).", ("model", "tenant", "result"))
@@ -134,7 +155,8 @@ SLO_EVENTS = MetricSpec("keel_slo_events", "gauge",
 ALL: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_LATENCY, MODEL_LATENCY, MODEL_BATCH_SIZE, MODEL_LOADS, FEATURE_BATCH_SIZE,
     FEATURE_AGE, CACHE_ROWS, CACHE_ERRORS, CACHE_HIT_RATIO, CACHE_LOOKUP, CACHE_WRITE,
-    CACHE_LOCAL_ENTRIES, CACHE_LOCAL_EVICTIONS, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
+    CACHE_LOCAL_ENTRIES, CACHE_LOCAL_EVICTIONS, SHADOW_COMPARED, SHADOW_FLIPS,
+    SHADOW_DIFFERENCE, SHADOW_DROPPED, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
     SLO_BUDGET, SLO_EVENTS, LLM_REQUESTS, LLM_TOKENS, LLM_COST, LLM_COST_AVOIDED,
     LLM_UPSTREAM_CALLS, LLM_CACHE_ERRORS, LLM_CACHE_HIT_RATIO, LLM_COST_PER_MAU,
 )

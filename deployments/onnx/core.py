@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.contracts import InferCall, InferResult, ModelStatus, Shadow
 from deployments.errors import ConfigError, InvalidInput, KeelError, ModelNotFound, ModelNotReady
 from deployments.repository import (
     ORT_TYPES,
@@ -67,6 +67,10 @@ class OnnxModelConfig(BaseModel):
     #: them in proportion to its weight (sticky per route key). A weight of 0 keeps a
     #: version loaded for pinned requests only. ``None``: every request to ``version``.
     traffic: dict[str, float] | None = None
+    #: A version that gets a copy of the requests that pin no version (``fraction`` of
+    #: them), after their answer: compared with the live answer, never returned or cached.
+    #: Kept loaded; it must not be the served version or one the split sends traffic to.
+    shadow: Shadow | None = None
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     #: How long a batch waits to fill. At low load this is pure latency: size it to the SLO.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -91,6 +95,17 @@ class OnnxModelConfig(BaseModel):
                              f"{version!r}; add it (weight 0 keeps it loaded without "
                              f"traffic) or drop 'version'")
         return traffic
+
+    @field_validator("shadow")
+    @classmethod
+    def _not_live(cls, shadow: Shadow | None, info: ValidationInfo) -> Shadow | None:
+        if shadow is None:
+            return None
+        traffic = info.data.get("traffic") or {}
+        if shadow.version == info.data.get("version") or traffic.get(shadow.version, 0) > 0:
+            raise ValueError(f"version {shadow.version!r} is live (it answers requests); a "
+                             f"shadow must be a version that does not")
+        return shadow
 
     @property
     def primary_version(self) -> str | None:
@@ -317,7 +332,7 @@ def load_runner(repository: ModelRepository, name: str, version: str | None,
 
 class ModelVersions:
     """The runners of one model: the served version, the other versions its traffic
-    split names, and the served version it replaced.
+    split (and its shadow) names, and the served version it replaced.
 
     Swapping keeps the previous runner loaded so requests pinned to it, and
     batches already running on it, finish on the version they asked for.
@@ -332,6 +347,8 @@ class ModelVersions:
         self.others: dict[str, OnnxRunner] = {}
         #: The split as configured (``{}``: every request to ``current``).
         self.traffic: dict[str, float] = {}
+        #: The version mirrored to (loaded among ``others``), if any.
+        self.shadow: Shadow | None = None
 
     def apply(self, config: OnnxModelConfig) -> bool:
         """Load what ``config`` asks for; returns True when the served runner changed.
@@ -340,7 +357,14 @@ class ModelVersions:
         (a version not in the repository, a broken file) changes nothing.
         """
         version = config.primary_version or self.repository.latest_version(self.name)
+        shadow = config.shadow.version if config.shadow else None
+        if shadow == version:
+            raise ConfigError(f"shadow: version {shadow!r} of model {self.name!r} is the "
+                              f"served version; a shadow must be a version that does not "
+                              f"answer requests")
         wanted = [version, *(v for v in (config.traffic or {}) if v != version)]
+        if shadow is not None and shadow not in wanted:
+            wanted.append(shadow)
         have = self.loaded()
         runners: dict[str, OnnxRunner] = {}
         for v in wanted:
@@ -351,6 +375,9 @@ class ModelVersions:
             try:
                 runners[v] = load_runner(self.repository, self.name, v, config.runtime)
             except ModelNotFound as exc:
+                if v == shadow and v not in (config.traffic or {}):
+                    raise ConfigError(f"shadow: version {v!r} of model {self.name!r} cannot "
+                                      f"be loaded: {exc.message}") from exc
                 if v == config.version or config.traffic is None:
                     raise
                 raise ConfigError(f"traffic: version {v!r} of model {self.name!r} cannot be "
@@ -367,6 +394,7 @@ class ModelVersions:
             self.others[v] is not r for v, r in runners.items())
         self.others = runners
         self.traffic = dict(config.traffic or {})
+        self.shadow = config.shadow
         self.current = runner
         return changed
 
@@ -435,6 +463,7 @@ class ModelVersions:
             available_versions=available,
             providers=current.providers if current else [],
             traffic=self.traffic,
+            shadow=self.shadow,
         )
 
     def loaded(self) -> dict[str, OnnxRunner]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import Counter
@@ -43,6 +44,7 @@ class OnnxModel:
         self._config = parse_user_config(OnnxModelConfig, replica_user_config(), model_name)
         self._batch_sizes: Counter[int] = Counter()
         self._reloads = 0
+        self._aside_calls = 0
         self._batch_metric = make(catalog.MODEL_BATCH_SIZE)
         self._loads_metric = make(catalog.MODEL_LOADS)
         self._versions.apply(self._config)
@@ -82,6 +84,12 @@ class OnnxModel:
         result or its own error; they share ONNX Runtime calls with concurrent callers."""
         return await self._infer_batch(calls)
 
+    async def infer_aside(self, calls: list[InferCall]) -> list[InferResult | KeelError]:
+        """Answer shadow copies of requests: never in a live batch, in a thread (ONNX
+        Runtime releases the GIL), so a slow shadow version does not hold live batches."""
+        self._aside_calls += len(calls)
+        return await asyncio.to_thread(self._versions.infer_batch, calls)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _infer_batch(self, groups: list[list[InferCall]]
                            ) -> list[list[InferResult | KeelError]]:
@@ -114,6 +122,7 @@ class OnnxModel:
     async def stats(self) -> dict[str, Any]:
         """Batch sizes seen so far and reload count (for tests and the benchmark)."""
         return {"batch_sizes": dict(self._batch_sizes), "reloads": self._reloads,
+                "aside_calls": self._aside_calls,
                 "pid": os.getpid(),
                 "config": self._config.model_dump()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import Counter, defaultdict
@@ -118,29 +119,96 @@ def test_a_split_changed_under_load_fails_nothing_and_holds_its_weights(
 
 def test_a_split_naming_a_version_the_repository_lacks_fails_the_deploy_not_the_traffic(
         keel_app: KeelApp) -> None:
+    """Ray stops a replica whose ``reconfigure()`` fails, and updates one replica at a time
+    (``rolling_update_percentage``): of two replicas, the first to take the refused config
+    stops, the update halts once the new config has failed its start budget, and the other
+    keeps serving the old config. Every request along the way is answered."""
+    from ray import serve
+
+    from tests.support.serve_app import APP_NAME
+
     original = keel_app.modified()
-    config = keel_app.modified()
+    two = keel_app.modified()
+    keel_app.deployment("linear", two)["num_replicas"] = 2
+    config = copy.deepcopy(two)
     keel_app.deployment("linear", config)["user_config"]["traffic"] = {"1": 90, "7": 10}
     keel_app.deployment("linear", config)["user_config"].pop("version", None)
     x = rows(4, seed=12, width=4)
+    expected = reference_probabilities(x[:1], seed=1)[0]
+    answers: list[httpx.Response] = []
+
+    def linear_status() -> tuple[str, str]:
+        status = serve.status().applications[APP_NAME]
+        dep = status.deployments.get("linear")
+        return (str(dep.status) if dep else "", (dep.message if dep else "") or status.message)
+
     try:
+        keel_app.deploy(two)
         keel_app.deploy(config, wait=False)
-        from ray import serve
-
-        from tests.support.serve_app import APP_NAME
-
-        deadline = time.monotonic() + 90
-        message = ""
-        while time.monotonic() < deadline:
-            status = serve.status().applications[APP_NAME]
-            dep = status.deployments.get("linear")
-            message = (dep.message if dep else "") or status.message
-            if "traffic: version '7'" in message:
-                break
-            answer = httpx.post(f"{keel_app.base_url}/v2/models/linear/infer",
-                                json=infer_body(x[:1]), timeout=30)
-            assert answer.status_code == 200, answer.text  # the old config keeps serving
-            time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        state, message = linear_status()
+        while "DEPLOY_FAILED" not in state:
+            assert time.monotonic() < deadline, (state, message)
+            answers.append(httpx.post(f"{keel_app.base_url}/v2/models/linear/infer",
+                                      json=infer_body(x[:1]), timeout=30))
+            time.sleep(0.2)
+            state, message = linear_status()
         assert "traffic: version '7' of model 'linear'" in message, message
+        settled = time.monotonic() + 5  # the replica left over answers from the old config
+        while time.monotonic() < settled:
+            answers.append(httpx.post(f"{keel_app.base_url}/v2/models/linear/infer",
+                                      json=infer_body(x[:1]), timeout=30))
+            time.sleep(0.1)
+        failed = [(a.status_code, a.text) for a in answers if a.status_code != 200]
+        assert not failed and len(answers) > 20, (failed[:3], len(answers))
+        for answer in answers:
+            assert answer.json()["model_version"] == "1"
+            np.testing.assert_allclose(probabilities(answer.json())[0], expected, atol=1e-5)
     finally:
         keel_app.deploy(original)
+
+
+def test_a_shadow_gets_a_copy_of_each_unpinned_request_after_its_answer(
+        keel_app: KeelApp) -> None:
+    """``linear`` serves 1 and mirrors to 2 on the model deployment (its own handle call,
+    ``infer_aside``); /v1/rollouts counts every row compared and every decision flip."""
+    from tests.support.serve_app import changed, stats
+
+    x = rows(32, seed=13, width=4)
+    live, shadow = reference_probabilities(x, seed=1), reference_probabilities(x, seed=2)
+    flips = int(np.count_nonzero((live[:, 1] >= 0.5) != (shadow[:, 1] >= 0.5)))
+    with changed(keel_app, linear={"version": "1", "shadow": {"version": "2"}}), \
+            httpx.Client(base_url=keel_app.base_url, timeout=30) as client:
+
+        def linear() -> dict[str, Any]:
+            state: dict[str, Any] = client.get("/v1/rollouts").json()["models"]["linear"]
+            return state
+
+        deadline = time.monotonic() + 30
+        while linear()["shadow"] is None:  # the ingress holds the status for status_ttl_s
+            assert time.monotonic() < deadline, linear()
+            time.sleep(0.2)
+        before = {c["shadow_version"]: c for c in linear()["comparisons"]}.get("2")
+        rows_before = before["rows_compared"] if before else 0
+        flips_before = before["decision_flips"] if before else 0
+        asides_before = stats("linear")["aside_calls"]
+        for i in range(16):
+            answer = client.post("/v2/models/linear/infer", json=infer_body(x[2 * i:2 * i + 2]))
+            assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+            np.testing.assert_allclose(probabilities(answer.json()), live[2 * i:2 * i + 2],
+                                       atol=1e-5)
+        for _ in range(3):  # pinned: the client's choice, not mirrored
+            assert client.post("/v2/models/linear/versions/1/infer",
+                               json=infer_body(x[:2])).status_code == 200
+        deadline = time.monotonic() + 30
+        while True:
+            [comparison] = [c for c in linear()["comparisons"] if c["shadow_version"] == "2"]
+            if comparison["rows_compared"] - rows_before >= 32:
+                break
+            assert time.monotonic() < deadline, comparison
+            time.sleep(0.2)
+        assert comparison["rows_compared"] - rows_before == 32
+        assert comparison["decision_flips"] - flips_before == flips
+        assert comparison["dropped"] == {"queue_full": 0, "failed": 0}
+        assert stats("linear")["aside_calls"] - asides_before == 16
+        assert sorted(linear()["loaded_versions"]) == ["1", "2"]

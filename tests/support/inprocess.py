@@ -6,6 +6,7 @@ does, minus ``@serve.batch``: one ``infer_batch`` call per coalesced batch.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,11 @@ class InProcessModels:
                          ) -> Sequence[InferResult | KeelError]:
         """What ``OnnxModel.infer_many`` answers: one result or error per call."""
         return self._versions(name).infer_batch(calls)
+
+    async def infer_aside(self, name: str, calls: list[InferCall]
+                          ) -> Sequence[InferResult | KeelError]:
+        """What ``OnnxModel.infer_aside`` answers: the same, in a thread."""
+        return await asyncio.to_thread(self._versions(name).infer_batch, calls)
 
 
 @dataclass

@@ -80,11 +80,17 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
          "every weight is 0"),
         (lambda app: _dep(app, "Ingress")["user_config"]["models"]["risk_mlp"].update(
             traffic={"1": 1}, version="2"), "(Ingress).user_config.models.risk_mlp"),
+        (lambda app: _dep(app, "risk_gbdt")["user_config"].update(
+            version="1", shadow={"version": "1"}), "(risk_gbdt).user_config.shadow"),
+        (lambda app: _dep(app, "risk_gbdt")["user_config"].update(
+            shadow={"version": "2", "fraction": 2}), "(risk_gbdt).user_config.shadow.fraction"),
+        (lambda app: _dep(app, "Ingress")["user_config"].update(shadow_queue=-1),
+         "(Ingress).user_config.shadow_queue"),
     ],
     ids=["unknown-knob", "negative-wait", "tiny-body-limit", "unknown-arg", "ray-schema",
          "feature-timeout", "cache-hash", "max-entities", "slo-window", "slo-threshold",
          "max-requests", "ray-below-keel", "negative-weight", "zero-weights",
-         "served-not-in-split"],
+         "served-not-in-split", "shadow-is-live", "shadow-fraction", "shadow-queue"],
 )
 def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str) -> None:
     problems = check_serve_config(_write(tmp_path, mutate))
@@ -101,13 +107,37 @@ def test_versions_a_config_names_must_be_in_its_repository(tmp_path: Path) -> No
         app["args"]["model_repository"] = str(repository)
         _dep(app, "risk_gbdt")["user_config"]["traffic"] = {"1": 90, "2": 5, "3": 5}
         _dep(app, "Ingress")["user_config"]["models"]["risk_mlp"]["version"] = "4"
+        _dep(app, "Ingress")["user_config"]["models"]["risk_mlp_int8"]["shadow"] = {
+            "version": "9"}
 
     problems = check_serve_config(_write(tmp_path, mutate))
     assert any("(risk_gbdt).user_config.traffic: model 'risk_gbdt' has no version ['3'] "
                "(versions: ['1', '2'])" in p for p in problems), problems
     assert any("(Ingress).user_config.models.risk_mlp.version: model 'risk_mlp' has no "
                "version '4'" in p for p in problems), problems
-    assert len(problems) == 2, problems
+    assert any("(Ingress).user_config.models.risk_mlp_int8.shadow.version: model "
+               "'risk_mlp_int8' has no "
+               "version '9'" in p for p in problems), problems
+    assert len(problems) == 3, problems
+
+
+def test_a_shadow_on_the_latest_version_is_refused_when_that_is_the_served_one(
+        tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    for name in ("risk_mlp", "risk_gbdt", "risk_mlp_int8"):
+        write_linear_model(repository, name, "1")
+    write_linear_model(repository, "risk_gbdt", "2", seed=1)
+
+    def mutate(app: dict[str, Any]) -> None:
+        app["args"]["model_repository"] = str(repository)
+        config = _dep(app, "risk_gbdt")["user_config"]
+        config.pop("version", None)
+        config["shadow"] = {"version": "2"}
+
+    problems = check_serve_config(_write(tmp_path, mutate))
+    assert len(problems) == 1 and problems[0].endswith(
+        "(risk_gbdt).user_config.shadow.version: '2' is model 'risk_gbdt''s latest version, "
+        "which it serves; pin 'version' to another one"), problems
 
 
 def test_check_config_command_exit_codes(tmp_path: Path,
