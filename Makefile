@@ -42,7 +42,7 @@ bench: prepare
 	$(BIN)/python -m bench.serving_core
 
 clean:
-	rm -rf $(VENV) models/risk_mlp models/risk_gbdt models/risk_mlp_int8 models/.demo-build.json
+	rm -rf $(VENV) models/risk_mlp models/risk_gbdt models/risk_mlp_int8 models/.demo-build.json models/.demo-candidates.json
 
 ## Compile the gRPC protocol's .proto into the descriptor set Keel loads (after editing it).
 protos: $(STAMP)

@@ -136,7 +136,8 @@ def private_repository(into: Path, seed: int) -> Path:
                                   version="2")
     for model in built:
         if model.name == MODEL:
-            shutil.copytree(model.path.parent, repository / MODEL / "2")
+            # Over the candidate `keel prepare` wrote as version 2, if models/ holds it.
+            shutil.copytree(model.path.parent, repository / MODEL / "2", dirs_exist_ok=True)
     return repository
 
 

@@ -118,6 +118,31 @@ class DecisionRule(BaseModel):
         return value
 
 
+class ColumnBins(BaseModel):
+    """One input column's training distribution: ascending inner bin edges (``keel
+    prepare`` writes deciles) and the share of training rows in each bin. A value ``v``
+    falls in bin ``i`` when ``edges[i-1] <= v < edges[i]`` (the first and last bins are
+    open)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    edges: list[float] = Field(min_length=1)
+    shares: list[float] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnBins:
+        if not all(math.isfinite(e) for e in self.edges) or any(
+                b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must be finite and strictly ascending")
+        if len(self.shares) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.edges)} edges make {len(self.edges) + 1} bins, "
+                             f"not {len(self.shares)} shares")
+        if any(not math.isfinite(v) or v < 0 for v in self.shares) \
+                or abs(sum(self.shares) - 1.0) > 1e-3:
+            raise ValueError("shares must be non-negative and sum to 1")
+        return self
+
+
 class ModelSpec(BaseModel):
     """Everything ``model.yaml`` declares about one version of one model."""
 
@@ -139,6 +164,10 @@ class ModelSpec(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     #: Free-form provenance (data set seed, trainer, parent model of a quantised one...).
     labels: dict[str, str] = Field(default_factory=dict)
+    #: The training distribution of input columns, per input tensor and column name (its
+    #: ``columns``): what the drift monitor compares live inputs with. ``keel prepare``
+    #: writes deciles; empty: no drift monitoring for this version.
+    reference: dict[str, dict[str, ColumnBins]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -150,6 +179,13 @@ class ModelSpec(BaseModel):
             t.name for t in self.outputs
         }:
             raise ValueError(f"decision.output {self.decision.output!r} is not a declared output")
+        for tensor_name, columns in self.reference.items():
+            tensor = self.input(tensor_name)
+            if tensor is None or not tensor.columns:
+                raise ValueError(f"reference.{tensor_name}: not an input with declared columns")
+            unknown = sorted(set(columns) - set(tensor.columns))
+            if unknown:
+                raise ValueError(f"reference.{tensor_name}: {unknown} are not among its columns")
         return self
 
     def input(self, name: str) -> TensorSpec | None:
@@ -284,13 +320,15 @@ def parse_spec(text: str, *, name: str, version: str, source: str = "model.yaml"
 def dump_spec(spec: ModelSpec) -> str:
     """Serialise a spec to ``model.yaml`` text (name and version live in the path)."""
     data = spec.model_dump(mode="json", exclude={"name", "version"}, exclude_none=True)
+    if not data.get("reference"):
+        data.pop("reference", None)  # optional: absent rather than {}
     # Field order as declared; shapes in flow style: [-1, 12].
     return yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, width=100)
 
 
 class _SpecDumper(yaml.SafeDumper):
     def represent_list(self, data: Any) -> yaml.Node:  # type: ignore[override]
-        flow = all(isinstance(v, int) and not isinstance(v, bool) for v in data)
+        flow = all(isinstance(v, int | float) and not isinstance(v, bool) for v in data)
         return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 

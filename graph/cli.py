@@ -9,13 +9,14 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from deployments.errors import KeelError
 from graph.config_check import check_serve_config
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from graph.demo.build import build_demo_repository
+    from graph.demo.build import build_candidates, build_demo_repository
 
     started = time.perf_counter()
 
@@ -23,6 +24,8 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"  [{time.perf_counter() - started:5.1f} s] {what}", file=sys.stderr, flush=True)
 
     built = build_demo_repository(Path(args.repository), force=args.force, step=step)
+    # The retrained candidates (version 2) that configs/serve/canary.yaml rolls out.
+    built += build_candidates(Path(args.repository), force=args.force, step=step)
     for model in built:
         state = "up to date" if model.skipped else "built"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(model.metrics.items()))
@@ -125,6 +128,42 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _payloads(args: argparse.Namespace) -> int:
+    """Print the payload log's newest records (oldest first), one JSON event per line;
+    ``--follow`` then waits for more."""
+    import redis
+
+    from deployments.cache.core import redacted
+    from deployments.settings import RedisSettings
+
+    settings = RedisSettings()
+    url = args.redis_url or settings.url
+    if not url:
+        print("keel: no Redis (set KEEL_REDIS_URL or pass --redis-url)", file=sys.stderr)
+        return 2
+    client: Any = redis.Redis.from_url(
+        url, password=settings.password.get_secret_value() if settings.password else None,
+        socket_connect_timeout=2)
+    try:
+        entries = list(reversed(client.xrevrange(args.stream, count=args.count)))
+        last = entries[-1][0] if entries else b"$"
+        for _, fields in entries:
+            print(fields[b"event"].decode(), flush=True)
+        while args.follow:
+            for _, batch in client.xread({args.stream: last}, block=1000, count=100) or []:
+                for entry_id, fields in batch:
+                    print(fields[b"event"].decode(), flush=True)
+                    last = entry_id
+    except redis.RedisError as exc:
+        print(f"keel: Redis at {redacted(url)}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from graph.supervise import serve
 
@@ -187,6 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     cw.add_argument("--check", action="store_true",
                     help="write nothing; exit 1 if the file differs from a render")
     cw.set_defaults(run=_render_cloudwatch)
+    payloads = sub.add_parser("payloads", help="read the payload log (a Redis Stream)")
+    payloads.add_argument("action", choices=["tail"])
+    payloads.add_argument("-n", "--count", type=int, default=10,
+                          help="how many of the newest records (default 10)")
+    payloads.add_argument("-f", "--follow", action="store_true",
+                          help="then print new records as they come (Ctrl-C stops)")
+    payloads.add_argument("--stream", default="keel:payloads",
+                          help="the stream (Ingress user_config.payloads.stream)")
+    payloads.add_argument("--redis-url", default=None,
+                          help="default: KEEL_REDIS_URL (password: KEEL_REDIS_PASSWORD)")
+    payloads.set_defaults(run=_payloads)
     run = sub.add_parser("serve", help="`serve run` a config, and on Ctrl-C/SIGTERM end every "
                          "process it started (Ray's HAProxy included)")
     run.add_argument("config", nargs="?", default="serve_config.yaml")

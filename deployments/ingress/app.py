@@ -33,6 +33,7 @@ from deployments.ingress.dataplane import (
 from deployments.ingress.fastpath import HotRoutes
 from deployments.ingress.http import install_error_handlers
 from deployments.ingress.models import ModelBackend, ModelPool
+from deployments.ingress.payloads import Caller, current_caller
 from deployments.ingress.rest_admin import add_admin_routes
 from deployments.ingress.rest_decide import add_decide_routes
 from deployments.ingress.rest_llm import LLMBackend, add_llm_routes
@@ -59,6 +60,8 @@ def build_plane(models: ModelPool | ModelBackend, config: Callable[[], IngressCo
                      feature_observer=observer if hasattr(observer, "feature_ages") else None,
                      slo=slo, observer=observer if hasattr(observer, "model_call") else None,
                      shadow_observer=observer if hasattr(observer, "shadow_compared") else None,
+                     payload_observer=observer if hasattr(observer, "payloads_logged") else None,
+                     drift_observer=observer if hasattr(observer, "feature_drift") else None,
                      warm_up=warm_up)
 
 
@@ -106,6 +109,7 @@ def _key_check(auth: AuthConfig) -> Callable[[Request], Awaitable[None]]:
             return
         key = authenticate(auth, request.headers)
         request.scope[API_KEY_SCOPE_KEY] = key
+        current_caller.set(Caller(key.name, key.tenant))  # the payload log's key and tenant
         model = request.path_params.get("name")
         if model is not None:
             authorize(key, str(model))

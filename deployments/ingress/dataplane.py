@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,7 +54,15 @@ from deployments.features.core import FeatureRows
 from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache, assemble
 from deployments.ingress import codec
 from deployments.ingress.batching import Coalescer
+from deployments.ingress.drift import DriftMonitor, DriftObserver
 from deployments.ingress.models import ModelPool
+from deployments.ingress.payloads import (
+    PayloadLog,
+    PayloadLogConfig,
+    PayloadObserver,
+    current_caller,
+    make_event,
+)
 from deployments.ingress.routing import choose_version, entity_key
 from deployments.ingress.scoring import (
     CallObserver,
@@ -122,6 +132,8 @@ class IngressConfig(BaseModel):
     #: more are dropped and counted (``keel_shadow_dropped_total``), never waited for.
     #: 0 turns mirroring off here.
     shadow_queue: int = Field(default=1024, ge=0, le=1_000_000)
+    #: Payload logging: a sample of answered requests appended to a Redis Stream.
+    payloads: PayloadLogConfig = PayloadLogConfig()
     #: Handle calls running at once per model deployment (and to the FeatureService);
     #: requests arriving meanwhile queue into the next call. A model deployment's
     #: autoscaler counts these calls as its ongoing requests.
@@ -269,6 +281,8 @@ class DataPlane:
                  slo: SloSource | None = None,
                  observer: CallObserver | None = None,
                  shadow_observer: ShadowObserver | None = None,
+                 payload_observer: PayloadObserver | None = None,
+                 drift_observer: DriftObserver | None = None,
                  warm_up: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         self.models = models
         self.config = config
@@ -285,6 +299,13 @@ class DataPlane:
                                    batch_size=lambda: config().max_batch_size,
                                    timeout_s=lambda: config().request_timeout_s,
                                    observer=shadow_observer)
+        # The payload log writes to the prediction cache's Redis (none: records dropped).
+        self.payloads = PayloadLog(cache.remote if cache is not None else None,
+                                   lambda: config().payloads,
+                                   source=f"/keel/ingress/{socket.gethostname()}/{os.getpid()}",
+                                   observer=payload_observer)
+        self.drift = DriftMonitor(lambda: config().payloads.drift_window,
+                                  observer=drift_observer)
         self._lookups: Coalescer[tuple[Lookup, dict[str, str] | None], FeatureRows] | None = None
         if features is not None:
             self._lookups = Coalescer(self._lookup_batch,
@@ -434,7 +455,23 @@ class DataPlane:
                                                             deadline)
         if version is None:  # a pinned request is the client's choice: not mirrored
             self._mirror(name, prediction, inputs)
+        if self.payloads.sampled():
+            self._log_payload("infer", request.id, prediction, inputs, deadline)
         return prediction
+
+    def _log_payload(self, endpoint: str, request_id: str | None, prediction: Prediction,
+                     inputs: dict[str, np.ndarray], deadline: float,
+                     extra: dict[str, Any] | None = None) -> None:
+        """A sampled answer's record, queued for the payload log (after the answer)."""
+        started = deadline - self.config().request_timeout_s
+        latency_ms = (time.monotonic() - started) * 1000
+        caller = current_caller.get()
+        self.drift.observe(prediction.spec, inputs)
+        self.payloads.offer(lambda config: make_event(
+            request_id=request_id, model=prediction.spec.name, version=prediction.version,
+            endpoint=endpoint, inputs=inputs, outputs=prediction.outputs,
+            cache=prediction.cache, latency_ms=latency_ms, caller=caller,
+            source=self.payloads.source, max_rows=config.max_rows, extra=extra))
 
     async def _predict_parsed(self, name: str, version: str | None, request: InferenceRequest,
                               binary: bytes, deadline: float
@@ -558,6 +595,9 @@ class DataPlane:
         prediction = await self.predictor.predict(model, version, inputs, deadline=deadline)
         if mirror:
             self._mirror(model, prediction, inputs)
+        if self.payloads.sampled():
+            self._log_payload("decide", None, prediction, inputs, deadline,
+                              {"entities": entities[:self.config().payloads.max_rows]})
         timings = {"features": round(features_ms, 3), "cache": round(prediction.cache_ms, 3),
                    "model": round(prediction.model_ms, 3)}
         rule = prediction.spec.decision

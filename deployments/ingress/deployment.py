@@ -110,6 +110,9 @@ class IngressMetrics(SloObserver):
         self._shadow_flips = make(catalog.SHADOW_FLIPS)
         self._shadow_difference = make(catalog.SHADOW_DIFFERENCE)
         self._shadow_dropped = make(catalog.SHADOW_DROPPED)
+        self._payloads_logged = make(catalog.PAYLOADS_LOGGED)
+        self._payloads_dropped = make(catalog.PAYLOADS_DROPPED)
+        self._feature_drift = make(catalog.FEATURE_DRIFT)
 
     def request(self, http_route: str, model: str, status: int, latency_ms: float,
                 version: str = "") -> None:
@@ -158,6 +161,19 @@ class IngressMetrics(SloObserver):
             self._shadow_dropped.inc(1, tags={"model": model, "version": version,
                                               "shadow_version": shadow_version,
                                               "reason": reason})
+
+    def payloads_logged(self, count: int) -> None:
+        if self._enabled():
+            self._payloads_logged.inc(count)
+
+    def payloads_dropped(self, reason: str, count: int) -> None:
+        if self._enabled():
+            self._payloads_dropped.inc(count, tags={"reason": reason})
+
+    def feature_drift(self, model: str, version: str, feature: str, value: float) -> None:
+        if self._enabled():
+            self._feature_drift.set(value, tags={"model": model, "version": version,
+                                                 "feature": feature})
 
     def feature_ages(self, ages: dict[str, float]) -> None:
         """How old (event time) the feature rows a decision used were, per feature view."""

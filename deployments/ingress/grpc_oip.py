@@ -35,6 +35,7 @@ from deployments.ingress import codec
 from deployments.ingress import grpc_protocol as pb
 from deployments.ingress.auth import ApiKey, AuthConfig, authenticate, authorize
 from deployments.ingress.dataplane import DataPlane
+from deployments.ingress.payloads import Caller, current_caller
 from deployments.ingress.routing import ROUTE_KEY_HEADER
 from deployments.ingress.scoring import Prediction, summarise
 from deployments.observability import tracing
@@ -273,6 +274,7 @@ class GrpcOip:
         key = authenticate(config, metadata)
         if model:
             authorize(key, model)
+        current_caller.set(Caller(key.name, key.tenant))  # the payload log's key and tenant
         return key
 
     def _observe(self, method: str, model: str, status: int, latency_ms: float,

@@ -29,3 +29,8 @@ def add_admin_routes(app: FastAPI, plane: DataPlane) -> None:
                                      "replica)")
     async def rollouts() -> dict[str, Any]:
         return await plane.rollouts()
+
+    @app.get("/v1/payloads", summary="The payload log: sampling rate, stream, and records "
+                                     "appended and dropped (this replica)")
+    async def payloads() -> dict[str, Any]:
+        return {**plane.payloads.state(), "drift": plane.drift.state()}

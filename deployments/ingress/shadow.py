@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ import numpy as np
 
 from deployments.contracts import InferCall, InferResult, Shadow
 from deployments.errors import KeelError
+from deployments.ingress.aside import AsideQueue
 from deployments.repository import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -140,15 +140,10 @@ class ShadowMirror:
         self._send = send
         self._spec_of = spec_of
         self._capacity = capacity
-        self._batch_size = batch_size
         self._timeout_s = timeout_s
         self.observer = observer
         self._rng = rng or random.Random()
-        self._queue: deque[ShadowCopy] = deque()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._worker: asyncio.Task[None] | None = None
+        self._queue: AsideQueue[ShadowCopy] = AsideQueue(self._handle, batch_size)
         self.comparisons: dict[tuple[str, str, str], Comparison] = {}
 
     def offer(self, model: str, shadow: Shadow | None, version: str, live_spec: ModelSpec,
@@ -162,11 +157,7 @@ class ShadowMirror:
         if len(self._queue) >= self._capacity():
             self._dropped(model, version, shadow.version, "queue_full")
             return False
-        self._queue.append(ShadowCopy(model, version, shadow.version, live_spec, inputs, live))
-        self._idle.clear()
-        self._wake.set()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+        self._queue.put(ShadowCopy(model, version, shadow.version, live_spec, inputs, live))
         return True
 
     @property
@@ -175,7 +166,7 @@ class ShadowMirror:
 
     async def settled(self, timeout_s: float = 30.0) -> None:
         """Wait until every copy queued so far is compared or dropped (tests, shutdown)."""
-        await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await self._queue.settled(timeout_s)
 
     def state(self, model: str) -> list[dict[str, Any]]:
         """This replica's comparisons for ``model``, one per live and shadow version pair."""
@@ -195,26 +186,18 @@ class ShadowMirror:
         if self.observer is not None:
             self.observer.shadow_dropped(model, version, shadow_version, reason)
 
-    async def _run(self) -> None:
-        while True:
-            if not self._queue:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            taken = [self._queue.popleft()
-                     for _ in range(min(len(self._queue), max(1, self._batch_size())))]
-            groups: dict[tuple[str, str], list[ShadowCopy]] = {}
-            for copy in taken:
-                groups.setdefault((copy.model, copy.shadow_version), []).append(copy)
-            for (model, shadow_version), copies in groups.items():
-                try:
-                    await self._mirror(model, shadow_version, copies)
-                except Exception as exc:  # a shadow never fails anything: counted, logged
-                    log.warning("shadow %s version %s: %d copies failed: %r", model,
-                                shadow_version, len(copies), exc)
-                    for copy in copies:
-                        self._dropped(model, copy.version, shadow_version, "failed")
+    async def _handle(self, taken: list[ShadowCopy]) -> None:
+        groups: dict[tuple[str, str], list[ShadowCopy]] = {}
+        for copy in taken:
+            groups.setdefault((copy.model, copy.shadow_version), []).append(copy)
+        for (model, shadow_version), copies in groups.items():
+            try:
+                await self._mirror(model, shadow_version, copies)
+            except Exception as exc:  # a shadow never fails anything: counted, logged
+                log.warning("shadow %s version %s: %d copies failed: %r", model,
+                            shadow_version, len(copies), exc)
+                for copy in copies:
+                    self._dropped(model, copy.version, shadow_version, "failed")
 
     async def _mirror(self, model: str, shadow_version: str, copies: list[ShadowCopy]) -> None:
         calls = [InferCall(inputs=c.inputs, version=shadow_version) for c in copies]

@@ -112,6 +112,18 @@ SHADOW_DROPPED = MetricSpec("keel_shadow_dropped_total", "counter",
                             "Shadow copies not compared: the ingress's shadow queue was full, "
                             "or the shadow call failed. Live requests are never affected.",
                             (*SHADOW_TAGS, "reason"))
+PAYLOADS_LOGGED = MetricSpec("keel_payloads_logged_total", "counter",
+                             "Payload records (sampled answered requests) appended to the "
+                             "payload log's Redis Stream.", ())
+PAYLOADS_DROPPED = MetricSpec("keel_payloads_dropped_total", "counter",
+                              "Sampled payload records not appended: queue_full, no_redis "
+                              "(none configured) or redis_error. Requests are never affected.",
+                              ("reason",))
+FEATURE_DRIFT = MetricSpec("keel_feature_drift_psi", "gauge",
+                           "Population Stability Index of an input feature's logged live "
+                           "values (the payload log's sample, last payloads.drift_window "
+                           "rows) against its training distribution in model.yaml.",
+                           ("model", "version", "feature"))
 LLM_REQUESTS = MetricSpec("keel_llm_requests_total", "counter",
                           "Chat completions answered by the LLM gateway, by cache result "
                           "(hit, miss, bypass).", ("model", "tenant", "result"))
@@ -156,8 +168,9 @@ ALL: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_LATENCY, MODEL_LATENCY, MODEL_BATCH_SIZE, MODEL_LOADS, FEATURE_BATCH_SIZE,
     FEATURE_AGE, CACHE_ROWS, CACHE_ERRORS, CACHE_HIT_RATIO, CACHE_LOOKUP, CACHE_WRITE,
     CACHE_LOCAL_ENTRIES, CACHE_LOCAL_EVICTIONS, SHADOW_COMPARED, SHADOW_FLIPS,
-    SHADOW_DIFFERENCE, SHADOW_DROPPED, SLO_VALUE, SLO_TARGET, SLO_COMPLIANT,
-    SLO_BUDGET, SLO_EVENTS, LLM_REQUESTS, LLM_TOKENS, LLM_COST, LLM_COST_AVOIDED,
+    SHADOW_DIFFERENCE, SHADOW_DROPPED, PAYLOADS_LOGGED, PAYLOADS_DROPPED, FEATURE_DRIFT,
+    SLO_VALUE, SLO_TARGET, SLO_COMPLIANT, SLO_BUDGET, SLO_EVENTS, LLM_REQUESTS, LLM_TOKENS,
+    LLM_COST, LLM_COST_AVOIDED,
     LLM_UPSTREAM_CALLS, LLM_CACHE_ERRORS, LLM_CACHE_HIT_RATIO, LLM_COST_PER_MAU,
 )
 

@@ -7,7 +7,10 @@
 * ``risk_mlp_int8/<version>`` risk_mlp with its hidden and output dense layers
   dynamically quantised to INT8 by ONNX Runtime;
 
-each as ``model.onnx`` + ``model.yaml``. Every model takes ``features`` FP32
+each as ``model.onnx`` + ``model.yaml``. ``build_candidates(root)`` adds version 2 of
+``risk_mlp`` (a 32-16 MLP) and ``risk_gbdt`` (150 depth-2 trees), retrained with another
+seed: the candidates a canary rolls out (configs/serve/canary.yaml).
+Every model takes ``features`` FP32
 ``[-1, 12]`` (columns :data:`~graph.demo.dataset.FEATURE_REFS`) and returns
 ``label`` INT64 ``[-1]`` and ``probabilities`` FP32 ``[-1, 2]``. The metrics in
 ``model.yaml`` come from running the written ONNX files with ONNX Runtime on a
@@ -51,7 +54,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from deployments.repository import DecisionRule, ModelRepository, ModelSpec, TensorSpec, dump_spec
+from deployments.repository import (
+    ColumnBins,
+    DecisionRule,
+    ModelRepository,
+    ModelSpec,
+    TensorSpec,
+    dump_spec,
+)
 from graph.demo import Step, quiet
 from graph.demo.dataset import FEATURE_REFS, DatasetConfig, generate, training_matrix
 from graph.files import exclusive, write_atomic
@@ -59,7 +69,7 @@ from graph.files import exclusive, write_atomic
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the builder's output changes for the same inputs: it forces a rebuild.
-BUILD_FORMAT = 2
+BUILD_FORMAT = 3
 MANIFEST_FILE = ".demo-build.json"
 LOCK_FILE = ".demo-build.lock"
 
@@ -67,6 +77,13 @@ MLP = "risk_mlp"
 GBDT = "risk_gbdt"
 MLP_INT8 = "risk_mlp_int8"
 MODEL_NAMES: tuple[str, ...] = (MLP, GBDT, MLP_INT8)
+
+#: The retrained candidates ``keel prepare`` writes beside version 1, for a canary and a
+#: shadow (configs/serve/canary.yaml): other hyperparameters and another training seed on
+#: the same data. The shipped configs pin version 1, so nothing serves them until asked.
+CANDIDATE_VERSION = "2"
+CANDIDATE_NAMES: tuple[str, ...] = (MLP, GBDT)
+CANDIDATE_MANIFEST_FILE = ".demo-candidates.json"
 
 INPUT_NAME = "features"
 N_FEATURES = len(FEATURE_REFS)
@@ -120,11 +137,13 @@ class _Candidate:
     batch_invariant: bool = True
 
 
-def build_fingerprint(config: DatasetConfig, version: str) -> str:
-    """Hash of everything that determines the build's output."""
+def build_fingerprint(config: DatasetConfig, version: str, kind: str = "demo") -> str:
+    """Hash of everything that determines the build's output (``kind``: the demo models
+    or the candidates)."""
     payload = {
         "build_format": BUILD_FORMAT,
         "version": version,
+        **({} if kind == "demo" else {"kind": kind}),
         "config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -161,6 +180,63 @@ def build_demo_repository(
         # 2-core machine the MLP trained 3-12x faster with one thread.
         with threadpool_limits(limits=1):
             return _build(root, config, version, fingerprint, step or quiet)
+
+
+def build_candidates(
+    root: Path,
+    *,
+    config: DatasetConfig = DatasetConfig(),
+    version: str = CANDIDATE_VERSION,
+    force: bool = False,
+    step: Step | None = None,
+) -> list[BuiltModel]:
+    """Train the retrained candidates (:data:`CANDIDATE_NAMES`) as ``version`` under
+    ``root``, beside the demo models; reuse a matching build (recorded in
+    :data:`CANDIDATE_MANIFEST_FILE`), as :func:`build_demo_repository` does."""
+    if not _VERSION.match(version):
+        raise ValueError(f"version {version!r} is not a valid model version directory name")
+    root = Path(root)
+    fingerprint = build_fingerprint(config, version, kind="candidates")
+    manifest = root / CANDIDATE_MANIFEST_FILE
+    if not force and (recorded := _recorded_build(root, fingerprint, manifest,
+                                                  CANDIDATE_NAMES)) is not None:
+        return recorded
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / LOCK_FILE):
+        if not force and (recorded := _recorded_build(root, fingerprint, manifest,
+                                                      CANDIDATE_NAMES)) is not None:
+            return recorded
+        with threadpool_limits(limits=1):
+            return _build_candidates(root, config, version, fingerprint, step or quiet)
+
+
+def _build_candidates(root: Path, config: DatasetConfig, version: str, fingerprint: str,
+                      step: Step) -> list[BuiltModel]:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    manifest = root / CANDIDATE_MANIFEST_FILE
+    manifest.unlink(missing_ok=True)
+    step("generating the demo dataset")
+    features, labels = training_matrix(generate(config))
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=HOLDOUT_FRACTION, random_state=config.seed, stratify=labels)
+    seed = config.seed + 1
+    common = {"dataset_seed": str(config.seed), "training_seed": str(seed),
+              "built_by": "keel prepare (candidate)",
+              "holdout": (f"{len(y_test)} rows ({HOLDOUT_FRACTION:.0%}), stratified, "
+                          f"random_state={config.seed}"),
+              "build_fingerprint": fingerprint[:16]}
+    step(f"training candidate {MLP}/{version}")
+    mlp = _train_mlp(x_train, y_train, seed, common, hidden=(32, 16), alpha=1e-3)
+    step(f"training candidate {GBDT}/{version}")
+    gbdt = _train_gbdt(x_train, y_train, seed, common, n_estimators=150, max_depth=2)
+    for candidate in (mlp, gbdt):
+        _evaluate(candidate, x_test, y_test)
+    step(f"writing {root}")
+    reference = training_bins(x_train)
+    built = [_write_version(root, candidate, version, reference) for candidate in (mlp, gbdt)]
+    _write_manifest(root, fingerprint, config, version, built, time.perf_counter() - started,
+                    time.process_time() - cpu_started, manifest)
+    return built
 
 
 def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str,
@@ -202,7 +278,9 @@ def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str,
     })
 
     step(f"writing {root}")
-    built = [_write_version(root, candidate, version) for candidate in (mlp, gbdt, mlp_int8)]
+    reference = training_bins(x_train)
+    built = [_write_version(root, candidate, version, reference)
+             for candidate in (mlp, gbdt, mlp_int8)]
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     _write_manifest(root, fingerprint, config, version, built, elapsed, cpu)
     logger.info("built %d demo models under %s in %.1f s (%.1f s CPU): %s", len(built), root,
@@ -211,11 +289,12 @@ def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str,
 
 
 def _train_mlp(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], seed: int,
-               common: dict[str, str]) -> _Candidate:
+               common: dict[str, str], *, hidden: tuple[int, int] = (64, 32),
+               alpha: float = 1e-4) -> _Candidate:
     clf = MLPClassifier(
-        hidden_layer_sizes=(64, 32),
+        hidden_layer_sizes=hidden,
         activation="relu",
-        alpha=1e-4,
+        alpha=alpha,
         batch_size=256,
         learning_rate_init=1e-3,
         early_stopping=True,
@@ -233,19 +312,21 @@ def _train_mlp(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], seed: int,
         name=MLP,
         onnx_bytes=_to_onnx(pipeline, clf, MLP),
         description=("Probability that the account has a risk event after trading the symbol: "
-                     "a standardised 64-32 ReLU MLP on market and portfolio features."),
+                     f"a standardised {hidden[0]}-{hidden[1]} ReLU MLP on market and "
+                     "portfolio features."),
         labels={**common, "trainer": f"scikit-learn {sklearn.__version__} "
-                f"StandardScaler + MLPClassifier(64, 32), {clf.n_iter_} epochs"},
+                f"StandardScaler + MLPClassifier({hidden[0]}, {hidden[1]}, alpha={alpha:g}), "
+                f"{clf.n_iter_} epochs"},
     )
 
 
 def _train_gbdt(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], seed: int,
-                common: dict[str, str]) -> _Candidate:
+                common: dict[str, str], *, n_estimators: int = 100,
+                max_depth: int = 3) -> _Candidate:
     # HistGradientBoostingClassifier would train faster, but skl2onnx 1.20 fails to
     # convert it under scikit-learn 1.9 (a bool in a TreeEnsemble int attribute).
-    clf = GradientBoostingClassifier(
-        n_estimators=100, max_depth=3, learning_rate=0.15, subsample=0.5, random_state=seed
-    )
+    clf = GradientBoostingClassifier(n_estimators=n_estimators, max_depth=max_depth,
+                                     learning_rate=0.15, subsample=0.5, random_state=seed)
     started = time.perf_counter()
     clf.fit(x, y)
     logger.info("trained %s in %.1f s", GBDT, time.perf_counter() - started)
@@ -253,9 +334,11 @@ def _train_gbdt(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], seed: int,
         name=GBDT,
         onnx_bytes=_to_onnx(clf, clf, GBDT),
         description=("Probability that the account has a risk event after trading the symbol: "
-                     "100 gradient-boosted depth-3 trees on market and portfolio features."),
+                     f"{n_estimators} gradient-boosted depth-{max_depth} trees on market "
+                     "and portfolio features."),
         labels={**common, "trainer": f"scikit-learn {sklearn.__version__} "
-                "GradientBoostingClassifier(n_estimators=100, max_depth=3, subsample=0.5)"},
+                f"GradientBoostingClassifier(n_estimators={n_estimators}, "
+                f"max_depth={max_depth}, subsample=0.5)"},
     )
 
 
@@ -372,7 +455,26 @@ def _check_signature(name: str, session: ort.InferenceSession) -> None:
 _ORT_DATATYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
 
 
-def _write_version(root: Path, candidate: _Candidate, version: str) -> BuiltModel:
+def training_bins(x: np.ndarray[Any, Any], bins: int = 10) -> dict[str, ColumnBins]:
+    """Per feature column of the training matrix, its quantile edges (deciles by default;
+    repeated edges merged, as for a column of few distinct values) and each bin's share of
+    the training rows: the reference the drift monitor compares live inputs with."""
+    reference: dict[str, ColumnBins] = {}
+    for j, column in enumerate(FEATURE_REFS):
+        values = x[:, j].astype(np.float64)
+        edges = np.unique(np.quantile(values, np.arange(1, bins) / bins))
+        if len(edges) == 0:
+            continue
+        counts = np.bincount(np.searchsorted(edges, values, side="right"),
+                             minlength=len(edges) + 1)
+        reference[column] = ColumnBins(edges=[float(e) for e in edges],
+                                       shares=[round(float(c) / len(values), 6)
+                                               for c in counts])
+    return reference
+
+
+def _write_version(root: Path, candidate: _Candidate, version: str,
+                   reference: dict[str, ColumnBins] | None = None) -> BuiltModel:
     spec = ModelSpec(
         name=candidate.name,
         version=version,
@@ -383,6 +485,7 @@ def _write_version(root: Path, candidate: _Candidate, version: str) -> BuiltMode
         batch_invariant=candidate.batch_invariant,
         metrics=candidate.metrics,
         labels=candidate.labels,
+        reference={INPUT_NAME: reference} if reference else {},
     )
     directory = root / candidate.name / version
     model_path = directory / ModelRepository.MODEL_FILE
@@ -394,7 +497,8 @@ def _write_version(root: Path, candidate: _Candidate, version: str) -> BuiltMode
 
 
 def _write_manifest(root: Path, fingerprint: str, config: DatasetConfig, version: str,
-                    built: list[BuiltModel], seconds: float, cpu_seconds: float) -> None:
+                    built: list[BuiltModel], seconds: float, cpu_seconds: float,
+                    path: Path | None = None) -> None:
     manifest = {
         "build_format": BUILD_FORMAT,
         "fingerprint": fingerprint,
@@ -411,13 +515,15 @@ def _write_manifest(root: Path, fingerprint: str, config: DatasetConfig, version
             for b in built
         ],
     }
-    write_atomic(root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(path or root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
-def _recorded_build(root: Path, fingerprint: str) -> list[BuiltModel] | None:
-    """The recorded result when the manifest matches and all its files exist."""
+def _recorded_build(root: Path, fingerprint: str, path: Path | None = None,
+                    names: tuple[str, ...] = MODEL_NAMES) -> list[BuiltModel] | None:
+    """The recorded result when the manifest (``path``, default the demo build's) matches,
+    names ``names`` and all its files exist."""
     try:
-        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        manifest = json.loads((path or root / MANIFEST_FILE).read_text())
         if manifest.get("fingerprint") != fingerprint:
             return None
         result = []
@@ -431,7 +537,7 @@ def _recorded_build(root: Path, fingerprint: str) -> list[BuiltModel] | None:
             ))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # missing or unreadable: build again
-    if sorted(b.name for b in result) != sorted(MODEL_NAMES):
+    if sorted(b.name for b in result) != sorted(names):
         return None
     return result
 
@@ -460,9 +566,12 @@ def _quiet_quantizer() -> Iterator[None]:
 
 __all__ = [
     "BUILD_FORMAT",
+    "CANDIDATE_NAMES",
+    "CANDIDATE_VERSION",
     "MODEL_NAMES",
     "BuiltModel",
     "DatasetConfig",
+    "build_candidates",
     "build_demo_repository",
     "build_fingerprint",
 ]

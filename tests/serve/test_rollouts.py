@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from collections import Counter, defaultdict
@@ -14,6 +15,7 @@ import pytest
 
 from tests.serve.test_serving import infer_body, probabilities, rows
 from tests.support.modelkit import reference_probabilities
+from tests.support.redisserver import PrivateRedis
 from tests.support.serve_app import KeelApp
 
 pytestmark = pytest.mark.slow
@@ -212,3 +214,36 @@ def test_a_shadow_gets_a_copy_of_each_unpinned_request_after_its_answer(
         assert comparison["dropped"] == {"queue_full": 0, "failed": 0}
         assert stats("linear")["aside_calls"] - asides_before == 16
         assert sorted(linear()["loaded_versions"]) == ["1", "2"]
+
+
+def test_the_ingress_logs_sampled_answers_to_a_redis_stream(
+        keel_app: KeelApp, cache_redis: PrivateRedis) -> None:
+    """Payload logging through the real application: every answer at rate 1, in the Redis
+    the prediction cache uses (the test app's private one), each record naming its model,
+    version and request id."""
+    import uuid
+
+    from tests.support.serve_app import changed
+
+    stream = f"keel-test:payloads:{uuid.uuid4().hex[:8]}"
+    x = rows(3, seed=14, width=4)
+    with changed(keel_app, Ingress={"payloads": {"rate": 1.0, "stream": stream}}), \
+            httpx.Client(base_url=keel_app.base_url, timeout=30) as client, \
+            cache_redis.client() as store:
+        for i in range(3):
+            answer = client.post("/v2/models/linear/infer",
+                                 json=infer_body(x[i:i + 1], id=f"serve-{i}"))
+            assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 15
+        while store.xlen(stream) < 3:
+            assert time.monotonic() < deadline, store.xlen(stream)
+            time.sleep(0.1)
+        events = [json.loads(f[b"event"])["data"] for _, f in store.xrange(stream)]
+        state = client.get("/v1/payloads").json()
+        store.delete(stream)
+    assert [(e["request_id"], e["model"], e["version"]) for e in events] == [
+        (f"serve-{i}", "linear", "1") for i in range(3)]
+    for i, event in enumerate(events):
+        np.testing.assert_allclose(event["outputs"]["probabilities"],
+                                   reference_probabilities(x[i:i + 1], seed=1), atol=1e-5)
+    assert state["logged"] >= 3 and state["stream"] == stream and state["redis"] is True

@@ -15,9 +15,12 @@ ort = pytest.importorskip("onnxruntime")
 
 from deployments.repository import ORT_TYPES, ModelRepository  # noqa: E402
 from graph.demo.build import (  # noqa: E402
+    CANDIDATE_NAMES,
+    CANDIDATE_VERSION,
     MANIFEST_FILE,
     MODEL_NAMES,
     BuiltModel,
+    build_candidates,
     build_demo_repository,
 )
 from graph.demo.dataset import (  # noqa: E402
@@ -267,3 +270,116 @@ def test_force_rebuilds(tmp_path: Path) -> None:
 def test_rejects_bad_version(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="version"):
         build_demo_repository(tmp_path, config=SMALL, version="../x")
+
+
+# --- the canary candidates --------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def with_candidates(repo: tuple[Path, list[BuiltModel]],
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[BuiltModel]]:
+    """The demo repository (copied) with the candidates built beside version 1."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("canary") / "models"
+    shutil.copytree(repo[0], root)
+    return root, build_candidates(root, config=SMALL)
+
+
+def test_candidates_are_a_second_retrained_version(
+        repo: tuple[Path, list[BuiltModel]],
+        with_candidates: tuple[Path, list[BuiltModel]], small_dataset: Dataset) -> None:
+    root, built = with_candidates
+    assert [(b.name, b.version, b.skipped) for b in built] == [
+        (name, CANDIDATE_VERSION, False) for name in CANDIDATE_NAMES]
+    repository = ModelRepository(root)
+    for name in CANDIDATE_NAMES:
+        assert repository.versions(name) == ["1", "2"]
+        assert repository.spec(name, "2").labels["built_by"] == "keel prepare (candidate)"
+    assert repository.versions("risk_mlp_int8") == ["1"]
+    x = training_matrix(small_dataset)[0][:256].astype(np.float32)
+    for model in built:
+        assert model.metrics["auc"] > 0.7, model  # a real model, not a copy or noise
+        v1 = ort.InferenceSession(str(root / model.name / "1" / "model.onnx"),
+                                  providers=["CPUExecutionProvider"])
+        v2 = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+        p1 = v1.run(["probabilities"], {"features": x})[0]
+        p2 = v2.run(["probabilities"], {"features": x})[0]
+        assert np.abs(p1 - p2).max() > 1e-3  # another model: the shadow has something to find
+    again = build_candidates(root, config=SMALL)
+    assert all(b.skipped for b in again)
+    assert [(b.name, b.version, b.metrics) for b in again] == [
+        (b.name, b.version, b.metrics) for b in built]
+    # The demo build's own record is untouched: it is still up to date.
+    assert all(b.skipped for b in build_demo_repository(root, config=SMALL))
+
+
+def test_the_canary_config_checks_against_a_repository_with_the_candidates(
+        with_candidates: tuple[Path, list[BuiltModel]], tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from graph.config_check import check_serve_config
+
+    root, _ = with_candidates
+    config = yaml.safe_load((ROOT / "configs" / "serve" / "canary.yaml").read_text())
+    path = tmp_path / "canary.yaml"
+
+    def check(repository: Path) -> list[str]:
+        config["applications"][0]["args"]["model_repository"] = str(repository)
+        path.write_text(yaml.safe_dump(config))
+        return check_serve_config(path)
+
+    assert check(root) == []
+    only_v1 = tmp_path / "only-v1"
+    shutil.copytree(root, only_v1, ignore=lambda _, names: [n for n in names if n == "2"])
+    problems = check(only_v1)  # no candidates: both rollouts refused, naming the field
+    assert len(problems) == 2, problems
+    assert problems[0].endswith("user_config.models.risk_mlp.traffic: model 'risk_mlp' has "
+                                "no version ['2'] (versions: ['1'])"), problems
+    assert problems[1].endswith("(risk_gbdt).user_config.shadow.version: model 'risk_gbdt' "
+                                "has no version '2' (versions: ['1'])"), problems
+
+
+def test_the_canary_config_is_serve_config_with_two_rollouts() -> None:
+    """configs/serve/canary.yaml differs from serve_config.yaml only in the rollout fields:
+    an edit to one without the other fails here."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    canary = yaml.safe_load((ROOT / "configs" / "serve" / "canary.yaml").read_text())
+
+    def deployment(config: dict[str, object], name: str) -> dict[str, object]:
+        app = config["applications"][0]  # type: ignore[index]
+        return next(d for d in app["deployments"] if d["name"] == name)  # type: ignore[no-any-return]
+
+    mlp = deployment(canary, "Ingress")["user_config"]["models"]["risk_mlp"]  # type: ignore[index]
+    gbdt = deployment(canary, "risk_gbdt")["user_config"]  # type: ignore[index]
+    assert mlp.pop("traffic") == {"1": 90, "2": 10}
+    assert gbdt.pop("shadow") == {"version": "2", "fraction": 0.5}
+    assert gbdt["version"] == "1"
+    mlp["version"] = "1"  # what serve_config.yaml pins
+    assert canary == base
+
+
+def test_every_model_records_its_training_deciles(repo: tuple[Path, list[BuiltModel]],
+                                                  small_dataset: Dataset) -> None:
+    """model.yaml's ``reference``: per feature, decile edges of the training rows and the
+    share of training rows in each bin (the drift monitor's baseline)."""
+    from deployments.ingress.drift import psi
+
+    root, built = repo
+    repository = ModelRepository(root)
+    x = training_matrix(small_dataset)[0]
+    for model in built:
+        reference = repository.spec(model.name, model.version).reference["features"]
+        assert list(reference) == FEATURE_REFS
+        for j, column in enumerate(FEATURE_REFS):
+            bins = reference[column]
+            assert len(bins.edges) <= 9 and abs(sum(bins.shares) - 1) < 1e-3
+            assert psi(bins, x[:, j]) < 0.05  # the whole matrix looks like its training split
+    deciles = repository.spec("risk_mlp", "1").reference["features"]["market_features:ret_1d"]
+    assert len(deciles.edges) == 9 and max(deciles.shares) < 0.15  # a continuous column

@@ -83,7 +83,7 @@ def test_no_key_or_a_wrong_key_is_401_with_www_authenticate(secured: TestClient)
         answer = secured.get("/v2/models/linear", headers=headers)
         assert answer.status_code == 401, (headers, answer.text)
         assert answer.headers["WWW-Authenticate"].startswith("Bearer")
-    for path in ("/v1/cache", "/v1/slo", "/v1/rollouts", "/v1/llm/usage"):
+    for path in ("/v1/cache", "/v1/slo", "/v1/rollouts", "/v1/payloads", "/v1/llm/usage"):
         assert secured.get(path).status_code == 401
     assert secured.post("/v1/decide", json={"model": "linear", "entities": []}) \
         .status_code == 401

@@ -20,7 +20,7 @@ from deployments.contracts import InferCall, InferResult
 from deployments.errors import EntityNotFound, InvalidInput, KeelError, ModelNotFound
 from deployments.features.core import FeatureFetcher, FeatureRows
 from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache
-from deployments.ingress.dataplane import DataPlane, IngressConfig
+from deployments.ingress.dataplane import DataPlane, IngressConfig, decision_input
 from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
@@ -258,6 +258,93 @@ async def test_decide_scores_entities_and_reuses_fresh_feature_rows(
     np.testing.assert_allclose([r["score"] for r in third["results"]], _expected(demo, mixed),
                                rtol=1e-5)
     assert plane.cache_state()["feature_rows"]["hits"] == 6
+
+
+async def test_a_sampled_decision_is_logged_with_its_entities_and_features(
+        demo: tuple[Path, FeatureFetcher]) -> None:
+    """/v1/decide's payload record: the entity keys, the feature row the model scored
+    (as the model input) and its probabilities, in the real Redis Stream."""
+    import uuid
+
+    import redis
+
+    from deployments.cache.core import CacheConfig, PredictionCache, redis_store
+    from deployments.ingress.payloads import PayloadLogConfig
+
+    models, fetcher = demo
+    embedded = EmbeddedModels(ModelRepository(models), ["risk_mlp"])
+    embedded.apply({})
+    stream = f"keel-test:payloads:{uuid.uuid4().hex[:8]}"
+    remote = redis_store("redis://127.0.0.1:6379/0")
+    config = IngressConfig(payloads=PayloadLogConfig(rate=1.0, stream=stream))
+    plane = DataPlane(ModelPool(embedded, None), MutableIngressConfig(config),
+                      features=InProcessFeatures(fetcher),
+                      cache=PredictionCache(remote, CacheConfig(
+                          key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:")))
+    items = _entities(3)
+    answer = json.loads((await plane.decide(json.dumps(
+        {"model": "risk_mlp", "entities": items}).encode())).body)
+    await plane.payloads.settled()
+    with redis.Redis.from_url("redis://127.0.0.1:6379/0") as client:
+        [(_, fields)] = client.xrange(stream)
+        client.delete(stream)
+    data = json.loads(fields[b"event"])["data"]
+    assert (data["endpoint"], data["model"], data["version"]) == ("decide", "risk_mlp", "1")
+    assert data["entities"] == items and data["rows"] == 3
+    columns = list(decision_input(ModelRepository(models).spec("risk_mlp")).columns or [])
+    np.testing.assert_allclose(data["inputs"]["features"],
+                               fetcher.lookup(items, columns).values, rtol=1e-6)
+    np.testing.assert_allclose([p[1] for p in data["outputs"]["probabilities"]],
+                               [r["score"] for r in answer["results"]], rtol=1e-6)
+    await plane.cache.settled()  # type: ignore[union-attr]
+    await remote.client.aclose()
+
+
+async def test_the_drift_gauge_moves_when_the_load_shifts_a_feature(
+        demo: tuple[Path, FeatureFetcher]) -> None:
+    """Logged inputs (payloads.rate) against the deciles `keel prepare` wrote into
+    risk_mlp's model.yaml: training-like rows keep every feature's PSI low; the same rows
+    with one feature moved by three standard deviations push that feature's PSI past the
+    alert's 0.25, and only that one. No Redis needed: drift is computed in the ingress."""
+    from deployments.ingress.payloads import PayloadLogConfig
+    from graph.demo.dataset import FEATURE_REFS, generate, training_matrix
+
+    models, _ = demo
+    embedded = EmbeddedModels(ModelRepository(models), ["risk_mlp"])
+    embedded.apply({})
+    seen: dict[str, float] = {}
+
+    class Gauge:
+        def feature_drift(self, model: str, version: str, feature: str, value: float) -> None:
+            assert (model, version) == ("risk_mlp", "1")
+            seen[feature] = value
+
+    config = IngressConfig(payloads=PayloadLogConfig(rate=1.0, drift_window=400))
+    plane = DataPlane(ModelPool(embedded, None), MutableIngressConfig(config),
+                      drift_observer=Gauge())
+    x = training_matrix(generate(SMALL))[0].astype(np.float32)
+    rng = np.random.default_rng(11)
+
+    async def load(rows: np.ndarray) -> None:
+        for start in range(0, len(rows), 20):
+            block = rows[start:start + 20]
+            body = json.dumps({"inputs": [{"name": "features", "shape": list(block.shape),
+                                           "datatype": "FP32",
+                                           "data": block.reshape(-1).tolist()}]}).encode()
+            await plane.infer("risk_mlp", None, body, None)
+
+    await load(x[rng.choice(len(x), 400)])
+    assert sorted(seen) == sorted(FEATURE_REFS)
+    assert max(seen.values()) < 0.1, seen
+    moved = FEATURE_REFS.index("market_features:ret_5d")
+    shifted = x[rng.choice(len(x), 400)].copy()
+    shifted[:, moved] += 3 * x[:, moved].std()
+    await load(shifted)
+    assert seen["market_features:ret_5d"] > 0.25, seen
+    assert max(v for k, v in seen.items() if k != "market_features:ret_5d") < 0.1, seen
+    state = plane.drift.state()["risk_mlp"]["1"]
+    assert state["rows"] == 400 and state["psi"]["market_features:ret_5d"] > 0.25
+    assert plane.payloads.state()["dropped"]["no_redis"] == 40  # no Redis: none logged
 
 
 async def test_decide_with_staleness_zero_always_asks_the_store(

@@ -180,6 +180,7 @@ async def test_a_shadow_answer_is_never_cached(repository: ModelRepository) -> N
     assert pinned.cache == "miss"
     np.testing.assert_allclose(_probabilities(pinned.body), reference_probabilities(x, seed=1),
                                atol=ATOL)
+    await plane.shadow.settled()
     [comparison] = plane.shadow.state("linear")
     assert comparison["requests_compared"] == 2  # the hit is mirrored too: live traffic
     await cache.settled()
