@@ -91,13 +91,17 @@ from deployments.observability.slo import quantile
 EXPORTER_IMPORT_PATH = "deployments.observability.replica:span_processors"
 #: Variables of the shell that would change what a configuration means.
 STRIPPED_PREFIXES = ("OTEL_", "PYROSCOPE_", "KEEL_PYROSCOPE_")
-CONFIGS = ("off", "on", "on_sampled_1pct")
+CONFIGS = ("off", "on", "on_sampled_1pct", "on_payloads_5pct", "on_payloads_all")
+#: Payload logging (Ingress user_config.payloads) per configuration: ``on`` plus a rate.
+PAYLOAD_RATES = {"on_payloads_5pct": 0.05, "on_payloads_all": 1.0}
 DESCRIPTIONS = {
     "off": "Ingress metrics: false, tracing not configured",
     "on": "Ingress metrics: true, tracing on for every request (sampling ratio 1.0), "
           "OTLP/HTTP to a local counting sink",
     "on_sampled_1pct": "Ingress metrics: true, tracing with sampling ratio 0.01, OTLP/HTTP "
                        "to a local counting sink",
+    "on_payloads_5pct": "as on, and payload logging of 5 % of answers to the machine's Redis",
+    "on_payloads_all": "as on, and payload logging of every answer to the machine's Redis",
 }
 METRICS = ["rps", "p50_ms", "p95_ms", "p99_ms", "error_rate", "mean_batch", "spans_per_s",
            "spans_per_request"]
@@ -167,10 +171,18 @@ def make_target(name: str, sink_url: str) -> Target:
     if name != "off":
         env.update({
             "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": EXPORTER_IMPORT_PATH,
-            "RAY_SERVE_TRACING_SAMPLING_RATIO": "1.0" if name == "on" else "0.01",
+            "RAY_SERVE_TRACING_SAMPLING_RATIO": "0.01" if name == "on_sampled_1pct" else "1.0",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink_url,
         })
     return Target(name, "keel", DESCRIPTIONS[name], env=env)
+
+
+def ingress_user_config(name: str) -> dict[str, Any]:
+    """The Ingress's user_config under configuration ``name`` (the cache off throughout)."""
+    config: dict[str, Any] = {"metrics": name != "off", "cache": {"enabled": False}}
+    if name in PAYLOAD_RATES:
+        config["payloads"] = {"rate": PAYLOAD_RATES[name]}
+    return config
 
 
 class ObsServer(Server):
@@ -186,7 +198,7 @@ class ObsServer(Server):
         return env
 
     def _argv(self) -> list[str]:
-        ingress = {"metrics": self.target.name != "off", "cache": {"enabled": False}}
+        ingress = ingress_user_config(self.target.name)
         return [*super()._argv(), "--ingress-user-config", json.dumps(ingress),
                 "--metrics-export-port", str(self.metrics_port)]
 
@@ -458,10 +470,14 @@ def run_config(target: Target, repeat: int, args: argparse.Namespace, bodies: li
 
 def summarise(runs: list[dict[str, Any]], configs: list[str],
               concurrencies: list[int]) -> dict[str, Any]:
-    """Medians per (config, concurrency) over the repeats, and each config over "off"."""
+    """Medians per (config, concurrency) over the repeats, and each config over "off"
+    (over "on" for the payload configurations, or when "off" was not run)."""
     medians = median_rows(runs, "config", configs, concurrencies, METRICS)
-    ratios = {f"{name}/off": ratios_against(medians, name, "off")
-              for name in configs if name != "off"}
+    ratios = {}
+    for name in configs:
+        base = "on" if name in PAYLOAD_RATES or "off" not in configs else "off"
+        if name != base and base in configs:
+            ratios[f"{name}/{base}"] = ratios_against(medians, name, base)
     return {"medians": medians, "ratios": ratios}
 
 
@@ -558,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path, args, summary,
         configs={n: {"description": DESCRIPTIONS[n],
                      "env": dict(targets[n].env.items()),
-                     "ingress_user_config": {"metrics": n != "off", "cache": {"enabled": False}}}
+                     "ingress_user_config": ingress_user_config(n)}
                  for n in args.configs},
         environment=environment(), sink_url=sink.url)
 
