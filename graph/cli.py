@@ -146,7 +146,9 @@ def _payloads(args: argparse.Namespace) -> int:
         socket_connect_timeout=2)
     try:
         entries = list(reversed(client.xrevrange(args.stream, count=args.count)))
-        last = entries[-1][0] if entries else b"$"
+        # Follow from the last record printed; an empty stream: from its start, so nothing
+        # added between two reads is missed ("$" would skip those).
+        last = entries[-1][0] if entries else b"0-0"
         for _, fields in entries:
             print(fields[b"event"].decode(), flush=True)
         while args.follow:
