@@ -39,7 +39,7 @@ def version_problems(repository: ModelRepository | None, model: str, config: Onn
         if shadow not in have:
             problems.append(f"{where}.shadow.version: model {model!r} has no version "
                             f"{shadow!r} (versions: {have})")
-        elif config.primary_version is None and not config.traffic and shadow == have[-1]:
+        elif config.primary_version is None and shadow == have[-1]:  # unpinned: the latest
             problems.append(f"{where}.shadow.version: {shadow!r} is model {model!r}'s latest "
                             f"version, which it serves; pin 'version' to another one")
     return problems

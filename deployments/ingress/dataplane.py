@@ -461,8 +461,9 @@ class DataPlane:
 
     def _log_payload(self, endpoint: str, request_id: str | None, prediction: Prediction,
                      inputs: dict[str, np.ndarray], deadline: float,
-                     extra: dict[str, Any] | None = None) -> None:
-        """A sampled answer's record, queued for the payload log (after the answer)."""
+                     entities: list[dict[str, Any]] | None = None) -> None:
+        """A sampled answer's record, queued for the payload log (built after the answer);
+        ``entities``: /v1/decide's entity keys, logged for the rows logged."""
         started = deadline - self.config().request_timeout_s
         latency_ms = (time.monotonic() - started) * 1000
         caller = current_caller.get()
@@ -471,7 +472,8 @@ class DataPlane:
             request_id=request_id, model=prediction.spec.name, version=prediction.version,
             endpoint=endpoint, inputs=inputs, outputs=prediction.outputs,
             cache=prediction.cache, latency_ms=latency_ms, caller=caller,
-            source=self.payloads.source, max_rows=config.max_rows, extra=extra))
+            source=self.payloads.source, max_rows=config.max_rows,
+            extra=None if entities is None else {"entities": entities[:config.max_rows]}))
 
     async def _predict_parsed(self, name: str, version: str | None, request: InferenceRequest,
                               binary: bytes, deadline: float
@@ -596,8 +598,7 @@ class DataPlane:
         if mirror:
             self._mirror(model, prediction, inputs)
         if self.payloads.sampled():
-            self._log_payload("decide", None, prediction, inputs, deadline,
-                              {"entities": entities[:self.config().payloads.max_rows]})
+            self._log_payload("decide", None, prediction, inputs, deadline, entities)
         timings = {"features": round(features_ms, 3), "cache": round(prediction.cache_ms, 3),
                    "model": round(prediction.model_ms, 3)}
         rule = prediction.spec.decision

@@ -33,7 +33,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,23 +163,10 @@ def build_demo_repository(
     ``skipped=True`` when the recorded build was reused. ``force=True`` rebuilds.
     ``step`` is told each step of a build as it starts (``keel prepare`` prints them).
     """
-    if not _VERSION.match(version):
-        raise ValueError(f"version {version!r} is not a valid model version directory name")
     root = Path(root)
-    fingerprint = build_fingerprint(config, version)
-    if not force and (recorded := _recorded_build(root, fingerprint)) is not None:
-        logger.info("demo models under %s are up to date (fingerprint %s)", root, fingerprint[:12])
-        return recorded
-
-    root.mkdir(parents=True, exist_ok=True)
-    with exclusive(root / LOCK_FILE):
-        # Another process may have finished the same build while we waited.
-        if not force and (recorded := _recorded_build(root, fingerprint)) is not None:
-            return recorded
-        # The matrices are tiny: BLAS threads only add contention. On a loaded
-        # 2-core machine the MLP trained 3-12x faster with one thread.
-        with threadpool_limits(limits=1):
-            return _build(root, config, version, fingerprint, step or quiet)
+    fingerprint = build_fingerprint(config, _checked(version))
+    return _reuse_or_build(root, fingerprint, root / MANIFEST_FILE, MODEL_NAMES, force,
+                           lambda: _build(root, config, version, fingerprint, step or quiet))
 
 
 def build_candidates(
@@ -193,21 +180,55 @@ def build_candidates(
     """Train the retrained candidates (:data:`CANDIDATE_NAMES`) as ``version`` under
     ``root``, beside the demo models; reuse a matching build (recorded in
     :data:`CANDIDATE_MANIFEST_FILE`), as :func:`build_demo_repository` does."""
+    root = Path(root)
+    fingerprint = build_fingerprint(config, _checked(version), kind="candidates")
+    return _reuse_or_build(
+        root, fingerprint, root / CANDIDATE_MANIFEST_FILE, CANDIDATE_NAMES, force,
+        lambda: _build_candidates(root, config, version, fingerprint, step or quiet))
+
+
+def _checked(version: str) -> str:
     if not _VERSION.match(version):
         raise ValueError(f"version {version!r} is not a valid model version directory name")
-    root = Path(root)
-    fingerprint = build_fingerprint(config, version, kind="candidates")
-    manifest = root / CANDIDATE_MANIFEST_FILE
+    return version
+
+
+def _reuse_or_build(root: Path, fingerprint: str, manifest: Path, names: tuple[str, ...],
+                    force: bool, build: Callable[[], list[BuiltModel]]) -> list[BuiltModel]:
+    """The build recorded in ``manifest`` when it matches ``fingerprint`` (unless
+    ``force``), else ``build()`` under the repository's lock."""
     if not force and (recorded := _recorded_build(root, fingerprint, manifest,
-                                                  CANDIDATE_NAMES)) is not None:
+                                                  names)) is not None:
+        logger.info("%s under %s are up to date (fingerprint %s)", ", ".join(names), root,
+                    fingerprint[:12])
         return recorded
     root.mkdir(parents=True, exist_ok=True)
     with exclusive(root / LOCK_FILE):
+        # Another process may have finished the same build while we waited.
         if not force and (recorded := _recorded_build(root, fingerprint, manifest,
-                                                      CANDIDATE_NAMES)) is not None:
+                                                      names)) is not None:
             return recorded
+        # The matrices are tiny: BLAS threads only add contention. On a loaded
+        # 2-core machine the MLP trained 3-12x faster with one thread.
         with threadpool_limits(limits=1):
-            return _build_candidates(root, config, version, fingerprint, step or quiet)
+            return build()
+
+
+_Split = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any],
+               np.ndarray[Any, Any], str]
+
+
+def _training_split(config: DatasetConfig, step: Step) -> _Split:
+    """The demo data set's training and holdout rows (stratified), and the holdout's
+    description for the models' labels."""
+    step("generating the demo dataset")
+    features, labels = training_matrix(generate(config))
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=HOLDOUT_FRACTION, random_state=config.seed, stratify=labels
+    )
+    holdout = (f"{len(y_test)} rows ({HOLDOUT_FRACTION:.0%}), stratified, "
+               f"random_state={config.seed}")
+    return x_train, x_test, y_train, y_test, holdout
 
 
 def _build_candidates(root: Path, config: DatasetConfig, version: str, fingerprint: str,
@@ -215,15 +236,10 @@ def _build_candidates(root: Path, config: DatasetConfig, version: str, fingerpri
     started, cpu_started = time.perf_counter(), time.process_time()
     manifest = root / CANDIDATE_MANIFEST_FILE
     manifest.unlink(missing_ok=True)
-    step("generating the demo dataset")
-    features, labels = training_matrix(generate(config))
-    x_train, x_test, y_train, y_test = train_test_split(
-        features, labels, test_size=HOLDOUT_FRACTION, random_state=config.seed, stratify=labels)
+    x_train, x_test, y_train, y_test, holdout = _training_split(config, step)
     seed = config.seed + 1
     common = {"dataset_seed": str(config.seed), "training_seed": str(seed),
-              "built_by": "keel prepare (candidate)",
-              "holdout": (f"{len(y_test)} rows ({HOLDOUT_FRACTION:.0%}), stratified, "
-                          f"random_state={config.seed}"),
+              "built_by": "keel prepare (candidate)", "holdout": holdout,
               "build_fingerprint": fingerprint[:16]}
     step(f"training candidate {MLP}/{version}")
     mlp = _train_mlp(x_train, y_train, seed, common, hidden=(32, 16), alpha=1e-3)
@@ -245,14 +261,7 @@ def _build(root: Path, config: DatasetConfig, version: str, fingerprint: str,
     # A stale manifest must not vouch for files this build is about to replace.
     (root / MANIFEST_FILE).unlink(missing_ok=True)
 
-    step("generating the demo dataset")
-    dataset = generate(config)
-    features, labels = training_matrix(dataset)
-    x_train, x_test, y_train, y_test = train_test_split(
-        features, labels, test_size=HOLDOUT_FRACTION, random_state=config.seed, stratify=labels
-    )
-    holdout = (f"{len(y_test)} rows ({HOLDOUT_FRACTION:.0%}), stratified, "
-               f"random_state={config.seed}")
+    x_train, x_test, y_train, y_test, holdout = _training_split(config, step)
     common = {"dataset_seed": str(config.seed), "built_by": "keel prepare",
               "holdout": holdout, "build_fingerprint": fingerprint[:16]}
 
@@ -518,12 +527,12 @@ def _write_manifest(root: Path, fingerprint: str, config: DatasetConfig, version
     write_atomic(path or root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
-def _recorded_build(root: Path, fingerprint: str, path: Path | None = None,
-                    names: tuple[str, ...] = MODEL_NAMES) -> list[BuiltModel] | None:
-    """The recorded result when the manifest (``path``, default the demo build's) matches,
-    names ``names`` and all its files exist."""
+def _recorded_build(root: Path, fingerprint: str, path: Path,
+                    names: tuple[str, ...]) -> list[BuiltModel] | None:
+    """The recorded result when the manifest at ``path`` matches, names ``names`` and all
+    its files exist."""
     try:
-        manifest = json.loads((path or root / MANIFEST_FILE).read_text())
+        manifest = json.loads(path.read_text())
         if manifest.get("fingerprint") != fingerprint:
             return None
         result = []

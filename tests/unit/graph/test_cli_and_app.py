@@ -100,11 +100,17 @@ def test_config_errors_name_the_field(tmp_path: Path, mutate: Any, expected: str
     assert any(expected in p for p in problems), problems
 
 
-def test_versions_a_config_names_must_be_in_its_repository(tmp_path: Path) -> None:
+def _repository(tmp_path: Path) -> Path:
+    """Version 1 of every model serve_config.yaml names, and risk_gbdt version 2."""
     repository = tmp_path / "models"
     for name in ("risk_mlp", "risk_gbdt", "risk_mlp_int8"):
         write_linear_model(repository, name, "1")
     write_linear_model(repository, "risk_gbdt", "2", seed=1)
+    return repository
+
+
+def test_versions_a_config_names_must_be_in_its_repository(tmp_path: Path) -> None:
+    repository = _repository(tmp_path)
 
     def mutate(app: dict[str, Any]) -> None:
         app["args"]["model_repository"] = str(repository)
@@ -126,10 +132,7 @@ def test_versions_a_config_names_must_be_in_its_repository(tmp_path: Path) -> No
 
 def test_a_shadow_on_the_latest_version_is_refused_when_that_is_the_served_one(
         tmp_path: Path) -> None:
-    repository = tmp_path / "models"
-    for name in ("risk_mlp", "risk_gbdt", "risk_mlp_int8"):
-        write_linear_model(repository, name, "1")
-    write_linear_model(repository, "risk_gbdt", "2", seed=1)
+    repository = _repository(tmp_path)
 
     def mutate(app: dict[str, Any]) -> None:
         app["args"]["model_repository"] = str(repository)

@@ -22,13 +22,13 @@ from deployments.ingress.app import create_app
 from deployments.ingress.auth import ApiKey, AuthConfig, hash_key
 from deployments.ingress.dataplane import DataPlane, IngressConfig
 from deployments.ingress.models import EmbeddedModels, ModelPool
-from deployments.ingress.payloads import EVENT_TYPE, PayloadLog, PayloadLogConfig
+from deployments.ingress.payloads import EVENT_TYPE, PayloadLog, PayloadLogConfig, make_event
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
 from graph.cli import main
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import reference_probabilities
-from tests.support.redisserver import PrivateRedis
+from tests.support.redisserver import PrivateRedis, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -119,8 +119,6 @@ async def test_rows_beyond_max_rows_are_counted_not_logged_and_nan_is_null(
     assert len(event["data"]["outputs"]["probabilities"]) == 3
     assert event["data"]["request_id"] is None
     log = PayloadLog(store, lambda: config.payloads, source="/test")
-    from deployments.ingress.payloads import make_event
-
     assert log.offer(lambda c: make_event(
         request_id="r", model="m", version="1", endpoint="infer",
         inputs={"x": np.array([[1.0, np.nan], [np.inf, 2.0]], np.float32)},
@@ -285,12 +283,6 @@ async def test_keel_payloads_tail_prints_the_newest_records_oldest_first(
     assert main(["payloads", "tail", "-n", "3", "--stream", stream,
                  "--redis-url", REDIS_URL]) == 0
     assert [json.loads(line)["n"] for line in capsys.readouterr().out.splitlines()] == [2, 3, 4]
-    closed = f"redis://127.0.0.1:{_closed_port()}/0"
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     assert main(["payloads", "tail", "--stream", stream, "--redis-url", closed]) == 1
     assert "Redis at redis://127.0.0.1" in capsys.readouterr().err
-
-
-def _closed_port() -> int:
-    from tests.support.redisserver import free_port
-
-    return free_port()
