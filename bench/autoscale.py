@@ -45,11 +45,11 @@ from typing import Any
 import yaml
 
 from bench.harness.http_load import make_bodies
+from bench.harness.local_serve import serve_environment, start_and_deploy
 from bench.harness.network import quiet_port
 from bench.harness.progress import Progress
 from bench.harness.report import REPO_ROOT, RESULTS_DIR, pyplot, save_figure, text_table
 from bench.harness.statistics import percentiles
-from deployments.ingress.haproxy_nosplice import haproxy_env
 
 RESULTS = RESULTS_DIR
 STAMP = "2026-11-27"
@@ -283,42 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     temp_dir = Path(tempfile.mkdtemp(prefix="kas", dir="/tmp"))
     port = quiet_port()
-    # Ray's processes read these when they start: set them before Ray does.
-    os.environ.update(haproxy_env())  # HAProxy without splice(), as `keel serve` runs it
-    os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                       "RAY_SERVE_HAPROXY_METRICS_PORT": str(quiet_port()),
-                       "RAY_SERVE_HAPROXY_STATS_PORT": str(quiet_port()),
-                       "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(temp_dir / "hap" / "haproxy.cfg"),
-                       "RAY_SERVE_HAPROXY_SOCKET_PATH": str(temp_dir / "hap" / "admin.sock")})
-    os.environ.pop("RAY_ADDRESS", None)
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    from bench.harness.local_ray import shutdown, start_local_ray
+    serve_environment(temp_dir)
+    from bench.harness.local_ray import shutdown
 
     repo = model_repository(temp_dir)
     config = app_config(repo, port, args)
     app = config["applications"][0]
     knobs = next(d for d in app["deployments"] if d["name"] == MODEL)["autoscaling_config"]
     started = time.monotonic()
-    start_local_ray(str(temp_dir / "ray"), None, python_path=str(REPO_ROOT),
-                    metrics_export_port=quiet_port())
     timeline = Timeline()
     stop_polling = threading.Event()
     try:
-        serve_client = serve_start(http_options={"host": "127.0.0.1", "port": port})
-        serve_client.deploy_apps(ServeDeploySchema.model_validate(config))
-        from ray import serve
-
-        while True:  # RUNNING, every deployment HEALTHY
-            status = serve.status().applications.get(app["name"])
-            if status is not None and status.status == "RUNNING":
-                break
-            if status is not None and status.status == "DEPLOY_FAILED":
-                raise RuntimeError(f"deploy failed: {status.message}")
-            if time.monotonic() - started > 300:
-                raise TimeoutError("application not RUNNING after 300 s")
-            time.sleep(1)
+        serve_client = start_and_deploy(temp_dir, config, port)
         print(f"deployed in {time.monotonic() - started:.0f} s; knobs {knobs}", flush=True)
         timeline = Timeline()
         poller = threading.Thread(target=poll_replicas,

@@ -11,14 +11,17 @@ autoscaling, ``max_ongoing_requests``, ``user_config``) live in that file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application, Deployment
 
 from deployments.errors import ConfigError
 from deployments.features.deployment import FeatureService
+from deployments.fleet.core import FLEET_NAME, FleetArgs, fleet_members
+from deployments.fleet.deployment import FleetModel
 from deployments.ingress.deployment import Ingress
 from deployments.ingress.models import Placement
 from deployments.llm.deployment import LLMGateway
@@ -54,6 +57,30 @@ class AppArgs(BaseModel):
     #: Ingress's ``user_config.models.<name>``). Place a model in the ingress only when it
     #: costs less than a hop (a CPU model answering a batch in well under a millisecond).
     placement: dict[str, Placement] = Field(default_factory=dict)
+    #: Multiplexed fleets, by deployment name: many small models of one directory of the
+    #: repository (e.g. per-tenant models under ``models/tenants``) sharing one
+    #: ``FleetModel`` deployment that loads them on demand, at most
+    #: ``max_models_per_replica`` per replica (docs/models.md: fleets).
+    fleets: dict[str, FleetArgs] = Field(default_factory=dict)
+
+    @field_validator("fleets")
+    @classmethod
+    def _fleet_names(cls, fleets: dict[str, FleetArgs]) -> dict[str, FleetArgs]:
+        for name in fleets:
+            if not re.fullmatch(FLEET_NAME, name):
+                raise ValueError(f"{name!r} is not a valid deployment name")
+            if name in RESERVED_DEPLOYMENTS:
+                raise ValueError(f"{name!r} is one of Keel's own deployments "
+                                 f"({sorted(RESERVED_DEPLOYMENTS)}); name the fleet otherwise")
+        directories = [f.directory for f in fleets.values()]
+        shared = sorted({d for d in directories if directories.count(d) > 1})
+        if shared:
+            raise ValueError(f"directory {shared} is named by more than one fleet")
+        return fleets
+
+
+#: Deployments every Keel application may hold besides its models and fleets.
+RESERVED_DEPLOYMENTS = frozenset({"Ingress", "SloMonitor", "FeatureService", "LLMGateway"})
 
 
 def resolve_repository(path: str, *, what: str = "model repository") -> Path:
@@ -82,13 +109,14 @@ def resolve_feature_store(args: AppArgs) -> tuple[Path, Path] | None:
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    """Bind the ingress and one ``OnnxModel`` deployment per model not placed in it."""
+    """Bind the ingress, one ``OnnxModel`` deployment per model not placed in it, and one
+    ``FleetModel`` deployment per fleet."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     root = resolve_repository(RepositorySettings().model_repository or parsed.model_repository)
     repository = ModelRepository(root)
     available = repository.model_names()
     names = parsed.models or available
-    if not names:
+    if not names and not parsed.fleets:
         raise ConfigError(f"model repository {str(root)!r} holds no model; "
                           f"run `keel prepare` to build the demo models")
     missing = [n for n in names if n not in available]
@@ -101,6 +129,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     if stray:
         raise ConfigError(f"args.placement: {stray} are not in the repository {str(root)!r} "
                           f"(it has {available})")
+    fleet_dirs = fleet_directories(parsed, root, available)
     embedded = [n for n in names if parsed.placement.get(n) == "ingress"]
     # @serve.deployment returns a Deployment; Ray's stubs type it as the class.
     model_deployment, ingress = cast(Deployment, OnnxModel), cast(Deployment, Ingress)
@@ -114,5 +143,33 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         user_config={}).bind(str(store[0]), str(store[1]))
     slo_monitor = cast(Deployment, SloMonitor).options(user_config={}).bind()
     llm = cast(Deployment, LLMGateway).options(user_config={}).bind() if parsed.llm else None
-    return ingress.options(user_config={}).bind(models, features, slo_monitor, llm,
-                                                embedded, str(root))
+    fleet_deployment = cast(Deployment, FleetModel)
+    fleets = {
+        name: fleet_deployment.options(name=name, user_config={}).bind(
+            name, str(fleet_dirs[name]), fleet.max_models_per_replica)
+        for name, fleet in parsed.fleets.items()
+    }
+    return ingress.options(user_config={}).bind(
+        models, features, slo_monitor, llm, embedded, str(root), fleets,
+        {name: str(path) for name, path in fleet_dirs.items()})
+
+
+def fleet_directories(args: AppArgs, root: Path, models: list[str]) -> dict[str, Path]:
+    """Each fleet's directory under the repository ``root``; refuses a missing one, a
+    fleet named like a model, and a member named like a model served on its own."""
+    directories: dict[str, Path] = {}
+    for name, fleet in args.fleets.items():
+        where = f"args.fleets.{name}"
+        if name in models:
+            raise ConfigError(f"{where}: {name!r} is also a model of the repository; a "
+                              f"fleet's deployment needs a name of its own")
+        directory = root / fleet.directory
+        if not directory.is_dir():
+            raise ConfigError(f"{where}.directory: {str(directory)!r} does not exist "
+                              f"(run `keel prepare` for the demo fleet)")
+        clashes = sorted(set(fleet_members(directory)) & set(models))
+        if clashes:
+            raise ConfigError(f"{where}: {clashes} are both fleet members and models of "
+                              f"the repository; rename one")
+        directories[name] = directory
+    return directories

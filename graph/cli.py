@@ -16,7 +16,7 @@ from graph.config_check import check_serve_config
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from graph.demo.build import build_candidates, build_demo_repository
+    from graph.demo.build import build_candidates, build_demo_repository, build_fleet
 
     started = time.perf_counter()
 
@@ -26,10 +26,16 @@ def _prepare(args: argparse.Namespace) -> int:
     built = build_demo_repository(Path(args.repository), force=args.force, step=step)
     # The retrained candidates (version 2) that configs/serve/canary.yaml rolls out.
     built += build_candidates(Path(args.repository), force=args.force, step=step)
+    # The per-tenant fleet (models/tenants) that configs/serve/canary.yaml multiplexes.
+    fleet = build_fleet(Path(args.repository), force=args.force, step=step)
     for model in built:
         state = "up to date" if model.skipped else "built"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(model.metrics.items()))
         print(f"{model.name}/{model.version}: {state} ({metrics})")
+    aucs = [m.metrics["auc"] for m in fleet]
+    print(f"fleet tenants: {len(fleet)} models "
+          f"{'up to date' if all(m.skipped for m in fleet) else 'built'} "
+          f"(auc {min(aucs):.3f}..{max(aucs):.3f})")
     print(f"model repository {args.repository} ready in {time.perf_counter() - started:.1f} s")
     if args.feature_repo:
         started = time.perf_counter()

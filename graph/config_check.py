@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from deployments.errors import KeelError, field_errors
 from deployments.features.core import FeatureServiceConfig
+from deployments.fleet.core import FleetConfig
 from deployments.ingress.dataplane import IngressConfig
 from deployments.llm.config import LLMGatewayConfig
 from deployments.observability.slo import SloConfig
@@ -43,6 +44,20 @@ def version_problems(repository: ModelRepository | None, model: str, config: Onn
             problems.append(f"{where}.shadow.version: {shadow!r} is model {model!r}'s latest "
                             f"version, which it serves; pin 'version' to another one")
     return problems
+
+
+def fleet_problems(args: Any, repository: ModelRepository | None, where: str) -> list[str]:
+    """Each fleet's directory must exist and its members must not be named like a model
+    of the repository (unchecked when the repository is not on this machine)."""
+    from graph.app import fleet_directories
+
+    if repository is None or not args.fleets:
+        return []
+    try:
+        fleet_directories(args, repository.root, repository.model_names())
+    except KeelError as exc:
+        return [f"{where}.{exc.message}"]
+    return []
 
 
 #: Ray Serve's default when a deployment does not set max_ongoing_requests.
@@ -90,11 +105,13 @@ def check_serve_config(path: Path) -> list[str]:
                 resolve_repository(args.model_repository))
         except KeelError:
             repository = None  # not on this machine (an image's path): versions unchecked
+        problems += fleet_problems(args, repository, where)
         for d, dep in enumerate(app.deployments):
             dep_where = f"{where}.deployments[{d}] ({dep.name})"
             fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
             user_config = fields.get("user_config") or {}
-            model = USER_CONFIGS.get(dep.name, OnnxModelConfig)
+            model = FleetConfig if dep.name in args.fleets else USER_CONFIGS.get(
+                dep.name, OnnxModelConfig)
             try:
                 config = model.model_validate(user_config)
             except ValidationError as exc:

@@ -124,9 +124,10 @@ class IngressConfig(BaseModel):
     max_requests: int = Field(default=1280, ge=1, le=1_000_000)
     #: Most requests one coalesced call carries to a model deployment or the store.
     max_batch_size: int = Field(default=64, ge=1, le=4096)
-    #: A call to a model deployment that has not answered after this many seconds (or
-    #: whose replica died under it) is sent once more, to another replica; ``None``: never.
-    #: Keep it well above the model's p99 under load and below ``request_timeout_s``.
+    #: A call to a model deployment that has not answered after this many seconds is sent
+    #: again beside the first (and once more after as long again; the first answer wins);
+    #: one whose replica died under it is sent again at once. ``None``: only the latter.
+    #: Keep it well above the model's p99 under load and below ``request_timeout_s`` / 2.
     model_call_retry_s: float | None = Field(default=5.0, gt=0, le=600)
     #: Shadow copies (a model's ``shadow``) waiting for their shadow call in this replica;
     #: more are dropped and counted (``keel_shadow_dropped_total``), never waited for.
@@ -182,9 +183,9 @@ class ModelCatalog:
 
     def require(self, name: str) -> None:
         """404 for a model this ingress does not serve (before any body is read)."""
-        if name not in self.backend.model_names():
+        if not self.backend.knows(name):
             raise ModelNotFound(f"model {quoted(name)} is not served here "
-                                f"(models: {self.backend.model_names()})")
+                                f"(models: {self.backend.listing()})")
 
     async def status(self, name: str, *, fresh: bool = False) -> ModelStatus:
         self.require(name)
@@ -361,15 +362,18 @@ class DataPlane:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """Whether every model has a version loaded and every hop has been warmed."""
-        names = self.models.model_names()
+        # A fleet is probed once (its members load on demand), every other model by its status.
+        names = [n for n in self.models.model_names() if self.models.fleet(n) is None]
+        fleets = self.models.fleets
         timeout = self.config().ready_timeout_s
         warming = self._warming
         if warming is not None and not warming.done():
             await asyncio.wait([warming], timeout=timeout)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(self.catalog.status(n, fresh=True), timeout) for n in names),
-            return_exceptions=True,
-        )
+        results, probes = await asyncio.gather(
+            asyncio.gather(*(asyncio.wait_for(self.catalog.status(n, fresh=True), timeout)
+                             for n in names), return_exceptions=True),
+            asyncio.gather(*(asyncio.wait_for(f.warm_up(), timeout) for f in fleets),
+                           return_exceptions=True))
         models: dict[str, Any] = {}
         for name, result in zip(names, results, strict=True):
             if isinstance(result, ModelStatus):
@@ -378,8 +382,17 @@ class DataPlane:
                                 "placement": self.models.placement(name)}
             else:
                 models[name] = {"ready": False, "error": _describe(result)}
-        is_ready = bool(names) and all(m["ready"] for m in models.values()) and self.warm
+        fleet_states: dict[str, Any] = {}
+        for fleet, probe in zip(fleets, probes, strict=True):
+            state: dict[str, Any] = {"ready": probe is None, "models": len(fleet.model_names())}
+            if isinstance(probe, BaseException):
+                state["error"] = _describe(probe)
+            fleet_states[fleet.fleet] = state
+        is_ready = bool(names or fleets) and self.warm and all(
+            m["ready"] for m in (*models.values(), *fleet_states.values()))
         body: dict[str, Any] = {"ready": is_ready, "models": models}
+        if fleet_states:
+            body["fleets"] = fleet_states
         if not self.warm:
             body["warming"] = True
         return is_ready, body
@@ -396,6 +409,7 @@ class DataPlane:
             "metrics": spec.metrics,
             "providers": status.providers,
             "placement": self.models.placement(name),
+            "fleet": self.models.fleet(name),
             # This replica's coalescing so far: requests ("items") per model call ("batches":
             # ONNX Runtime runs in the ingress, handle calls to a deployment).
             "coalescing": self.models.batch_stats(name),
@@ -679,8 +693,9 @@ class DataPlane:
 
     async def rollouts(self) -> dict[str, Any]:
         """``/v1/rollouts``: each model's versions, traffic split and shadow, and how the
-        shadow's answers compared with the live ones in this replica so far."""
-        names = self.models.model_names()
+        shadow's answers compared with the live ones in this replica so far (fleet members
+        serve their latest version: not listed one by one)."""
+        names = [n for n in self.models.model_names() if self.models.fleet(n) is None]
         statuses = await asyncio.gather(*(self.catalog.status(n) for n in names),
                                         return_exceptions=True)
         models: dict[str, Any] = {}

@@ -38,7 +38,12 @@ from deployments.ingress.auth import announce, load_auth
 from deployments.ingress.dataplane import DataPlane, IngressConfig
 from deployments.ingress.grpc_oip import GrpcOip
 from deployments.ingress.models import EmbeddedModels, ModelPool
-from deployments.ingress.ray_adapters import HandleFeatures, HandleLLM, HandleModels
+from deployments.ingress.ray_adapters import (
+    FleetHandles,
+    HandleFeatures,
+    HandleLLM,
+    HandleModels,
+)
 from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
 from deployments.observability.replica import (
@@ -262,7 +267,9 @@ class Ingress:
                  slo_monitor: DeploymentHandle | None = None,
                  llm: DeploymentHandle | None = None,
                  embedded: list[str] | None = None,
-                 repository: str | None = None) -> None:
+                 repository: str | None = None,
+                 fleets: dict[str, DeploymentHandle] | None = None,
+                 fleet_directories: dict[str, str] | None = None) -> None:
         observe_replica()  # span attributes, Pyroscope (after the replica started)
         self._auth = load_auth()  # KEEL_AUTH, KEEL_API_KEYS(_FILE); malformed: no start
         announce(self._auth)
@@ -278,9 +285,11 @@ class Ingress:
         self._metrics = IngressMetrics(self._pusher, lambda: self._config.metrics)
         self._cache = build_cache(self._config.cache, self._metrics)
         self._features = HandleFeatures(features) if features is not None else None
-        self._handles = HandleModels(models, lambda: self._config.model_call_retry_s) \
-            if models else None
-        pool = ModelPool(self._embedded, self._handles,
+        self._handles = HandleModels(models, self._retry_after_s) if models else None
+        self._fleets = [FleetHandles(name, handle, (fleet_directories or {})[name],
+                                     self._retry_after_s)
+                        for name, handle in sorted((fleets or {}).items())]
+        pool = ModelPool(self._embedded, self._handles, fleets=self._fleets,
                          max_batch_size=self._max_batch_size,
                          max_in_flight=lambda: self._config.calls_in_flight,
                          observer=self._metrics)
@@ -293,6 +302,9 @@ class Ingress:
         # background; /v2/health/ready answers 503 until it is done.
         with contextlib.suppress(RuntimeError):
             self._plane.start_warming()
+
+    def _retry_after_s(self) -> float | None:
+        return self._config.model_call_retry_s
 
     def _max_batch_size(self, model: str) -> int:
         if self._embedded is not None and model in self._embedded.model_names():
@@ -308,6 +320,7 @@ class Ingress:
         if self._handles is not None:
             calls += [self._handles.status(name) for name in self._handles.model_names()]
             calls += [self._handles.infer_many(name, []) for name in self._handles.model_names()]
+        calls += [fleet.warm_up() for fleet in self._fleets]
         if self._features is not None:
             calls.append(self._features.warm_up())
         if self._pusher is not None:

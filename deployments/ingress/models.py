@@ -24,6 +24,8 @@ from deployments.repository import ModelRepository
 log = logging.getLogger(__name__)
 
 Placement = Literal["deployment", "ingress"]
+#: Where a served model runs: a placement, or a fleet's shared deployment.
+Where = Literal["deployment", "ingress", "fleet"]
 Answer = InferResult | KeelError
 
 
@@ -42,6 +44,19 @@ class ModelBackend(Protocol):
         """As ``infer_many``, apart from live traffic (shadow copies): never in a live
         batch, never on the event loop that serves requests."""
         ...
+
+
+class FleetBackend(ModelBackend, Protocol):
+    """A fleet: models of one directory sharing a multiplexed deployment, whose
+    membership is found on a model's first request."""
+
+    fleet: str
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is a member (it may have been added since the last call)."""
+        ...
+
+    async def warm_up(self) -> None: ...
 
 
 class EmbeddedModels:
@@ -134,11 +149,13 @@ class ModelPool:
     """
 
     def __init__(self, embedded: EmbeddedModels | None, remote: ModelBackend | None, *,
+                 fleets: Sequence[FleetBackend] = (),
                  max_batch_size: Callable[[str], int] = lambda _: 64,
                  max_in_flight: Callable[[], int] = lambda: 4,
                  observer: BatchObserver | None = None) -> None:
         self.embedded = embedded
         self.remote = remote
+        self.fleets = list(fleets)
         self._observer = observer
         self._max_batch_size = max_batch_size
         self._max_in_flight = max_in_flight
@@ -150,21 +167,62 @@ class ModelPool:
                 if name in self._backends:
                     raise ModelNotFound(f"model {name!r} is placed twice")
                 self._backends[name] = backend
+        self._fleet_of: dict[str, FleetBackend] = {}
+        for fleet in self.fleets:
+            for name in fleet.model_names():
+                self._join(name, fleet)
         self._names = sorted(self._backends)
         self._coalescers: dict[str, Coalescer[InferCall, InferResult]] = {}
 
+    def _join(self, name: str, fleet: FleetBackend) -> None:
+        if name in self._backends:
+            # Placed on its own (or in an earlier fleet): that placement answers it.
+            log.warning("model %s of fleet %s is also served elsewhere; the fleet's copy "
+                        "is not used", name, fleet.fleet)
+            return
+        self._backends[name] = fleet
+        self._fleet_of[name] = fleet
+
     def model_names(self) -> list[str]:
+        """Every model served here (fleet members: those found so far)."""
         return self._names
 
-    def placement(self, name: str) -> Placement:
-        return "ingress" if self._backend(name) is self.embedded else "deployment"
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is served here; a fleet's new member joins on this call."""
+        if name in self._backends:
+            return True
+        for fleet in self.fleets:
+            if fleet.owns(name):
+                self._join(name, fleet)
+                self._names = sorted(self._backends)
+                return True
+        return False
+
+    def fleet(self, name: str) -> str | None:
+        """The fleet a model belongs to, if any."""
+        fleet = self._fleet_of.get(name)
+        return fleet.fleet if fleet is not None else None
+
+    def placement(self, name: str) -> Where:
+        backend = self._backend(name)
+        if backend is self.embedded:
+            return "ingress"
+        return "fleet" if name in self._fleet_of else "deployment"
 
     def _backend(self, name: str) -> ModelBackend:
         backend = self._backends.get(name)
+        if backend is None and self.knows(name):
+            backend = self._backends[name]
         if backend is None:
             raise ModelNotFound(f"model {quoted(name)} is not served here "
-                                f"(models: {self._names})")
+                                f"(models: {self.listing()})")
         return backend
+
+    def listing(self) -> str:
+        """The models served, for a 404 (fleets by name and size, not every member)."""
+        own = [n for n in self._names if n not in self._fleet_of]
+        fleets = [f"fleet {f.fleet!r} ({len(f.model_names())} models)" for f in self.fleets]
+        return ", ".join([repr(n) for n in own] + fleets) or "none"
 
     async def status(self, name: str) -> ModelStatus:
         return await self._backend(name).status(name)
@@ -172,7 +230,7 @@ class ModelPool:
     async def infer(self, name: str, call: InferCall) -> InferResult:
         coalescer = self._coalescer(name)
         coalescer.max_batch_size = self._max_batch_size(name)
-        if self.placement(name) == "deployment":
+        if self.placement(name) != "ingress":
             coalescer.max_in_flight = self._max_in_flight()
         return await coalescer.submit(call)
 

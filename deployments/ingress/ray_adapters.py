@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from opentelemetry.trace import SpanKind
@@ -21,6 +22,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.contracts import InferCall, InferResult, ModelStatus
 from deployments.errors import DependencyUnavailable, KeelError, ModelNotFound, Overloaded
 from deployments.features.core import FeatureRows
+from deployments.fleet.core import fleet_members, holds
+from deployments.ingress.hedge import first_answer
 from deployments.llm.chat import ChatAnswer, ChatCall
 from deployments.observability import tracing
 
@@ -32,10 +35,12 @@ Lookup = tuple[list[dict[str, Any]], list[str]]
 class HandleModels:
     """``OnnxModel`` deployments through their handles: one handle call per batch.
 
-    A call that has not answered after ``retry_after_s()`` seconds, or whose replica died
-    under it, is sent once more (inference has no side effects): Serve routes the second
-    call around a replica that stopped answering its queue-length probes, so a hung or
-    killed replica costs its callers seconds, not their whole time budget and a 504.
+    A call that has not answered after ``retry_after_s()`` seconds is sent again beside
+    the first, and once more after as long again; one whose replica died under it is
+    sent again at once; the first answer wins (inference has no side effects; see
+    ``hedge.first_answer``, at most 3 attempts). A hung or killed replica so costs its
+    callers seconds, not their whole time budget and a 504, even when Serve's router
+    sends the second attempt to the hung replica too.
     """
 
     def __init__(self, models: dict[str, DeploymentHandle],
@@ -64,7 +69,7 @@ class HandleModels:
         # carrier (set by the predictor) lets the batch span there link its request too.
         with tracing.span("keel.model.call", {"keel.model": name, "keel.batch.size": len(calls)},
                           kind=SpanKind.CLIENT, links=tracing.links([c.trace for c in calls])):
-            answers = await self._call_with_one_retry(name, calls)
+            answers = await self._call_with_retries(name, calls)
         return [a.at("model") if isinstance(a, KeelError) and a.status >= 500 else a
                 for a in answers]
 
@@ -75,26 +80,65 @@ class HandleModels:
             f"model {name!r}", self._handle(name).infer_aside.remote(calls), "model")
         return answers
 
-    async def _call_with_one_retry(self, name: str, calls: list[InferCall]
-                                   ) -> list[InferResult | KeelError]:
+    async def _call_with_retries(self, name: str, calls: list[InferCall]
+                                 ) -> list[InferResult | KeelError]:
         what = f"model {name!r}"
         handle = self._handle(name)
-        limit = self._retry_after_s()
-        try:
-            first = call(what, handle.infer_many.remote(calls), "model")
-            answers: list[InferResult | KeelError] = await (
-                first if limit is None else asyncio.wait_for(first, limit))
-            return answers
-        except TimeoutError:
-            why = f"no answer after {limit} s"
-        except DependencyUnavailable as exc:
-            if exc.retry_after_s is None:  # a failure inside the model, not a lost replica
-                raise
-            why = exc.message
-        log.warning("%s: %s; sending the batch of %d once more", what, why, len(calls))
-        retried: list[InferResult | KeelError] = await call(
-            what, handle.infer_many.remote(calls), "model")
-        return retried
+
+        def send() -> Any:
+            return call(what, handle.infer_many.remote(calls), "model")
+
+        answers: list[InferResult | KeelError] = await first_answer(
+            send, self._retry_after_s(), lost=_replica_lost, what=what)
+        return answers
+
+
+def _replica_lost(error: BaseException) -> bool:
+    """A call that failed because its replica went away (not inside the model): the
+    failure Keel answers with Retry-After."""
+    return isinstance(error, DependencyUnavailable) and error.retry_after_s is not None
+
+
+class FleetHandles(HandleModels):
+    """A ``FleetModel`` deployment: each member's batch is one handle call carrying the
+    member's name as ``multiplexed_model_id`` (Serve routes it to a replica that holds
+    the model). Membership is the fleet's directory, looked up on a model's first
+    request, so a model dropped into it is served without a deploy."""
+
+    def __init__(self, fleet: str, handle: DeploymentHandle, directory: str,
+                 retry_after_s: Callable[[], float | None] = lambda: None) -> None:
+        super().__init__({}, retry_after_s)
+        self.fleet = fleet
+        self._base = handle
+        self._directory = Path(directory)
+        self._members: dict[str, DeploymentHandle] = {}
+        for name in fleet_members(self._directory):
+            self.owns(name)
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is (now) a member: known, or its directory exists."""
+        if name in self._members:
+            return True
+        if not holds(self._directory, name):
+            return False
+        self._members[name] = self._base.options(multiplexed_model_id=name)
+        self._names = sorted(self._members)
+        return True
+
+    def _handle(self, name: str) -> DeploymentHandle:
+        if not self.owns(name):
+            raise ModelNotFound(f"model {name!r} is not in fleet {self.fleet!r}")
+        return self._members[name]
+
+    async def status(self, name: str) -> ModelStatus:
+        # Any replica answers it from the repository: no routing to the model's holder.
+        result: ModelStatus = await call(f"model {name!r}", self._base.status.remote(name),
+                                         "model")
+        return result
+
+    async def warm_up(self) -> None:
+        """An empty batch (it names no model, so none loads): sets up the handle's path."""
+        await call(f"fleet {self.fleet!r}", self._base.infer_many.remote([]), "model")
 
 
 class HandleFeatures:

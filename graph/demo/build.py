@@ -7,7 +7,9 @@
 * ``risk_mlp_int8/<version>`` risk_mlp with its hidden and output dense layers
   dynamically quantised to INT8 by ONNX Runtime;
 
-each as ``model.onnx`` + ``model.yaml``. ``build_candidates(root)`` adds version 2 of
+each as ``model.onnx`` + ``model.yaml``. ``build_fleet(root)`` writes the demo fleet:
+50 per-tenant logistic regressions under ``tenants/`` (a multiplexed fleet's
+directory, args.fleets). ``build_candidates(root)`` adds version 2 of
 ``risk_mlp`` (a 32-16 MLP) and ``risk_gbdt`` (150 depth-2 trees), retrained with another
 seed: the candidates a canary rolls out (configs/serve/canary.yaml).
 Every model takes ``features`` FP32
@@ -47,6 +49,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
@@ -84,6 +87,19 @@ MODEL_NAMES: tuple[str, ...] = (MLP, GBDT, MLP_INT8)
 CANDIDATE_VERSION = "2"
 CANDIDATE_NAMES: tuple[str, ...] = (MLP, GBDT)
 CANDIDATE_MANIFEST_FILE = ".demo-candidates.json"
+
+#: The demo fleet ``keel prepare`` writes under ``<repository>/tenants``: one small
+#: per-tenant model each (configs/serve/canary.yaml serves them from one multiplexed
+#: deployment, args.fleets).
+FLEET_DIRECTORY = "tenants"
+FLEET_SIZE = 50
+FLEET_MANIFEST_FILE = ".demo-fleet.json"
+
+
+def tenant_name(index: int) -> str:
+    """The demo fleet's ``index``-th model (``tenant_000`` ...)."""
+    return f"tenant_{index:03d}"
+
 
 INPUT_NAME = "features"
 N_FEATURES = len(FEATURE_REFS)
@@ -185,6 +201,62 @@ def build_candidates(
     return _reuse_or_build(
         root, fingerprint, root / CANDIDATE_MANIFEST_FILE, CANDIDATE_NAMES, force,
         lambda: _build_candidates(root, config, version, fingerprint, step or quiet))
+
+
+def build_fleet(
+    root: Path,
+    *,
+    config: DatasetConfig = DatasetConfig(),
+    size: int = FLEET_SIZE,
+    force: bool = False,
+    step: Step | None = None,
+) -> list[BuiltModel]:
+    """Train the demo fleet under ``root/tenants``: ``size`` per-tenant logistic
+    regressions (:func:`tenant_name`), each fitted on its own sample of the training rows
+    with its own regularisation, so each tenant's answers differ. Reuses a matching build
+    (recorded in ``tenants/.demo-fleet.json``) as :func:`build_demo_repository` does."""
+    if not 1 <= size <= 1000:
+        raise ValueError(f"fleet size {size} must be between 1 and 1000")
+    directory = Path(root) / FLEET_DIRECTORY
+    fingerprint = build_fingerprint(config, "1", kind=f"fleet-{size}")
+    names = tuple(tenant_name(i) for i in range(size))
+    return _reuse_or_build(
+        directory, fingerprint, directory / FLEET_MANIFEST_FILE, names, force,
+        lambda: _build_fleet(directory, config, names, fingerprint, step or quiet))
+
+
+def _build_fleet(directory: Path, config: DatasetConfig, names: tuple[str, ...],
+                 fingerprint: str, step: Step) -> list[BuiltModel]:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    manifest = directory / FLEET_MANIFEST_FILE
+    manifest.unlink(missing_ok=True)
+    x_train, x_test, y_train, y_test, holdout = _training_split(config, step)
+    step(f"training {len(names)} tenant models")
+    built = []
+    for index, name in enumerate(names):
+        rng = np.random.default_rng(config.seed * 1000 + index)
+        # A quarter of the training rows (at most 4,000) and a regularisation of its own.
+        rows = rng.choice(len(x_train), size=min(4000, max(1, len(x_train) // 4)),
+                          replace=False)
+        c = float(10.0 ** rng.uniform(-3, 0))
+        clf = LogisticRegression(C=c, max_iter=500)
+        pipeline = Pipeline([("scale", StandardScaler()), ("lr", clf)])
+        pipeline.fit(x_train[rows], y_train[rows])
+        candidate = _Candidate(
+            name=name, onnx_bytes=_to_onnx(pipeline, clf, name),
+            description=(f"Tenant {index}'s risk model: a standardised logistic regression "
+                         f"(C={c:.3g}) on market and portfolio features, fitted on its own "
+                         f"{len(rows)} training rows."),
+            labels={"dataset_seed": str(config.seed), "built_by": "keel prepare (fleet)",
+                    "holdout": holdout, "build_fingerprint": fingerprint[:16],
+                    "tenant": str(index), "trainer": f"scikit-learn {sklearn.__version__} "
+                    f"StandardScaler + LogisticRegression(C={c:.3g}), {len(rows)} rows"},
+        )
+        _evaluate(candidate, x_test, y_test)
+        built.append(_write_version(directory, candidate, "1"))
+    _write_manifest(directory, fingerprint, config, "1", built, time.perf_counter() - started,
+                    time.process_time() - cpu_started, manifest)
+    return built
 
 
 def _checked(version: str) -> str:
@@ -583,4 +655,5 @@ __all__ = [
     "build_candidates",
     "build_demo_repository",
     "build_fingerprint",
+    "build_fleet",
 ]

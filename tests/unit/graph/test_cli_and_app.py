@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,7 @@ def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     write_linear_model(tmp_path, "from_env")
     monkeypatch.setenv("KEEL_MODEL_REPOSITORY", str(tmp_path))
     app = build_app({"model_repository": "models"})
-    assert app._bound_deployment.init_args[-1] == str(tmp_path.resolve())
+    assert app._bound_deployment.init_args[5] == str(tmp_path.resolve())
     assert resolve_repository(str(tmp_path)) == tmp_path.resolve()
 
 
@@ -269,3 +270,92 @@ def test_the_grpc_message_ceiling_is_checked_against_the_body_limit(tmp_path: Pa
     del config["grpc_options"]  # no gRPC: no ceiling needed
     path.write_text(yaml.safe_dump(config))
     assert check_serve_config(path) == []
+
+
+# --- fleets -------------------------------------------------------------------------------
+
+
+def _fleet_repository(tmp_path: Path) -> Path:
+    repository = tmp_path / "models"
+    write_linear_model(repository, "a")
+    for name in ("t1", "t2"):
+        write_linear_model(repository / "tenants", name, seed=3)
+    return repository
+
+
+def test_build_app_binds_a_fleet_deployment(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_MODEL_REPOSITORY", raising=False)
+    repository = _fleet_repository(tmp_path)
+    app = build_app({"model_repository": str(repository), "feature_repo": None,
+                     "fleets": {"Tenants": {"directory": "tenants",
+                                            "max_models_per_replica": 4}}})
+    args = app._bound_deployment.init_args
+    assert sorted(args[0]) == ["a"]  # the fleet's members are not deployments of their own
+    fleet = args[6]["Tenants"]._bound_deployment
+    assert fleet.name == "Tenants" and fleet.user_config == {}
+    directory = str(repository.resolve() / "tenants")
+    assert fleet.init_args == ("Tenants", directory, 4)
+    assert args[7] == {"Tenants": directory}
+    # A repository of fleets only is a valid application.
+    shutil.rmtree(repository / "a")
+    only = build_app({"model_repository": str(repository), "feature_repo": None,
+                      "fleets": {"Tenants": {"directory": "tenants"}}})
+    assert only._bound_deployment.init_args[0] == {}
+
+
+@pytest.mark.parametrize(("fleets", "expected"), [
+    ({"Ingress": {"directory": "tenants"}}, "one of Keel's own deployments"),
+    ({"bad name": {"directory": "tenants"}}, "not a valid deployment name"),
+    ({"A": {"directory": "tenants"}, "B": {"directory": "tenants"}},
+     "named by more than one fleet"),
+    ({"Tenants": {"directory": "tenants", "max_models_per_replica": 0}},
+     "max_models_per_replica"),
+    ({"Tenants": {"directory": "nowhere"}}, r"args.fleets.Tenants.directory: .*nowhere"),
+    ({"a": {"directory": "tenants"}}, "'a' is also a model of the repository"),
+])
+def test_build_app_refuses_a_bad_fleet_naming_the_field(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fleets: dict[str, Any],
+        expected: str) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.delenv("KEEL_MODEL_REPOSITORY", raising=False)
+    repository = _fleet_repository(tmp_path)
+    with pytest.raises((ConfigError, ValidationError), match=expected):
+        build_app({"model_repository": str(repository), "feature_repo": None,
+                   "fleets": fleets})
+
+
+def test_build_app_refuses_a_member_named_like_a_model(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_MODEL_REPOSITORY", raising=False)
+    repository = _fleet_repository(tmp_path)
+    write_linear_model(repository / "tenants", "a")
+    with pytest.raises(ConfigError, match=r"args.fleets.Tenants: \['a'\] are both fleet "
+                                          r"members and models"):
+        build_app({"model_repository": str(repository), "feature_repo": None,
+                   "fleets": {"Tenants": {"directory": "tenants"}}})
+
+
+def test_check_config_names_fleet_problems(tmp_path: Path) -> None:
+    repository = _repository(tmp_path)
+    write_linear_model(repository / "tenants", "t1")
+
+    def mutate(app: dict[str, Any]) -> None:
+        app["args"]["model_repository"] = str(repository)
+        app["args"]["fleets"] = {"Tenants": {"directory": "tenant"}}
+        app["deployments"].append({"name": "Tenants", "user_config": {
+            "runtime": {"intra_op_num_threads": -1}, "max_batch_size": 8}})
+
+    problems = check_serve_config(_write(tmp_path, mutate))
+    assert any("args.fleets.Tenants.directory: " in p and "tenant' does not exist" in p
+               for p in problems), problems
+    assert any("(Tenants).user_config.runtime.intra_op_num_threads" in p for p in problems)
+    assert any("(Tenants).user_config.max_batch_size" in p for p in problems), problems
+    assert len(problems) == 3, problems
+
+    def bad_args(app: dict[str, Any]) -> None:
+        app["args"]["fleets"] = {"Tenants": {"directory": "tenants", "size": 3}}
+
+    problems = check_serve_config(_write(tmp_path, bad_args))
+    assert any("args.fleets.Tenants.size" in p for p in problems), problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,11 +18,14 @@ from deployments.repository import ORT_TYPES, ModelRepository  # noqa: E402
 from graph.demo.build import (  # noqa: E402
     CANDIDATE_NAMES,
     CANDIDATE_VERSION,
+    FLEET_DIRECTORY,
     MANIFEST_FILE,
     MODEL_NAMES,
     BuiltModel,
     build_candidates,
     build_demo_repository,
+    build_fleet,
+    tenant_name,
 )
 from graph.demo.dataset import (  # noqa: E402
     FEATURE_NAMES,
@@ -285,6 +289,7 @@ def with_candidates(repo: tuple[Path, list[BuiltModel]],
 
     root = tmp_path_factory.mktemp("canary") / "models"
     shutil.copytree(repo[0], root)
+    build_fleet(root, config=SMALL, size=3)  # canary.yaml's fleet directory
     return root, build_candidates(root, config=SMALL)
 
 
@@ -344,9 +349,9 @@ def test_the_canary_config_checks_against_a_repository_with_the_candidates(
                                 "has no version '2' (versions: ['1'])"), problems
 
 
-def test_the_canary_config_is_serve_config_with_two_rollouts() -> None:
-    """configs/serve/canary.yaml differs from serve_config.yaml only in the rollout fields:
-    an edit to one without the other fails here."""
+def test_the_canary_config_is_serve_config_with_two_rollouts_and_the_fleet() -> None:
+    """configs/serve/canary.yaml differs from serve_config.yaml only in the rollout fields
+    and the tenant fleet: an edit to one without the other fails here."""
     import yaml
 
     base = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -362,7 +367,43 @@ def test_the_canary_config_is_serve_config_with_two_rollouts() -> None:
     assert gbdt.pop("shadow") == {"version": "2", "fraction": 0.5}
     assert gbdt["version"] == "1"
     mlp["version"] = "1"  # what serve_config.yaml pins
+    app = canary["applications"][0]
+    assert app["args"].pop("fleets") == {
+        "TenantFleet": {"directory": "tenants", "max_models_per_replica": 10}}
+    fleet = deployment(canary, "TenantFleet")
+    app["deployments"].remove(fleet)
+    assert fleet["user_config"] == {"runtime": {"intra_op_num_threads": 1}}
     assert canary == base
+
+
+# --- the demo fleet ---------------------------------------------------------------------
+
+
+def test_the_fleet_is_one_distinct_small_model_per_tenant(
+        tmp_path: Path, small_dataset: Dataset) -> None:
+    root = tmp_path / "models"
+    built = build_fleet(root, config=SMALL, size=4)
+    names = [tenant_name(i) for i in range(4)]
+    assert [(b.name, b.version, b.skipped) for b in built] == [(n, "1", False) for n in names]
+    directory = root / FLEET_DIRECTORY
+    assert ModelRepository(directory).model_names() == names
+    assert ModelRepository(root).model_names() == []  # a fleet is not a top-level model
+    x = training_matrix(small_dataset)[0][:256].astype(np.float32)
+    answers = []
+    for model in built:
+        assert model.metrics["auc"] > 0.7, model
+        spec = ModelRepository(directory).spec(model.name, "1")
+        assert spec.labels["built_by"] == "keel prepare (fleet)"
+        session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+        answers.append(session.run(["probabilities"], {"features": x})[0])
+    for a, b in itertools.pairwise(answers):
+        assert np.abs(a - b).max() > 1e-3  # each tenant its own model
+    again = build_fleet(root, config=SMALL, size=4)
+    assert all(b.skipped for b in again)
+    bigger = build_fleet(root, config=SMALL, size=5)  # another fleet: built again
+    assert [b.skipped for b in bigger] == [False] * 5
+    with pytest.raises(ValueError, match="fleet size 0"):
+        build_fleet(root, config=SMALL, size=0)
 
 
 def test_every_model_records_its_training_deciles(repo: tuple[Path, list[BuiltModel]],

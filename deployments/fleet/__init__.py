@@ -1,0 +1,1 @@
+"""Keel fleets: many small models multiplexed on one deployment."""
