@@ -125,9 +125,10 @@ class IngressConfig(BaseModel):
     #: Most requests one coalesced call carries to a model deployment or the store.
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     #: A call to a model deployment that has not answered after this many seconds is sent
-    #: again beside the first (and once more after as long again; the first answer wins);
-    #: one whose replica died under it is sent again at once. ``None``: only the latter.
-    #: Keep it well above the model's p99 under load and below ``request_timeout_s`` / 2.
+    #: again beside the first (and again each time as long passes, 4 attempts at most; the
+    #: first answer wins); one whose replica died under it is sent again at once.
+    #: ``None``: only the latter. Keep it well above the model's p99 under load, and three
+    #: times it below ``request_timeout_s``.
     model_call_retry_s: float | None = Field(default=5.0, gt=0, le=600)
     #: Shadow copies (a model's ``shadow``) waiting for their shadow call in this replica;
     #: more are dropped and counted (``keel_shadow_dropped_total``), never waited for.

@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Attempts of one call at most (the first and two more).
-MAX_ATTEMPTS = 3
+#: Attempts of one call at most (the first and three more). Serve's router trusts a
+#: replica's cached queue length for 10 s (``RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S``), so
+#: in the first seconds of a hang it may send several attempts to the hung replica; with
+#: the default 5 s between attempts the fourth starts after that cache has lapsed.
+MAX_ATTEMPTS = 4
 
 
 async def first_answer(send: Callable[[], Awaitable[T]], retry_after_s: float | None, *,

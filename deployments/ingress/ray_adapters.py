@@ -36,9 +36,9 @@ class HandleModels:
     """``OnnxModel`` deployments through their handles: one handle call per batch.
 
     A call that has not answered after ``retry_after_s()`` seconds is sent again beside
-    the first, and once more after as long again; one whose replica died under it is
+    the first, and again each time as long passes; one whose replica died under it is
     sent again at once; the first answer wins (inference has no side effects; see
-    ``hedge.first_answer``, at most 3 attempts). A hung or killed replica so costs its
+    ``hedge.first_answer``, at most 4 attempts). A hung or killed replica so costs its
     callers seconds, not their whole time budget and a 504, even when Serve's router
     sends the second attempt to the hung replica too.
     """

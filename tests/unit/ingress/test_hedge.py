@@ -57,6 +57,14 @@ async def test_hung_attempts_are_joined_by_new_ones_and_cancelled_when_one_answe
     assert replicas.cancelled == 2  # the hung attempts do not outlive the call
 
 
+async def test_by_default_a_fourth_attempt_outlasts_three_hung_ones() -> None:
+    """Serve may route the first attempts of a hang to the hung replica (its cached queue
+    length is trusted for 10 s): the default gives a fourth attempt its chance."""
+    replicas = Replicas("hang", "hang", "hang", "ok")
+    assert await first_answer(replicas.send, 0.05, lost=lost) == "ok"
+    assert len(replicas.started) == 4
+
+
 async def test_a_lost_replica_is_retried_at_once() -> None:
     replicas = Replicas("lost", "ok")
     started = time.monotonic()
@@ -94,7 +102,7 @@ async def test_no_retry_after_means_only_lost_replicas_are_retried() -> None:
 
 async def test_cancelling_the_caller_cancels_every_attempt() -> None:
     replicas = Replicas("hang", "hang", "hang")
-    task = asyncio.ensure_future(first_answer(replicas.send, 0.05, lost=lost))
+    task = asyncio.ensure_future(first_answer(replicas.send, 0.05, lost=lost, max_attempts=3))
     await asyncio.sleep(0.2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
