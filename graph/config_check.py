@@ -48,10 +48,11 @@ def version_problems(repository: ModelRepository | None, model: str, config: Onn
 
 def fleet_problems(args: Any, repository: ModelRepository | None, where: str) -> list[str]:
     """Each fleet's directory must exist and its members must not be named like a model
-    of the repository (unchecked when the repository is not on this machine)."""
+    of the repository (unchecked when the repository is not built on this machine: not
+    there, or holding no model yet, as in a fresh clone before `keel prepare`)."""
     from graph.app import fleet_directories
 
-    if repository is None or not args.fleets:
+    if repository is None or not args.fleets or not repository.model_names():
         return []
     try:
         fleet_directories(args, repository.root, repository.model_names())

@@ -86,11 +86,12 @@ def reference(directory: Path, name: str, version: str, x: np.ndarray) -> np.nda
     return np.asarray(session.run(["probabilities"], {"features": x})[0])
 
 
-def infer(http: httpx.Client, name: str, row: int, **extra: Any) -> httpx.Response:
-    x = ROWS[row:row + 1]
-    return http.post(f"/v2/models/{name}/infer", json={"inputs": [
+def infer(http: httpx.Client, name: str, row: int,
+          version: str | None = None) -> httpx.Response:
+    path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+    return http.post(path, json={"inputs": [
         {"name": "features", "shape": [1, 12], "datatype": "FP32",
-         "data": x.reshape(-1).tolist()}], **extra})
+         "data": ROWS[row].tolist()}]})
 
 
 def probabilities(response: httpx.Response) -> np.ndarray:
@@ -236,16 +237,12 @@ def test_a_tenant_or_version_dropped_into_the_directory_is_served_without_a_depl
                                reference(directory, tenant(2), "1", ROWS[2:3]),
                                rtol=1e-5, atol=1e-6)
     # Pinned to the version it replaced: still loaded, still answering as itself.
-    pinned = client.post(f"/v2/models/{tenant(1)}/versions/1/infer", json={"inputs": [
-        {"name": "features", "shape": [1, 12], "datatype": "FP32",
-         "data": ROWS[2].tolist()}]})
+    pinned = infer(client, tenant(1), 2, version="1")
     assert pinned.json()["model_version"] == "1", pinned.text
     np.testing.assert_allclose(probabilities(pinned),
                                reference(directory, tenant(1), "1", ROWS[2:3]),
                                rtol=1e-5, atol=1e-6)
-    missing = client.post(f"/v2/models/{tenant(1)}/versions/7/infer", json={"inputs": [
-        {"name": "features", "shape": [1, 12], "datatype": "FP32",
-         "data": ROWS[2].tolist()}]})
+    missing = infer(client, tenant(1), 2, version="7")
     assert missing.status_code == 404 and "'7'" in missing.json()["error"], missing.text
 
 
