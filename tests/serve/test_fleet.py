@@ -264,3 +264,29 @@ def test_a_bad_body_for_a_fleet_model_names_the_field(client: httpx.Client) -> N
         {"name": "features", "shape": [1, 11], "datatype": "FP32", "data": [0.0] * 11}]})
     assert response.status_code == 400, response.text
     assert "features" in response.json()["error"]
+
+
+def test_a_fleet_member_answers_over_grpc(keel_app: KeelApp, fleet_app: FleetApp) -> None:
+    """ModelInfer on a member (Serve's gRPC port, the fleet's application named in the
+    call's metadata): its own tenant's answer; an unknown member is NOT_FOUND naming it."""
+    import grpc
+
+    from deployments.ingress import grpc_protocol as pb
+    from tests.support.modelkit import raw_infer_request
+
+    metadata = (("application", APP),)
+    with grpc.insecure_channel(keel_app.grpc_target) as channel:
+        stub = pb.InferenceStub(channel)
+        answer = stub.ModelInfer(raw_infer_request(tenant(4), ROWS[4:5]), timeout=30,
+                                 metadata=metadata)
+        assert (answer.model_name, answer.model_version) == (tenant(4), "1")
+        names = [o.name for o in answer.outputs]
+        raw = answer.raw_output_contents[names.index("probabilities")]
+        np.testing.assert_allclose(np.frombuffer(raw, dtype="<f4").reshape(1, 2),
+                                   reference(fleet_app.directory, tenant(4), "1", ROWS[4:5]),
+                                   rtol=1e-5, atol=1e-6)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelInfer(raw_infer_request("tenant_999", ROWS[4:5]), timeout=30,
+                            metadata=metadata)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'tenant_999'" in (raised.value.details() or "")
