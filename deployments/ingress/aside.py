@@ -3,8 +3,8 @@
 The shadow mirror and the payload log put an item on an ``AsideQueue`` once a request's
 answer is computed; one worker task (started on the first item) takes up to
 ``batch_size()`` items at a time and hands them to ``handle``, on the same event loop,
-after the answering task has yielded. ``put`` never waits: a caller that finds the queue
-at its capacity drops the item and counts it.
+after the answering task has yielded. ``offer`` never waits: when the queue is at the
+capacity the caller gives, the item is refused and the caller drops and counts it.
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ class AsideQueue(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: T) -> None:
-        """Queue ``item`` (the caller checked the capacity) and wake the worker."""
+    def offer(self, item: T, capacity: int) -> bool:
+        """Queue ``item`` and wake the worker, unless ``capacity`` items are waiting
+        already (False: refused)."""
+        if len(self._items) >= capacity:
+            return False
         self._items.append(item)
         self._idle.clear()
         self._wake.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run())
+        return True
 
     async def settled(self, timeout_s: float = 30.0) -> None:
         """Wait until every item queued so far was handled (tests, shutdown)."""

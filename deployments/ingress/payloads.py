@@ -177,10 +177,9 @@ class PayloadLog:
         if self.sink is None:
             self._drop("no_redis", 1)
             return False
-        if len(self._queue) >= config.queue:
+        if not self._queue.offer((config, event), config.queue):
             self._drop("queue_full", 1)
             return False
-        self._queue.put((config, event))
         return True
 
     @property

@@ -107,28 +107,27 @@ class FleetHandles(HandleModels):
 
     def __init__(self, fleet: str, handle: DeploymentHandle, directory: str,
                  retry_after_s: Callable[[], float | None] = lambda: None) -> None:
-        super().__init__({}, retry_after_s)
+        # The members' handles are HandleModels's handles by model name.
+        super().__init__({name: handle.options(multiplexed_model_id=name)
+                          for name in fleet_members(Path(directory))}, retry_after_s)
         self.fleet = fleet
         self._base = handle
         self._directory = Path(directory)
-        self._members: dict[str, DeploymentHandle] = {}
-        for name in fleet_members(self._directory):
-            self.owns(name)
 
     def owns(self, name: str) -> bool:
         """Whether ``name`` is (now) a member: known, or its directory exists."""
-        if name in self._members:
+        if name in self._models:
             return True
         if not holds(self._directory, name):
             return False
-        self._members[name] = self._base.options(multiplexed_model_id=name)
-        self._names = sorted(self._members)
+        self._models[name] = self._base.options(multiplexed_model_id=name)
+        self._names = sorted(self._models)
         return True
 
     def _handle(self, name: str) -> DeploymentHandle:
         if not self.owns(name):
             raise ModelNotFound(f"model {name!r} is not in fleet {self.fleet!r}")
-        return self._members[name]
+        return self._models[name]
 
     async def status(self, name: str) -> ModelStatus:
         # Any replica answers it from the repository: no routing to the model's holder.

@@ -154,10 +154,10 @@ class ShadowMirror:
             return False
         if shadow.fraction < 1.0 and self._rng.random() >= shadow.fraction:
             return False
-        if len(self._queue) >= self._capacity():
+        copy = ShadowCopy(model, version, shadow.version, live_spec, inputs, live)
+        if not self._queue.offer(copy, self._capacity()):
             self._dropped(model, version, shadow.version, "queue_full")
             return False
-        self._queue.put(ShadowCopy(model, version, shadow.version, live_spec, inputs, live))
         return True
 
     @property
