@@ -30,7 +30,12 @@
 
 Reports per minute: sent, answered OK (first try, after the retry), lost, p50/p95/p99,
 faults; the success ratio over every 5-minute window; and every fault with its time.
-Writes ``<out>/<date>-chaos-soak.json`` and ``.png``::
+Each lost request is listed (when it was sent, its route, its ``X-Request-ID``, the
+status or the client's error, how long it took), and what the logs said is kept in
+``<out>/<date>-chaos-logs/warnings.log`` (Serve's warnings, Keel's hedged calls and
+stalled replicas; with ``--access-log``, every request that took a second or more, by
+request id: where a lost one stopped). Writes ``<out>/<date>-chaos-soak.json`` and
+``.png``::
 
     .venv/bin/python -m bench.chaos_soak                  # 30 minutes
     .venv/bin/python -m bench.chaos_soak --duration 300   # a quick look
@@ -46,6 +51,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -81,6 +87,13 @@ INGRESS_MODEL = "risk_mlp"  # runs inside the ingress replicas
 FAULTS = ("kill_replica", "hang_replica", "restart_redis", "stall_features", "roll_version")
 WIDTH = 12
 ATOL = 1e-4
+LOST_SAMPLES = 200
+#: The ingress's log line for a model call sent again (``hedge.first_answer``).
+HEDGE_LINE = re.compile(r"attempt (\d+) of (\d+)")
+#: Log lines worth keeping: Serve's warnings and errors, and Keel's own warnings (which a
+#: replica's redirected stderr logs at INFO), access lines of requests that took seconds.
+KEEP_LINE = re.compile(r"^(WARNING|ERROR)|attempt \d+ of \d+|routing around it|answers again"
+                       r"|refresh failed| [0-9]{3} [0-9]{4,}\.[0-9]+ms")
 
 
 # -- the private world ------------------------------------------------------------------------
@@ -148,11 +161,15 @@ def private_repository(into: Path, seed: int) -> Path:
 MODEL_CPUS = 0.05
 
 
-def chaos_config(repository: Path, min_replicas: int, into: Path) -> Path:
+def chaos_config(repository: Path, min_replicas: int, into: Path,
+                 access_log: bool = False) -> Path:
     """serve_config.yaml over the private repository, ``risk_gbdt`` pinned to version 1,
-    at least ``min_replicas`` of it, each reserving ``MODEL_CPUS``."""
+    at least ``min_replicas`` of it, each reserving ``MODEL_CPUS``; ``access_log`` turns
+    Serve's per-request log lines on (a diagnosis: not Keel as shipped)."""
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
+    if access_log:
+        app.setdefault("logging_config", {})["enable_access_log"] = True
     app["args"]["model_repository"] = str(repository)
     app["args"]["feature_repo"] = str(REPO_ROOT / app["args"]["feature_repo"])
     for dep in app["deployments"]:
@@ -311,16 +328,24 @@ class Load:
         self.references = references
         self.timeout_s = timeout_s
         self.wrong_samples = wrong_samples
+        #: Every request lost after its retry (at most LOST_SAMPLES): when it was sent,
+        #: what it asked, what came back (or which error), and how long it took.
+        self.lost_samples: list[dict[str, Any]] = []
+        self.began = time.monotonic()
+        self.sent = 0  # numbers the requests' X-Request-ID (Serve logs it as request_id)
 
-    async def _post(self, session: aiohttp.ClientSession,
-                    request: Request) -> tuple[int, str | None, bytes]:
+    async def _post(self, session: aiohttp.ClientSession, request: Request,
+                    request_id: str) -> tuple[int, str | None, bytes]:
+        """(status, Retry-After, body); status 0 with the error's kind as the body when
+        no HTTP answer came (a client timeout, a refused or reset connection)."""
         try:
             async with session.post(request.url, data=request.body,
-                                    headers={"Content-Type": "application/json"},
+                                    headers={"Content-Type": "application/json",
+                                             "X-Request-ID": request_id},
                                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
                 return r.status, r.headers.get("Retry-After"), await r.read()
-        except (aiohttp.ClientError, TimeoutError):
-            return 0, None, b""  # no answer: refused, reset or timed out
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, None, f"{type(exc).__name__}: {exc}"[:200].encode()
 
     def _check(self, request: Request, body: bytes) -> tuple[str, str | None]:
         try:
@@ -336,7 +361,11 @@ class Load:
     async def one(self, session: aiohttp.ClientSession, request: Request,
                   window: Window) -> None:
         started = time.perf_counter()
-        status, retry_after, body = await self._post(session, request)
+        sent_at = time.monotonic() - self.began
+        self.sent += 1
+        request_id = f"chaos-{self.sent}"
+        status, retry_after, body = await self._post(session, request, request_id)
+        first_status = status
         window.first_statuses[str(status)] += 1
         retried = False
         if status == 503 and retry_after is not None:
@@ -344,10 +373,17 @@ class Load:
             window.retried += 1
             with contextlib.suppress(ValueError):
                 await asyncio.sleep(min(5.0, max(0.0, float(retry_after))))
-            status, _, body = await self._post(session, request)
+            status, _, body = await self._post(session, request, f"{request_id}-retry")
         window.final_statuses[str(status)] += 1
         if status != 200:
             window.lost += 1
+            if len(self.lost_samples) < LOST_SAMPLES:
+                self.lost_samples.append({
+                    "sent_t_s": round(sent_at, 2), "id": request_id, "kind": request.kind,
+                    "key": request.key, "first_status": first_status, "status": status,
+                    "retried": retried,
+                    "took_s": round(time.perf_counter() - started, 2),
+                    "answer": body[:300].decode(errors="replace")})
             return
         latency = (time.perf_counter() - started) * 1000
         window.latencies_ms.append(latency)
@@ -379,7 +415,7 @@ class Load:
         windows: list[Window] = []
         pending: set[asyncio.Task[None]] = set()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            began = time.monotonic()
+            began = self.began = time.monotonic()
             sent = reported = 0
             while (now := time.monotonic() - began) < duration_s:
                 index = int(now // interval_s)
@@ -566,6 +602,44 @@ def auth_header() -> dict[str, str]:
 # -- report ---------------------------------------------------------------------------------------
 
 
+LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def serve_log_findings(server: Server, wall_began: float, into: Path) -> dict[str, Any]:
+    """What the run's logs said: Serve's own (controller, replicas: WARNING and ERROR
+    lines) and the replicas' stderr, where Keel's warnings go (the ingress's hedged
+    model calls, the router's stalled replicas). Kept in ``into/warnings.log``; the
+    hedged attempts (2 and up) counted, with the time into the run where the line has
+    one."""
+    attempts: Counter[str] = Counter()
+    hedges: list[dict[str, Any]] = []
+    kept: list[str] = []
+    logs = sorted(server.temp_dir.glob("ray/session_2*/logs/serve/*.log")) + sorted(
+        server.temp_dir.glob("ray/session_2*/logs/worker-*.err"))
+    for path in logs:
+        with contextlib.suppress(OSError), path.open(errors="replace") as lines:
+            for line in lines:
+                if path.suffix == ".log" and not KEEP_LINE.search(line):
+                    continue
+                kept.append(f"{path.name}: {line.rstrip()}")
+                found = HEDGE_LINE.search(line)
+                if found is None:
+                    continue
+                attempts[found.group(1)] += 1
+                stamp = LOG_TIME.search(line)
+                if stamp is not None and len(hedges) < 2000:
+                    wall = dt.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                    hedges.append({"t_s": round(wall.timestamp() - wall_began, 2),
+                                   "attempt": int(found.group(1))})
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "warnings.log").write_text("\n".join(kept) + "\n")
+    return {"hedged_attempts": dict(sorted(attempts.items())),
+            "hedges": sorted(hedges, key=lambda h: h["t_s"]),
+            "stalled_replica_lines": sum("routing around it" in line for line in kept),
+            "warning_lines": len(kept), "kept_in": str(into)}
+
+
+
 def per_minute(windows: list[Window], interval_s: float) -> list[Window]:
     size = max(1, int(60 // interval_s))
     merged = []
@@ -641,6 +715,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-replicas", type=int, default=2,
                         help=f"at least this many {MODEL} replicas")
     parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument("--access-log", action="store_true",
+                        help="Serve logs every request (to find where a lost one stopped; "
+                             "costs throughput, so not for the figures)")
     parser.add_argument("--seed", type=int, default=20261202)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -662,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     redis = PrivateRedis(work)
     log("building the private model repository (risk_gbdt version 2)")
     repository = private_repository(work, seed=args.seed % 1000 + 8)
-    config_path = chaos_config(repository, args.min_replicas, work)
+    config_path = chaos_config(repository, args.min_replicas, work, args.access_log)
     rows = np.random.default_rng(args.seed).standard_normal((20_000, WIDTH)).astype(np.float32)
     rows = np.round(rows, 6)
     references = References(repository, rows)
@@ -698,8 +775,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"p50 {s['p50_ms']} p95 {s['p95_ms']} p99 {s['p99_ms']} ms")
                 progress.advance(f"t={s['t_s']:g} s")
             progress.step(f"{rate:.0f} req/s")
+            wall_began = time.time()
             windows = asyncio.run(load.open_loop(rate, args.duration, args.interval,
                                                  on_window))
+        document["serve_logs"] = serve_log_findings(
+            server, wall_began, args.out / f"{stamp}-chaos-logs")
     finally:
         document["stop"] = server.stop()
         server.cleanup()
@@ -726,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         "worst_5min_success": worst,
         "total": total.summary(),
         "wrong_samples": wrong,
+        "lost_samples": load.lost_samples,
     })
     json_path.write_text(json.dumps(document, indent=2) + "\n")
     plot(document, json_path.with_suffix(".png"))
@@ -746,6 +827,10 @@ def main(argv: list[str] | None = None) -> int:
         print("  ", json.dumps(event))
     print(f"Worst 5-minute success after one retry: {worst}; first statuses "
           f"{dict(total.first_statuses)}; final {dict(total.final_statuses)}")
+    print(f"Hedged model calls (attempt: count): "
+          f"{document['serve_logs']['hedged_attempts']}")
+    for lost in load.lost_samples[:20]:
+        print("   lost:", json.dumps(lost))
     log(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return 0 if t["lost"] == 0 and t["wrong"] == 0 else 1
 

@@ -30,6 +30,7 @@ from deployments.onnx.deployment import OnnxModel
 from deployments.paths import search_paths
 from deployments.repository import ModelRepository
 from deployments.settings import RepositorySettings
+from deployments.stall.router import stall_aware
 
 
 class AppArgs(BaseModel):
@@ -135,17 +136,20 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     model_deployment, ingress = cast(Deployment, OnnxModel), cast(Deployment, Ingress)
     models = {
         # user_config={} makes Serve call reconfigure(), which checks the batch limits.
-        name: model_deployment.options(name=name, user_config={}).bind(name, str(root))
+        name: model_deployment.options(name=name, user_config={},
+                                       request_router_config=stall_aware()
+                                       ).bind(name, str(root))
         for name in names if name not in embedded
     }
     store = resolve_feature_store(parsed)
     features = None if store is None else cast(Deployment, FeatureService).options(
-        user_config={}).bind(str(store[0]), str(store[1]))
+        user_config={}, request_router_config=stall_aware()).bind(str(store[0]), str(store[1]))
     slo_monitor = cast(Deployment, SloMonitor).options(user_config={}).bind()
     llm = cast(Deployment, LLMGateway).options(user_config={}).bind() if parsed.llm else None
     fleet_deployment = cast(Deployment, FleetModel)
     fleets = {
-        name: fleet_deployment.options(name=name, user_config={}).bind(
+        name: fleet_deployment.options(name=name, user_config={},
+                                       request_router_config=stall_aware()).bind(
             name, str(fleet_dirs[name]), fleet.max_models_per_replica)
         for name, fleet in parsed.fleets.items()
     }

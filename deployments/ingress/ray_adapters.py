@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 Lookup = tuple[list[dict[str, Any]], list[str]]
 
+#: A status call with no answer after this long is sent again beside the first (a
+#: replica answers one in milliseconds; Serve's router has by then left a replica that
+#: took no call for ``deployments.stall.core.STALL_AFTER_S`` out of its choices).
+STATUS_RETRY_S = 1.5
+
 
 class HandleModels:
     """``OnnxModel`` deployments through their handles: one handle call per batch.
@@ -59,8 +64,16 @@ class HandleModels:
         return handle
 
     async def status(self, name: str) -> ModelStatus:
-        result: ModelStatus = await call(f"model {name!r}", self._handle(name).status.remote(),
-                                         "model")
+        """Hedged like a model call, every ``STATUS_RETRY_S``: a status is needed within
+        ``dataplane.STATUS_TIMEOUT_S``, and one routed to a hung replica never answers."""
+        what = f"model {name!r}"
+        handle = self._handle(name)
+
+        def send() -> Any:
+            return call(what, handle.status.remote(), "model")
+
+        result: ModelStatus = await first_answer(send, STATUS_RETRY_S, lost=_replica_lost,
+                                                 what=f"{what} status")
         return result
 
     async def infer_many(self, name: str, calls: list[InferCall]

@@ -34,6 +34,7 @@ import pytest
 import ray
 from ray import serve
 
+from deployments.stall.core import STALL_AFTER_S
 from tests.support.decisions import entities
 from tests.support.modelkit import write_linear_model
 from tests.support.serve_app import KeelApp, serve_test_config
@@ -52,6 +53,11 @@ HEALTH_CHECK = {"health_check_period_s": 1.0, "health_check_timeout_s": 3.0,
                 # one never finishes that: this bounds the wait (20 s by default) before it is
                 # killed. A model request takes milliseconds, so 2 s loses nothing.
                 "graceful_shutdown_timeout_s": 2.0}
+
+
+#: Client threads during the hang: enough that Serve's router, left alone, keeps sending
+#: calls to the hung replica (each one refreshes its queue length there).
+CLIENTS_DURING_HANG = 8
 
 
 def record_fault(fault: str, accepted: int, failed: int, recovery_s: float | None,
@@ -201,13 +207,13 @@ def test_a_killed_model_replica_is_replaced_and_requests_recover(faults_app: Fau
 # -- e. a replica that fails its health checks ------------------------------------------------
 
 
-def test_a_hung_replica_fails_its_health_checks_and_is_replaced(
+def test_a_hung_replica_is_routed_around_then_fails_its_health_checks_and_is_replaced(
         faults_app: FaultsApp) -> None:
     before = replicas()
     assert len(before) == 2, before
     victim = sorted(before)[0]
     pid = replica_pid(victim)
-    with steady(faults_app.url, {"infer": infer_request}, 3) as load:
+    with steady(faults_app.url, {"infer": infer_request}, CLIENTS_DURING_HANG) as load:
         load.wait_accepted(30)
         stopped_at = load.now()
         os.kill(pid, signal.SIGSTOP)  # hung: alive, but answers nothing, health checks too
@@ -228,7 +234,17 @@ def test_a_hung_replica_fails_its_health_checks_and_is_replaced(
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # Serve killed the hung process
     assert all(a.status == 503 and a.retry_after for a in failures), failures
-    assert len(failures) <= 3 * 2, failures
+    assert len(failures) <= CLIENTS_DURING_HANG * 2, failures
+    # The callers stop sending to the hung replica once a call to it has gone unanswered
+    # for STALL_AFTER_S (deployments/stall): a request sent after that never waits for the
+    # ingress's hedged second attempt (model_call_retry_s, 5 s), though Serve's health
+    # checks take several more seconds to give up on the replica.
+    routed_around = [a for a in load.answers
+                     if stopped_at + 3 * STALL_AFTER_S <= a.sent < back_at - 1]
+    assert len(routed_around) >= 20, len(routed_around)
+    waited = [(round(a.sent - stopped_at, 2), round(a.took_s, 2)) for a in routed_around
+              if not a.ok or a.took_s >= 2.5]
+    assert not waited, f"sent (s after SIGSTOP), took s: {waited}"
 
 
 

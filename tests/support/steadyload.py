@@ -32,6 +32,12 @@ class Answer:
     body: Any  # parsed JSON for 200, else the text or the exception's repr
     retried: bool = False  # the first try failed (503 or no answer) and this is the retry
     retry_after: str | None = None  # the Retry-After header, if any
+    took_s: float = 0.0  # from sending the request to its answer
+
+    @property
+    def sent(self) -> float:
+        """When the request was sent (the load's clock)."""
+        return self.t - self.took_s
 
     @property
     def ok(self) -> bool:
@@ -109,6 +115,7 @@ class SteadyLoad:
     def _send(self, client: httpx.Client, route: str, request: Request, i: int,
               retried: bool) -> Answer:
         retry_after = None
+        sent = time.monotonic()
         try:
             response = request(client, i)
             status = response.status_code
@@ -116,7 +123,8 @@ class SteadyLoad:
             retry_after = response.headers.get("retry-after")
         except httpx.HTTPError as exc:
             status, body = NO_ANSWER, repr(exc)[:300]
-        answer = Answer(self.now(), route, status, body, retried, retry_after)
+        answer = Answer(self.now(), route, status, body, retried, retry_after,
+                        time.monotonic() - sent)
         self.answers.append(answer)  # list.append is atomic under the GIL
         return answer
 

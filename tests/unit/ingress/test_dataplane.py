@@ -16,10 +16,17 @@ import onnxruntime as ort
 import pytest
 
 from deployments.cache.core import PredictionCache
-from deployments.contracts import InferCall, InferResult
-from deployments.errors import EntityNotFound, InvalidInput, KeelError, ModelNotFound
+from deployments.contracts import InferCall, InferResult, ModelStatus
+from deployments.errors import (
+    DependencyUnavailable,
+    EntityNotFound,
+    InvalidInput,
+    KeelError,
+    ModelNotFound,
+)
 from deployments.features.core import FeatureFetcher, FeatureRows
 from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache
+from deployments.ingress import dataplane
 from deployments.ingress.dataplane import DataPlane, IngressConfig, decision_input
 from deployments.ingress.models import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig
@@ -117,6 +124,87 @@ async def test_concurrent_requests_reach_the_model_in_one_call_each_with_its_own
     assert stats["items"] == 16 and stats["batches"] == 1
     if model == "nanok":
         assert remote.calls == [16]  # ONE backend (handle) call for sixteen requests
+
+
+class HungStatus(RemoteModels):
+    """Remote models whose status calls can be made to hang (a status call that went to
+    a stopped replica) while inference keeps answering (from the other replicas)."""
+
+    def __init__(self, repository: ModelRepository, names: list[str]) -> None:
+        super().__init__(repository, names)
+        self.status_calls = 0
+        self.answer_status = asyncio.Event()
+        self.answer_status.set()
+
+    async def status(self, name: str) -> ModelStatus:
+        self.status_calls += 1
+        await self.answer_status.wait()
+        return await super().status(name)
+
+
+def _hung_status_plane(repository: ModelRepository, ttl_s: float
+                       ) -> tuple[DataPlane, HungStatus]:
+    remote = HungStatus(repository, ["nanok"])
+    embedded = EmbeddedModels(repository, ["linear"])
+    embedded.apply({"linear": OnnxModelConfig(version="1")})
+    plane = DataPlane(ModelPool(embedded, remote),
+                      MutableIngressConfig(IngressConfig(status_ttl_s=ttl_s)))
+    return plane, remote
+
+
+async def test_a_status_refresh_that_hangs_delays_no_request_holding_a_copy(
+        repository: ModelRepository) -> None:
+    plane, remote = _hung_status_plane(repository, ttl_s=0.05)
+    x = _rows(1, seed=3)
+    await plane.infer("nanok", None, _body(x), None)  # the first status, fetched
+    assert remote.status_calls == 1
+    remote.answer_status.clear()  # from now on a status call hangs
+    await asyncio.sleep(0.1)  # past status_ttl_s
+    began = asyncio.get_running_loop().time()
+    answers = await asyncio.wait_for(asyncio.gather(*(
+        plane.infer("nanok", None, _body(x), None) for _ in range(20))), 5)
+    assert asyncio.get_running_loop().time() - began < 1.0
+    assert {a.version for a in answers} == {"1"}
+    assert remote.status_calls == 2  # ONE refresh in the background, not one per request
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(plane.infer("nanok", None, _body(x), None), 5)
+    assert remote.status_calls == 2  # still that one, still hung: nobody waits for it
+    remote.answer_status.set()
+    await asyncio.sleep(0.05)
+    assert plane.catalog.held("nanok") is not None
+    assert "nanok" not in plane.catalog._refreshing  # done; the next refresh is a new one
+
+
+async def test_a_first_status_that_never_comes_is_a_503_with_retry_after(
+        repository: ModelRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataplane, "STATUS_TIMEOUT_S", 0.2)
+    plane, remote = _hung_status_plane(repository, ttl_s=1.0)
+    remote.answer_status.clear()
+    results = await asyncio.wait_for(asyncio.gather(*(
+        plane.infer("nanok", None, _body(_rows(1, seed=4)), None) for _ in range(5)),
+        return_exceptions=True), 5)
+    for result in results:
+        assert isinstance(result, DependencyUnavailable), result
+        assert result.retry_after_s == 1
+        assert "model 'nanok' did not answer a status call within 0.2 s" in result.message
+    assert remote.status_calls == 1  # the five requests waited on one call
+    remote.answer_status.set()
+    answer = await plane.infer("nanok", None, _body(_rows(1, seed=4)), None)
+    assert answer.version == "1"  # answered once the model answers again
+
+
+async def test_a_fresh_status_is_fetched_even_while_a_refresh_runs(
+        repository: ModelRepository) -> None:
+    plane, remote = _hung_status_plane(repository, ttl_s=0.05)
+    await plane.catalog.status("nanok")
+    remote.answer_status.clear()
+    await asyncio.sleep(0.1)
+    await plane.catalog.status("nanok")  # starts a background refresh, which hangs
+    fresh = asyncio.ensure_future(plane.catalog.status("nanok", fresh=True))
+    await asyncio.sleep(0.05)
+    assert remote.status_calls == 3 and not fresh.done()  # its own call
+    remote.answer_status.set()
+    assert (await fresh).served_version == "1"
 
 
 async def test_a_bad_call_in_a_coalesced_batch_fails_alone(

@@ -1,0 +1,1 @@
+"""Routing around a stalled replica: calls go to replicas that still answer."""
