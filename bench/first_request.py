@@ -23,7 +23,8 @@ then stops the whole server tree (``Server.stop``; never ``ray stop``).
 Besides the ports, three things differ from ``make demo``, all for measuring: the
 prediction cache's key prefix (``keelbench:first:``, emptied before and after every run,
 so no run finds the previous one's predictions in Redis), private ports for Serve's
-fallback proxy (see FirstRequestServer) and unbuffered replica logs (UNBUFFERED_LOGS).
+fallback proxy (see FirstRequestServer) and unbuffered replica logs
+(``harness.servers.UNBUFFERED_LOGS``).
 
     .venv/bin/python -m bench.first_request --markdown            # 3 runs, ~4-6 min
     .venv/bin/python -m bench.first_request --runs 1 --out /tmp/first.json
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -65,15 +65,17 @@ from bench.harness.report import (
     run_interruptibly,
     save_figure,
 )
-from bench.harness.servers import TARGETS, Server, ServerFailed, Target, serving
+from bench.harness.servers import (
+    TARGETS,
+    Server,
+    ServerFailed,
+    Target,
+    serving,
+    unbuffered_logs,
+)
 from bench.harness.statistics import median_or_none
 
 TARGET = TARGETS["keel_haproxy"]
-#: With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a replica keeps its log records in memory until
-#: it has 1,000 (or an ERROR), and a replica stopped with the server loses them: its log
-#: file stays empty. 1 writes each record at once, so the Ingress's warm-up line and
-#: access log lines can be read (``--buffered-logs`` keeps Ray's buffer, as `make demo`).
-UNBUFFERED_LOGS = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 KEY_PREFIX = "keelbench:first:"
 TARGET_MS = 50.0
 POLL_INTERVAL_S = 0.02
@@ -145,11 +147,9 @@ def _json(text: str) -> Any:
 
 def target(args: argparse.Namespace) -> Target:
     """``keel_haproxy``, with replica logs written at once unless ``--buffered-logs``."""
-    if args.buffered_logs:
-        return TARGET
-    return dataclasses.replace(TARGET, env={**TARGET.env, **UNBUFFERED_LOGS},
-                               description=TARGET.description + "; "
-                               + " ".join(f"{k}={v}" for k, v in UNBUFFERED_LOGS.items()))
+    # Unbuffered, so the Ingress's warm-up line and access log lines can be read
+    # (``--buffered-logs`` keeps Ray's buffer, as `make demo`).
+    return TARGET if args.buffered_logs else unbuffered_logs(TARGET)
 
 
 class FirstRequestServer(Server):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -76,8 +77,14 @@ class Target:
 
 
 TP = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+#: With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a replica keeps its log records in memory until
+#: it has 1,000 (or an ERROR), and a replica stopped with the server loses them: its log
+#: file stays empty. 1 writes each record at once (for benchmarks that read the logs).
+UNBUFFERED_LOGS = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 #: Throughput-optimised with HAProxy: the mode `make demo` runs.
 HA = {**TP, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#: Ray Serve's default request router (what Keel's StallAwareRouter extends).
+SERVE_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("keel", "keel",
            "serve_config.yaml, Ray Serve defaults (Python proxy on the HTTP port)"),
@@ -98,11 +105,25 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            "keel_haproxy with batch_wait_timeout_s 0: batches only what queued meanwhile",
            env=HA,
            model_user_config={"batch_wait_timeout_s": 0.0}),
+    Target("keel_haproxy_serve_router", "keel",
+           "keel_haproxy with Ray Serve's own router on the model and feature deployments "
+           "instead of Keel's stall-aware one: that router's cost",
+           env=HA,
+           deployment_options={name: {"request_router_config": {
+               "request_router_class": SERVE_ROUTER}} for name in (
+               "risk_gbdt", "FeatureService")}),
     Target("baseline_fastapi", "baseline",
            "one uvicorn process, FastAPI, one ONNX Runtime session, no batching"),
     Target("naive_serve", "naive",
            "one @serve.deployment with @serve.ingress(FastAPI), Ray defaults, no batching"),
 ]}
+
+
+def unbuffered_logs(target: Target) -> Target:
+    """``target`` with replica logs written at once (``UNBUFFERED_LOGS``)."""
+    return dataclasses.replace(target, env={**target.env, **UNBUFFERED_LOGS},
+                               description=target.description + "; " + " ".join(
+                                   f"{k}={v}" for k, v in UNBUFFERED_LOGS.items()))
 
 
 class ServerFailed(RuntimeError):
