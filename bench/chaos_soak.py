@@ -614,9 +614,7 @@ def serve_log_findings(server: Server, wall_began: float, into: Path) -> dict[st
     attempts: Counter[str] = Counter()
     hedges: list[dict[str, Any]] = []
     kept: list[str] = []
-    logs = sorted(server.temp_dir.glob("ray/session_2*/logs/serve/*.log")) + sorted(
-        server.temp_dir.glob("ray/session_2*/logs/worker-*.err"))
-    for path in logs:
+    for path in server.ray_logs("serve/*.log", "worker-*.err"):
         with contextlib.suppress(OSError), path.open(errors="replace") as lines:
             for line in lines:
                 if path.suffix == ".log" and not KEEP_LINE.search(line):

@@ -287,9 +287,7 @@ def ingress_logs(server: Server, ready_wall: float | None, keep: Path) -> list[d
     """Per Ingress replica: its warm-up line (and when, relative to readiness), the lines
     of requests a-d and how many readiness checks it answered; copies the logs."""
     replicas = []
-    paths = {p.resolve() for p in
-             server.temp_dir.glob("ray/session_*/logs/serve/replica_*Ingress*.log")}
-    for path in sorted(paths):
+    for path in server.ray_logs("serve/replica_*Ingress*.log"):
         with contextlib.suppress(OSError):
             keep.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, keep / path.name)

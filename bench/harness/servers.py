@@ -387,9 +387,15 @@ class Server:
         report["stop_s"] = round(time.monotonic() - started, 2)
         return report
 
+    def ray_logs(self, *patterns: str) -> list[Path]:
+        """This server's Ray log files matching ``patterns`` (relative to the session's
+        ``logs/``), each once: ``session_latest`` links to the session's own directory."""
+        return sorted({path.resolve() for pattern in patterns
+                       for path in self.temp_dir.glob(f"ray/session_*/logs/{pattern}")})
+
     def collect_ray_logs(self, into: Path, lines: int = 300) -> None:
         """Keep the tail of Ray Serve's own logs (controller, proxy, replicas)."""
-        for path in sorted(self.temp_dir.glob("ray/session_*/logs/serve/*.log")):
+        for path in self.ray_logs("serve/*.log"):
             with contextlib.suppress(OSError):
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 into.mkdir(parents=True, exist_ok=True)
