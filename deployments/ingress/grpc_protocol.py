@@ -12,6 +12,7 @@ Ray's server reflection looks, so ``grpcurl`` can describe the service.
 
 from __future__ import annotations
 
+import copyreg
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,24 @@ def _load() -> tuple[descriptor_pb2.FileDescriptorProto, dict[str, type[Message]
 
 
 _FILE, _CLASSES = _load()
+
+
+def _rebuilt(name: str, data: bytes) -> Message:
+    """A message of the protocol from its name and wire bytes (what pickle stores)."""
+    return _CLASSES[name].FromString(data)
+
+
+def _reduced(message: Message) -> tuple[Callable[[str, bytes], Message], tuple[str, bytes]]:
+    return _rebuilt, (message.DESCRIPTOR.name, message.SerializeToString())
+
+
+# A class from a private pool has no importable module (pickle looks it up on
+# ``__main__`` and fails), yet Ray pickles a request on some paths: HAProxy sends a call
+# to Serve's own gRPC proxy (the backend's backup server) while it counts a replica
+# down, and that proxy pickles the request to pass it on. Pickled by name and bytes
+# instead, every message crosses any process that imports this module.
+for _class in _CLASSES.values():
+    copyreg.pickle(_class, _reduced)
 
 
 def message(name: str) -> type[Message]:

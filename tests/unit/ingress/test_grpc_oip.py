@@ -389,3 +389,21 @@ async def test_api_keys_come_from_the_authorization_metadata(served: Served) -> 
     # The probes and the server metadata stay open, as REST's do.
     assert (await served.stub.ServerLive(pb.message("ServerLiveRequest")())).live
     assert (await served.stub.ServerMetadata(pb.ServerMetadataRequest())).name == "keel"
+
+
+def test_every_message_survives_pickle_and_rays_cloudpickle() -> None:
+    """Serve's gRPC proxy pickles a request on its way to a replica (HAProxy's backup
+    path); a class from Keel's private pool must survive that (a CI run once failed
+    with "Can't pickle <class 'ServerLiveRequest'>")."""
+    import pickle
+
+    from ray import cloudpickle
+
+    request = raw_request("linear", np.ones((2, 4), dtype=np.float32))
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        for name in pb.METHODS:
+            empty = pb.message(f"{name}Request")()
+            assert loads(dumps(empty)) == empty
+        back = loads(dumps(request))
+        assert type(back) is type(request) and back == request
+        assert back.raw_input_contents == request.raw_input_contents
