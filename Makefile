@@ -46,6 +46,6 @@ clean:
 
 ## Compile the gRPC protocol's .proto into the descriptor set Keel loads (after editing it).
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Ideployments/ingress/protocol \
-		--descriptor_set_out=deployments/ingress/protocol/grpc_predict_v2.binpb \
-		deployments/ingress/protocol/grpc_predict_v2.proto
+	$(BIN)/python -m grpc_tools.protoc -Ideployments/ingress/grpc/proto \
+		--descriptor_set_out=deployments/ingress/grpc/proto/grpc_predict_v2.binpb \
+		deployments/ingress/grpc/proto/grpc_predict_v2.proto

@@ -23,7 +23,7 @@ from deployments.features.deployment import FeatureService
 from deployments.fleet.core import FLEET_NAME, FleetArgs, fleet_members
 from deployments.fleet.deployment import FleetModel
 from deployments.ingress.deployment import Ingress
-from deployments.ingress.models import Placement
+from deployments.ingress.pool.placement import Placement
 from deployments.llm.deployment import LLMGateway
 from deployments.observability.deployment import SloMonitor
 from deployments.onnx.deployment import OnnxModel

@@ -142,8 +142,8 @@ def serve(config: str, *, grace_s: float = 15.0) -> int:
     serve_bin = Path(sys.executable).parent / "serve"
     command = [str(serve_bin) if serve_bin.exists() else "serve", "run", config]
     # With Ray's HAProxy on (make demo), HAProxy without splice(): a client that goes away
-    # then cancels its request (deployments/ingress/haproxy_nosplice.py).
-    from deployments.ingress.haproxy_nosplice import without_splice
+    # then cancels its request (graph/haproxy_nosplice.py).
+    from graph.haproxy_nosplice import without_splice
 
     supervisor = Supervisor(command, grace_s=grace_s, env=without_splice(dict(os.environ)))
     supervisor.start()

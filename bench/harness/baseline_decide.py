@@ -33,9 +33,9 @@ from bench.harness.report import REPO_ROOT
 from deployments.cache.core import CacheConfig, PredictionCache, redis_store_from_env
 from deployments.errors import KeelError
 from deployments.features.core import FeatureFetcher, FeatureRows
-from deployments.ingress.app import IngressConfig
-from deployments.ingress.app import create_app as create_ingress_app
-from deployments.ingress.models import EmbeddedModels, ModelPool
+from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
+from deployments.ingress.rest.app import IngressConfig
+from deployments.ingress.rest.app import create_app as create_ingress_app
 from deployments.onnx.core import OnnxModelConfig, RuntimeOptions
 from deployments.repository import ModelRepository
 
@@ -55,7 +55,7 @@ class LocalFeatures:
 
 def create_app(models_root: Path, feature_repo: str, fs_yaml: str | None,
                key_prefix: str) -> FastAPI:
-    """Keel's own ingress app (``deployments.ingress.app.create_app``: the same routes,
+    """Keel's own ingress app (``deployments.ingress.rest.app.create_app``: the same routes,
     validation, cache and answer) over in-process models and features."""
     repository = ModelRepository(models_root)
     # Every model in this process, as Keel's ingress runs the models placed in it, with the

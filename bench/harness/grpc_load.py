@@ -11,7 +11,7 @@ The requests are built ahead of time (``requests_from_bodies``) from the same OI
 bodies the HTTP points send (``http_load.make_row_bodies``): every input becomes a
 ``ModelInferRequest`` input with no ``contents`` and its values, little-endian, in
 ``raw_input_contents`` (FP32 ``features`` ``[rows, 12]``: 48 bytes a row). The client is
-Keel's own stub and messages (``deployments.ingress.grpc_protocol``, a private
+Keel's own stub and messages (``deployments.ingress.grpc.protocol``, a private
 protobuf pool, so this runs beside tritonclient or kserve imports) over ``grpc.aio``
 channels: ``channels`` HTTP/2 connections (each its own, not grpc's shared subchannel),
 worker i on channel ``i % channels``. ``python -m bench.grpc_load`` runs it on its own.
@@ -35,7 +35,7 @@ from bench.harness.http_load import (
     make_row_bodies,
     summarise_window,
 )
-from deployments.ingress.grpc_protocol import InferenceStub, ModelInferRequest
+from deployments.ingress.grpc.protocol import InferenceStub, ModelInferRequest
 
 #: OIP datatype -> little-endian numpy dtype of its raw (binary) contents.
 RAW_DTYPES: dict[str, str] = {

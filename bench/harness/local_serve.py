@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.harness.network import quiet_port
 from bench.harness.report import REPO_ROOT
-from deployments.ingress.haproxy_nosplice import haproxy_env
+from graph.haproxy_nosplice import haproxy_env
 
 
 def serve_environment(temp_dir: Path) -> None:

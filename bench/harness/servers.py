@@ -43,7 +43,7 @@ from bench.harness.network import (
 )
 from bench.harness.progress import log
 from bench.harness.report import REPO_ROOT, rel
-from deployments.ingress.haproxy_nosplice import without_splice
+from graph.haproxy_nosplice import without_splice
 
 PYTHON = sys.executable
 

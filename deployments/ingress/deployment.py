@@ -1,11 +1,11 @@
 """``Ingress``: the Ray Serve shell around the ingress's data plane: wiring only.
 
-It builds the data plane (deployments/ingress/dataplane.py) over the models placed
+It builds the data plane (deployments/ingress/dataplane/plane.py) over the models placed
 in the ingress (``args.placement``) and the handles of the others, the prediction
 cache, the FeatureService handle and the SLO pusher; ``reconfigure`` applies the
 live knobs; ``__serve_build_asgi_app__`` hands Serve the REST application, and the
 methods named after the gRPC protocol's (``ModelInfer``...) hand Serve's gRPC calls to
-``GrpcOip`` (deployments/ingress/grpc_oip.py), over the same data plane.
+``GrpcOip`` (deployments/ingress/grpc/servicer.py), over the same data plane.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from deployments.cache.core import (
 )
 from deployments.contracts import CacheStatus
 from deployments.errors import parse_user_config
-from deployments.ingress.app import build_plane, create_rest_app
 from deployments.ingress.auth import announce, load_auth
-from deployments.ingress.dataplane import DataPlane, IngressConfig
-from deployments.ingress.grpc_oip import GrpcOip
-from deployments.ingress.models import EmbeddedModels, ModelPool
-from deployments.ingress.ray_adapters import (
+from deployments.ingress.dataplane.plane import DataPlane, IngressConfig
+from deployments.ingress.grpc.servicer import GrpcOip
+from deployments.ingress.pool.handles import (
     FleetHandles,
     HandleFeatures,
     HandleLLM,
     HandleModels,
 )
+from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
+from deployments.ingress.rest.app import build_plane, create_rest_app
 from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
 from deployments.observability.replica import (

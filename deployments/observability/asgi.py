@@ -25,7 +25,7 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 
-#: Where a route that learns its model from the body leaves it (deployments/ingress/http.py).
+#: Where a route that learns its model from the body leaves it (deployments/ingress/rest/http.py).
 MODEL_SCOPE_KEY = "keel.model"
 #: Where a serving route leaves the version that answered (the traffic split chose it, or
 #: the request pinned it); absent: the label is empty (no version answered).

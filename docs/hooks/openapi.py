@@ -1,7 +1,7 @@
 """MkDocs hook: the REST reference, rendered from the ingress's own OpenAPI document.
 
 The ingress's FastAPI application is built in process with no models and no Ray
-(``deployments.ingress.app.create_app``, as the unit tests build it), and its
+(``deployments.ingress.rest.app.create_app``, as the unit tests build it), and its
 ``app.openapi()`` document is rendered into ``docs/api/reference.md`` where the page
 holds ``MARKER``: every route with its method, summary, request body, parameters and
 answers, then every schema those refer to. Built at ``mkdocs build`` time, so the page
@@ -44,7 +44,7 @@ def openapi_document() -> dict[str, Any]:
     guarded routes are in it either way)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from deployments.ingress.app import IngressConfig, create_app
+    from deployments.ingress.rest.app import IngressConfig, create_app
 
     app = create_app(_NoModels(), lambda: IngressConfig())
     document: dict[str, Any] = app.openapi()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from deployments.ingress import grpc_protocol as pb
+from deployments.ingress.grpc import protocol as pb
 from tests.support.serve_app import KeelApp
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ The client writes a whole request, then closes its connection while the request 
 for a batch (FeatureService or model deployment, ``SLOW_BATCH_S`` each): the request
 must never reach that batch. Written both as one write and as headers then body (how
 most clients write, and the way that HAProxy's ``option splice-request`` used to
-swallow the close: deployments/ingress/haproxy_nosplice.py, docs/api/errors.md).
+swallow the close: graph/haproxy_nosplice.py, docs/api/errors.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deployments.ingress.haproxy_nosplice import BINARY_ENV, real_haproxy, wrapper
+from graph.haproxy_nosplice import BINARY_ENV, real_haproxy, wrapper
 from tests.support.serve_app import SLOW_BATCH_S, KeelApp, changed, served_rows
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ LEAVE_AFTER_S = 0.3
 WRITES = ["one write", "headers, then body"]
 #: Where to look first when an abandoned request still ran.
 NO_SPLICE = ("(does Ray run HAProxy without splice()? RAY_SERVE_HAPROXY_BINARY_PATH: "
-             "deployments/ingress/haproxy_nosplice.py)")
+             "graph/haproxy_nosplice.py)")
 
 
 def decide_body(account: int) -> dict[str, Any]:

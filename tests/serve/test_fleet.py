@@ -271,7 +271,7 @@ def test_a_fleet_member_answers_over_grpc(keel_app: KeelApp, fleet_app: FleetApp
     call's metadata): its own tenant's answer; an unknown member is NOT_FOUND naming it."""
     import grpc
 
-    from deployments.ingress import grpc_protocol as pb
+    from deployments.ingress.grpc import protocol as pb
     from tests.support.modelkit import raw_infer_request
 
     metadata = (("application", APP),)

@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from deployments.ingress import grpc_protocol as pb
 from deployments.ingress.auth import hash_key
+from deployments.ingress.grpc import protocol as pb
 from tests.support.modelkit import raw_infer_request as raw_request
 from tests.support.serve_app import (
     APP_NAME,

@@ -303,7 +303,7 @@ def test_model_errors_cross_the_handle_as_keel_errors(keel_app: KeelApp) -> None
 
     from deployments.contracts import InferCall, InferResult
     from deployments.errors import InvalidInput, ModelNotFound
-    from deployments.ingress.ray_adapters import HandleModels
+    from deployments.ingress.pool.handles import HandleModels
 
     backend = HandleModels({"linear": serve.get_deployment_handle("linear", APP_NAME)})
     wrong_dtype = InferCall(inputs={"features": np.zeros((1, 4), dtype=np.float64)})

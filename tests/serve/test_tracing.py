@@ -350,7 +350,7 @@ def test_a_grpc_call_is_one_trace_continuing_the_callers(tracing_app: str, keel_
     ``keel.request`` span (rpc attributes), the cache and the model's batch."""
     import grpc
 
-    from deployments.ingress import grpc_protocol as pb
+    from deployments.ingress.grpc import protocol as pb
 
     x = np.random.default_rng(6).normal(size=(1, 12)).astype(np.float32)
     request = raw_infer_request("risk_gbdt", x)

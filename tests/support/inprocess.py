@@ -21,7 +21,7 @@ from deployments.fleet.core import (
     fleet_status,
     holds,
 )
-from deployments.ingress.app import IngressConfig
+from deployments.ingress.rest.app import IngressConfig
 from deployments.llm.chat import ChatCall
 from deployments.llm.gateway import ChatGateway
 from deployments.onnx.core import ModelVersions, OnnxModelConfig, RuntimeOptions

@@ -75,7 +75,7 @@ def raw_infer_request(model: str, x: np.ndarray, *, name: str = "features",
     """A gRPC ``ModelInferRequest`` carrying ``x`` as one input's raw little-endian FP32
     contents; ``name``, ``datatype``, ``shape`` and ``raw`` override what ``x`` says (for
     bad-input tests); ``fields`` are the message's own (``id``, ``model_version``)."""
-    from deployments.ingress import grpc_protocol as pb
+    from deployments.ingress.grpc import protocol as pb
 
     request = pb.ModelInferRequest(model_name=model, **fields)
     request.inputs.add(name=name, datatype=datatype,

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from deployments.ingress.haproxy_nosplice import without_splice
+from graph.haproxy_nosplice import without_splice
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: Ray Serve's throughput-optimised mode with HAProxy on the HTTP port, as `make demo` runs.

@@ -10,7 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from deployments.ingress.app import create_app
+from deployments.ingress.rest.app import create_app
 from deployments.repository import ModelRepository
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import write_linear_model

@@ -28,7 +28,7 @@ README = ROOT / "README.md"
 #: and each deployment's user_config); models nested in their fields are found from them.
 CONFIG_MODELS = (
     "graph.app:AppArgs",
-    "deployments.ingress.dataplane:IngressConfig",
+    "deployments.ingress.dataplane.plane:IngressConfig",
     "deployments.cache.core:CacheConfig",
     "deployments.features.rowcache:FeatureCacheConfig",
     "deployments.onnx.core:OnnxModelConfig",

@@ -236,10 +236,10 @@ def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ("grpc_options", "expected"),
     [({"port": 9000, "grpc_servicer_functions": ["deployments.ingress.nope.add"]},
       "grpc_options.grpc_servicer_functions[0]: cannot import"),
-     ({"port": 9000, "grpc_servicer_functions": ["deployments.ingress.grpc_protocol.SERVICE"]},
+     ({"port": 9000, "grpc_servicer_functions": ["deployments.ingress.grpc.protocol.SERVICE"]},
       "is not a function"),
      ({"port": 8000, "grpc_servicer_functions":
-       ["deployments.ingress.grpc_protocol.add_inference_servicer"]},
+       ["deployments.ingress.grpc.protocol.add_inference_servicer"]},
       "grpc_options.port: 8000 is also http_options.port")],
     ids=["unimportable", "not-callable", "port-clash"],
 )

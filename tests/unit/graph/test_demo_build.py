@@ -410,7 +410,7 @@ def test_every_model_records_its_training_deciles(repo: tuple[Path, list[BuiltMo
                                                   small_dataset: Dataset) -> None:
     """model.yaml's ``reference``: per feature, decile edges of the training rows and the
     share of training rows in each bin (the drift monitor's baseline)."""
-    from deployments.ingress.drift import psi
+    from deployments.ingress.rollout.drift import psi
 
     root, built = repo
     repository = ModelRepository(root)

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from deployments.errors import ConfigError
 from deployments.ingress import auth as auth_module
-from deployments.ingress.app import create_app
 from deployments.ingress.auth import ApiKey, AuthConfig, announce, hash_key, load_auth
+from deployments.ingress.rest.app import create_app
 from deployments.llm.chat import ChatAnswer, ChatCall
 from deployments.settings import AuthSettings
 from graph.cli import main as cli_main

@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from deployments.contracts import InferenceRequest
 from deployments.errors import InvalidInput, ModelNotFound, quoted
-from deployments.ingress.app import IngressConfig, create_app
-from deployments.ingress.codec import MAX_RANK, decode_inputs, parse_request
+from deployments.ingress.dataplane.codec import MAX_RANK, decode_inputs, parse_request
+from deployments.ingress.rest.app import IngressConfig, create_app
 from deployments.llm.config import LLMGatewayConfig
 from deployments.llm.gateway import ChatGateway
 from deployments.repository import ModelRepository, ModelSpec, TensorSpec

@@ -29,7 +29,7 @@ from deployments.errors import (
     UpstreamTimeout,
     parse_user_config,
 )
-from deployments.ingress.app import IngressConfig, create_app
+from deployments.ingress.rest.app import IngressConfig, create_app
 from deployments.llm.chat import (
     CacheResult,
     ChatCall,

@@ -1,0 +1,1 @@
+"""The data plane: what every API does, with no transport and no Ray."""

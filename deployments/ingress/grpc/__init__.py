@@ -1,0 +1,1 @@
+"""The gRPC transport: the Open Inference Protocol servicer and its messages."""

@@ -1,0 +1,1 @@
+"""The model pool: where each model runs, coalesced calls, Ray handles, hedging."""

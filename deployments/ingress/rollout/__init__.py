@@ -1,0 +1,1 @@
+"""Rollout features: the traffic split, shadow copies, the payload log, input drift."""
