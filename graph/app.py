@@ -22,7 +22,7 @@ from deployments.errors import ConfigError
 from deployments.features.deployment import FeatureService
 from deployments.fleet.core import FLEET_NAME, FleetArgs, fleet_members
 from deployments.fleet.deployment import FleetModel
-from deployments.ingress.deployment import Ingress
+from deployments.ingress.deployment import Ingress, IngressArgs
 from deployments.ingress.pool.placement import Placement
 from deployments.llm.deployment import LLMGateway
 from deployments.observability.deployment import SloMonitor
@@ -153,9 +153,12 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
             name, str(fleet_dirs[name]), fleet.max_models_per_replica)
         for name, fleet in parsed.fleets.items()
     }
+    ingress_args = IngressArgs(repository=str(root), embedded=embedded,
+                               fleet_directories={name: str(path)
+                                                  for name, path in fleet_dirs.items()})
     return ingress.options(user_config={}).bind(
-        models, features, slo_monitor, llm, embedded, str(root), fleets,
-        {name: str(path) for name, path in fleet_dirs.items()})
+        args=ingress_args.model_dump(), models=models, fleets=fleets, features=features,
+        slo_monitor=slo_monitor, llm=llm)
 
 
 def fleet_directories(args: AppArgs, root: Path, models: list[str]) -> dict[str, Path]:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from deployments.errors import KeelError, field_errors
 from deployments.features.core import FeatureServiceConfig
 from deployments.fleet.core import FleetConfig
-from deployments.ingress.dataplane.plane import IngressConfig
+from deployments.ingress.dataplane.config import IngressConfig
 from deployments.llm.config import LLMGatewayConfig
 from deployments.observability.slo import SloConfig
 from deployments.onnx.core import OnnxModelConfig

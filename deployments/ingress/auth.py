@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,19 @@ from deployments.errors import ConfigError, Forbidden, Unauthorized, field_error
 from deployments.settings import AuthSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as far as a log may say: the API key's name and tenant."""
+
+    key: str | None = None
+    tenant: str | None = None
+
+
+#: The authenticated caller of the request being served (set where the key is checked;
+#: ``None`` with authentication off).
+current_caller: ContextVar[Caller | None] = ContextVar("keel_caller", default=None)
 
 #: Where the authenticated key (an ``ApiKey``) is left in the ASGI scope.
 API_KEY_SCOPE_KEY = "keel.api_key"

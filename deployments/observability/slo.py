@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.observability.catalog import LATENCY_BUCKETS_MS
+from deployments.observability.events import ServingObserver
 
 WindowName = Literal["1m", "5m", "15m", "30m", "1h", "6h"]
 WINDOW_SECONDS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "30m": 1800, "1h": 3600,
@@ -413,7 +414,7 @@ def is_serving_route(http_route: str) -> bool:
     return http_route.endswith("/infer") or http_route == "/v1/decide"
 
 
-class SloObserver:
+class SloObserver(ServingObserver):
     """Feeds the ingress's requests and model calls into a :class:`Recorder`.
 
     ``api``: latency of every serving request, good unless it answered 5xx (a 4xx is

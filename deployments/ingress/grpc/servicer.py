@@ -31,11 +31,18 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from deployments.contracts import InferenceRequest, RequestInput, RequestOutput
 from deployments.errors import InvalidInput, KeelError, PayloadTooLarge
-from deployments.ingress.auth import ApiKey, AuthConfig, authenticate, authorize
-from deployments.ingress.dataplane.plane import DataPlane, codec
+from deployments.ingress.auth import (
+    ApiKey,
+    AuthConfig,
+    Caller,
+    authenticate,
+    authorize,
+    current_caller,
+)
+from deployments.ingress.dataplane import codec
+from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.dataplane.predictor import Prediction, summarise
 from deployments.ingress.grpc import protocol as pb
-from deployments.ingress.rollout.payload_log import Caller, current_caller
 from deployments.ingress.rollout.split import ROUTE_KEY_HEADER
 from deployments.observability import tracing
 from deployments.observability.asgi import GuardedObserver, RequestObserver
@@ -320,8 +327,8 @@ class GrpcOip:
             raise PayloadTooLarge(f"the request is {size} bytes; the limit is {limit} "
                                   f"(Ingress user_config max_body_bytes)")
         parsed, binary = to_request(request)
-        prediction = await plane.predict(request.model_name, request.model_version or None,
-                                         parsed, binary, deadline, route)
+        prediction = await plane.inference.predict(
+            request.model_name, request.model_version or None, parsed, binary, deadline, route)
         return to_response(request, prediction), prediction.version
 
 

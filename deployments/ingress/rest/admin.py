@@ -17,18 +17,18 @@ def add_admin_routes(app: FastAPI, plane: DataPlane) -> None:
     @app.get("/v1/slo", summary="SLOs of the whole application over rolling windows",
              response_model=SloReport, responses=openapi.errors(503))
     async def slo_report() -> SloReport:
-        return await plane.slo_report()
+        return await plane.admin.slo_report()
 
     @app.get("/v1/cache", summary="Prediction cache state, costs and counters, and the "
                                   "feature rows held for /v1/decide")
     async def cache_state() -> dict[str, Any]:
-        return plane.cache_state()
+        return plane.admin.cache_state()
 
     @app.get("/v1/rollouts", summary="Each model's versions, traffic split and shadow, and "
                                      "the shadow's comparison with live answers (this "
                                      "replica)")
     async def rollouts() -> dict[str, Any]:
-        return await plane.rollouts()
+        return await plane.admin.rollouts()
 
     @app.get("/v1/payloads", summary="The payload log: sampling rate, stream, and records "
                                      "appended and dropped (this replica)")

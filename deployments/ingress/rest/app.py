@@ -13,22 +13,22 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
+from deployments.background import AfterAnswer
 from deployments.cache.core import PredictionCache
 from deployments.contracts import InferenceRequest
 from deployments.ingress.auth import (
     API_KEY_SCOPE_KEY,
     EXEMPT_ROUTES,
     AuthConfig,
+    Caller,
     authenticate,
     authorize,
+    current_caller,
 )
-from deployments.ingress.dataplane.plane import (
-    DataPlane,
-    FeatureBackend,
-    IngressConfig,
-    SloSource,
-    server_version,
-)
+from deployments.ingress.dataplane.admin import SloSource
+from deployments.ingress.dataplane.config import IngressConfig, server_version
+from deployments.ingress.dataplane.decide import FeatureBackend
+from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.pool.placement import ModelBackend, ModelPool
 from deployments.ingress.rest import openapi
 from deployments.ingress.rest.admin import add_admin_routes
@@ -37,9 +37,9 @@ from deployments.ingress.rest.hot_routes import HotRoutes
 from deployments.ingress.rest.http import install_error_handlers
 from deployments.ingress.rest.llm import LLMBackend, add_llm_routes
 from deployments.ingress.rest.oip import add_oip_routes
-from deployments.ingress.rollout.payload_log import Caller, current_caller
 from deployments.llm.chat import ChatRequest
 from deployments.observability.asgi import RequestObserver, Telemetry
+from deployments.observability.events import ServingObserver
 
 __all__ = ["IngressConfig", "build_plane", "create_app", "create_rest_app"]
 
@@ -47,22 +47,17 @@ __all__ = ["IngressConfig", "build_plane", "create_app", "create_rest_app"]
 def build_plane(models: ModelPool | ModelBackend, config: Callable[[], IngressConfig], *,
                 cache: PredictionCache | None = None,
                 features: FeatureBackend | None = None,
-                observer: Any = None,
+                observer: ServingObserver | None = None,
                 slo: SloSource | None = None,
+                after_answer: AfterAnswer | None = None,
                 warm_up: Callable[[], Coroutine[Any, Any, None]] | None = None) -> DataPlane:
     """The data plane over ``models`` (a ``ModelPool``, or one backend all its models are
-    reached through); ``observer`` may implement any of the observer protocols."""
+    reached through); ``observer`` hears everything it serves."""
     pool = models if isinstance(models, ModelPool) else ModelPool(
         None, models, max_batch_size=lambda _: config().max_batch_size,
-        max_in_flight=lambda: config().calls_in_flight,
-        observer=observer if hasattr(observer, "model_batch") else None)
-    return DataPlane(pool, config, cache=cache, features=features,
-                     feature_observer=observer if hasattr(observer, "feature_ages") else None,
-                     slo=slo, observer=observer if hasattr(observer, "model_call") else None,
-                     shadow_observer=observer if hasattr(observer, "shadow_compared") else None,
-                     payload_observer=observer if hasattr(observer, "payloads_logged") else None,
-                     drift_observer=observer if hasattr(observer, "feature_drift") else None,
-                     warm_up=warm_up)
+        max_in_flight=lambda: config().calls_in_flight, observer=observer)
+    return DataPlane(pool, config, cache=cache, features=features, slo=slo,
+                     observer=observer, after_answer=after_answer, warm_up=warm_up)
 
 
 def create_rest_app(plane: DataPlane, *, observer: RequestObserver | None = None,
@@ -120,12 +115,11 @@ def _key_check(auth: AuthConfig) -> Callable[[Request], Awaitable[None]]:
 def create_app(models: ModelPool | ModelBackend, config: Callable[[], IngressConfig], *,
                cache: PredictionCache | None = None,
                features: FeatureBackend | None = None,
-               observer: Any = None,
+               observer: ServingObserver | None = None,
                slo: SloSource | None = None,
                llm: LLMBackend | None = None,
                auth: AuthConfig | None = None) -> FastAPI:
     """``build_plane`` + ``create_rest_app`` in one call (tests, the single-process bench)."""
     plane = build_plane(models, config, cache=cache, features=features, observer=observer,
                         slo=slo)
-    return create_rest_app(plane, observer=observer if hasattr(observer, "request") else None,
-                           llm=llm, auth=auth)
+    return create_rest_app(plane, observer=observer, llm=llm, auth=auth)

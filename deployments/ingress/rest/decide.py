@@ -34,7 +34,7 @@ async def decide_response(plane: DataPlane, request: Request) -> Response:
 
     with plane.admitted():  # 503 before anything else when the replica is full
         body = await read_body(request, plane.config().max_body_bytes)
-        answer = await plane.decide(body, on_model, request.headers.get(ROUTE_KEY_HEADER))
+        answer = await plane.decisions.decide(body, on_model, request.headers.get(ROUTE_KEY_HEADER))
     request.scope[VERSION_SCOPE_KEY] = answer.version
     return Response(answer.body, media_type="application/json",
                     headers={"X-Keel-Cache": answer.cache})

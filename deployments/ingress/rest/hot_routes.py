@@ -3,10 +3,11 @@
 ``POST /v2/models/{name}[/versions/{version}]/infer`` and ``POST /v1/decide`` are
 answered by this ASGI middleware straight from the data plane: the same body reading
 (``http.read_body``: media types, limits), the same data plane calls, the same answers
-and error bodies as the FastAPI routes in ``rest_oip.py`` and ``rest_decide.py`` (which
-stay, for the OpenAPI document, and serve these paths whenever API keys are on, so that
-the auth dependency sees every request). Measured: FastAPI's routing, dependency solving
-and exception middlewares took ~20 % of the ingress's CPU per request (py-spy).
+and error bodies (``http.error_answer``) as the FastAPI routes in ``oip.py`` and
+``decide.py`` (which stay, for the OpenAPI document, and serve these paths whenever API
+keys are on, so that the auth dependency sees every request). Measured: FastAPI's
+routing, dependency solving and exception middlewares took ~20 % of the ingress's CPU
+per request (py-spy).
 
 It sits inside the telemetry middleware and sets the matched route (``scope["route"]``)
 and path parameters the way Starlette's router would, so metrics and spans are the same.
@@ -22,10 +23,9 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from deployments.errors import KeelError
 from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.rest.decide import decide_response
-from deployments.ingress.rest.http import error_response
+from deployments.ingress.rest.http import error_answer
 from deployments.ingress.rest.oip import infer_response
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,8 @@ class HotRoutes:
         request = Request(scope, receive)
         try:
             response = await handler(request)
-        except KeelError as exc:
-            if exc.status >= 500:
-                log.warning("%s: %s", type(exc).__name__, exc.message)
-            response = error_response(exc.status, exc.message, exc.retry_after_s, exc.stage)
         except Exception as exc:
-            log.exception("unexpected error")
-            response = error_response(500, f"internal error ({type(exc).__name__})")
+            response = error_answer(exc)
         await response(scope, receive, send)
 
     async def _infer(self, request: Request) -> Response:

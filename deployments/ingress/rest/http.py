@@ -113,27 +113,32 @@ def error_response(status: int, message: str, retry_after_s: int | None = None,
     return JSONBody(body, status_code=status, headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error as ``{"error": ...}`` with its status; never FastAPI's 422 or a trace."""
-
-    @app.exception_handler(KeelError)
-    async def _keel_error(_: Request, exc: KeelError) -> Response:
+def error_answer(exc: BaseException) -> Response:
+    """The answer to any error a REST request raised: the one table every route (the hot
+    routes included) answers errors with. A ``KeelError`` is ``{"error": message}`` (plus
+    ``stage``) with its status and ``Retry-After``; FastAPI's validation errors are 400s
+    naming the field; Starlette's (404, 405) keep their status; anything else is a 500
+    that names only the exception's type (logged with its trace)."""
+    if isinstance(exc, KeelError):
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
         response = error_response(exc.status, exc.message, exc.retry_after_s, exc.stage)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="keel"'
         return response
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    if isinstance(exc, RequestValidationError):
         return error_response(400, "; ".join(field_errors(exc, limit=5)))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    if isinstance(exc, StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail))
+    log.error("unexpected error", exc_info=exc)
+    return error_response(500, f"internal error ({type(exc).__name__})")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unexpected error")
-        return error_response(500, f"internal error ({type(exc).__name__})")
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as ``error_answer`` says; never FastAPI's 422 or a trace."""
+
+    async def answer(_: Request, exc: Exception) -> Response:
+        return error_answer(exc)
+
+    for kind in (KeelError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, answer)

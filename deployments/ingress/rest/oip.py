@@ -93,7 +93,7 @@ async def infer_response(plane: DataPlane, name: str, version: str | None,
     with plane.admitted():  # 503 before anything else when the replica is full
         plane.catalog.require(name)  # 404 before reading any body
         body = await read_body(request, plane.config().max_body_bytes, JSON_OR_BINARY)
-        answer = await plane.infer(name, version, body, binary_json_length(request),
+        answer = await plane.inference.infer(name, version, body, binary_json_length(request),
                                    request.headers.get(ROUTE_KEY_HEADER))
     request.scope[VERSION_SCOPE_KEY] = answer.version
     headers: dict[str, str] = {"X-Keel-Cache": answer.cache}

@@ -20,14 +20,13 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.ingress.aside import AsideQueue
+from deployments.background import AfterAnswer
+from deployments.ingress.auth import Caller
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +69,6 @@ class PayloadObserver(Protocol):
     def payloads_logged(self, count: int) -> None: ...
 
     def payloads_dropped(self, reason: str, count: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request, as far as a log may say: the API key's name and tenant."""
-
-    key: str | None = None
-    tenant: str | None = None
-
-
-#: The authenticated caller of the request being served (set where the key is checked;
-#: ``None`` with authentication off).
-current_caller: ContextVar[Caller | None] = ContextVar("keel_caller", default=None)
 
 
 def _tensor(values: np.ndarray, max_rows: int) -> Any:
@@ -149,7 +135,8 @@ class PayloadLog:
                  source: str, observer: PayloadObserver | None = None,
                  retry_after_s: float = 1.0, batch_size: int = 256,
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 queue: AfterAnswer | None = None) -> None:
         self.sink = sink
         self._config = config
         self.source = source
@@ -158,8 +145,10 @@ class PayloadLog:
         self.batch_size = batch_size
         self._rng = rng or random.Random()
         self._clock = clock
-        self._queue: AsideQueue[tuple[PayloadLogConfig, EventOf]] = AsideQueue(
-            self._handle, lambda: self.batch_size)
+        # The process's after-the-answer queue, lane "payload_record".
+        self._queue = (queue or AfterAnswer()).lane(
+            "payload_record", self._handle, lambda: self.batch_size,
+            limit=lambda: self._config().queue)
         self._paused_until = float("-inf")
         self._last_log = float("-inf")
         self.logged = 0
@@ -177,7 +166,7 @@ class PayloadLog:
         if self.sink is None:
             self._drop("no_redis", 1)
             return False
-        if not self._queue.offer((config, event), config.queue):
+        if not self._queue.offer((config, event)):
             self._drop("queue_full", 1)
             return False
         return True

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deployments.background import AfterAnswer
 from deployments.contracts import InferCall, InferResult, Shadow
 from deployments.errors import KeelError
-from deployments.ingress.aside import AsideQueue
 from deployments.repository import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,16 @@ class ShadowMirror:
     def __init__(self, send: SendAside, spec_of: SpecOf, *, capacity: Callable[[], int],
                  batch_size: Callable[[], int], timeout_s: Callable[[], float],
                  observer: ShadowObserver | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 queue: AfterAnswer | None = None) -> None:
         self._send = send
         self._spec_of = spec_of
-        self._capacity = capacity
         self._timeout_s = timeout_s
         self.observer = observer
         self._rng = rng or random.Random()
-        self._queue: AsideQueue[ShadowCopy] = AsideQueue(self._handle, batch_size)
+        # The process's after-the-answer queue, lane "shadow_copy".
+        self._queue = (queue or AfterAnswer()).lane("shadow_copy", self._handle, batch_size,
+                                                    limit=capacity)
         self.comparisons: dict[tuple[str, str, str], Comparison] = {}
 
     def offer(self, model: str, shadow: Shadow | None, version: str, live_spec: ModelSpec,
@@ -155,7 +157,7 @@ class ShadowMirror:
         if shadow.fraction < 1.0 and self._rng.random() >= shadow.fraction:
             return False
         copy = ShadowCopy(model, version, shadow.version, live_spec, inputs, live)
-        if not self._queue.offer(copy, self._capacity()):
+        if not self._queue.offer(copy):
             self._dropped(model, version, shadow.version, "queue_full")
             return False
         return True

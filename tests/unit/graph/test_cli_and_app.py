@@ -171,14 +171,14 @@ def test_build_app_binds_one_deployment_per_model(tmp_path: Path) -> None:
     app = build_app({"model_repository": str(tmp_path)})
     ingress = app._bound_deployment
     assert ingress.name == "Ingress" and ingress.user_config == {}
-    models = ingress.init_args[0]
+    models = ingress.init_kwargs["models"]
     assert sorted(models) == ["a", "b"]
     model_a = models["a"]._bound_deployment
     assert model_a.name == "a"
     # user_config={} makes Serve call reconfigure(), where the batch limits are checked.
     assert model_a.init_args == ("a", str(tmp_path.resolve())) and model_a.user_config == {}
     only_b = build_app(AppArgs(model_repository=str(tmp_path), models=["b"]))
-    assert sorted(only_b._bound_deployment.init_args[0]) == ["b"]
+    assert sorted(only_b._bound_deployment.init_kwargs["models"]) == ["b"]
 
 
 def test_build_app_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,12 +205,12 @@ def test_build_app_binds_the_feature_service(tmp_path: Path,
     (feast / "feature_store.yaml").write_text("project: x\n")
     (feast / "other.yaml").write_text("project: y\n")
     app = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": str(feast)})
-    features = app._bound_deployment.init_args[1]._bound_deployment
+    features = app._bound_deployment.init_kwargs["features"]._bound_deployment
     assert features.name == "FeatureService" and features.user_config == {}
     assert features.init_args == (str(feast.resolve()), str(feast.resolve() / "feature_store.yaml"))
     monkeypatch.setenv("KEEL_FEATURE_STORE_YAML", "other.yaml")
     app = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": str(feast)})
-    bound = app._bound_deployment.init_args[1]._bound_deployment
+    bound = app._bound_deployment.init_kwargs["features"]._bound_deployment
     assert bound.init_args[1].endswith("other.yaml")
     monkeypatch.setenv("KEEL_FEATURE_STORE_YAML", "missing.yaml")
     with pytest.raises(ConfigError, match=r"args\.feature_store_yaml.*missing\.yaml"):
@@ -219,8 +219,9 @@ def test_build_app_binds_the_feature_service(tmp_path: Path,
         build_app({"model_repository": str(tmp_path / "models"),
                    "feature_repo": str(tmp_path / "nowhere")})
     off = build_app({"model_repository": str(tmp_path / "models"), "feature_repo": None})
-    assert off._bound_deployment.init_args[1] is None  # no FeatureService: /v1/decide is 503
-    monitor = off._bound_deployment.init_args[2]._bound_deployment
+    # no FeatureService: /v1/decide is 503
+    assert off._bound_deployment.init_kwargs["features"] is None
+    monitor = off._bound_deployment.init_kwargs["slo_monitor"]._bound_deployment
     assert monitor.name == "SloMonitor" and monitor.user_config == {}
 
 
@@ -228,7 +229,7 @@ def test_repository_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     write_linear_model(tmp_path, "from_env")
     monkeypatch.setenv("KEEL_MODEL_REPOSITORY", str(tmp_path))
     app = build_app({"model_repository": "models"})
-    assert app._bound_deployment.init_args[5] == str(tmp_path.resolve())
+    assert app._bound_deployment.init_kwargs["args"]["repository"] == str(tmp_path.resolve())
     assert resolve_repository(str(tmp_path)) == tmp_path.resolve()
 
 
@@ -290,18 +291,19 @@ def test_build_app_binds_a_fleet_deployment(tmp_path: Path,
     app = build_app({"model_repository": str(repository), "feature_repo": None,
                      "fleets": {"Tenants": {"directory": "tenants",
                                             "max_models_per_replica": 4}}})
-    args = app._bound_deployment.init_args
-    assert sorted(args[0]) == ["a"]  # the fleet's members are not deployments of their own
-    fleet = args[6]["Tenants"]._bound_deployment
+    args = app._bound_deployment.init_kwargs
+    assert app._bound_deployment.init_args == ()  # bound by keyword
+    assert sorted(args["models"]) == ["a"]  # the fleet's members are not deployments of their own
+    fleet = args["fleets"]["Tenants"]._bound_deployment
     assert fleet.name == "Tenants" and fleet.user_config == {}
     directory = str(repository.resolve() / "tenants")
     assert fleet.init_args == ("Tenants", directory, 4)
-    assert args[7] == {"Tenants": directory}
+    assert args["args"]["fleet_directories"] == {"Tenants": directory}
     # A repository of fleets only is a valid application.
     shutil.rmtree(repository / "a")
     only = build_app({"model_repository": str(repository), "feature_repo": None,
                       "fleets": {"Tenants": {"directory": "tenants"}}})
-    assert only._bound_deployment.init_args[0] == {}
+    assert only._bound_deployment.init_kwargs["models"] == {}
 
 
 @pytest.mark.parametrize(("fleets", "expected"), [

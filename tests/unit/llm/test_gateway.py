@@ -524,7 +524,7 @@ def test_build_app_binds_the_gateway_unless_turned_off(tmp_path: Any) -> None:
 
     write_linear_model(tmp_path, "a")
     ingress = build_app({"model_repository": str(tmp_path)})._bound_deployment
-    gateway = ingress.init_args[3]._bound_deployment
+    gateway = ingress.init_kwargs["llm"]._bound_deployment
     assert gateway.name == "LLMGateway" and gateway.user_config == {}
     off = build_app({"model_repository": str(tmp_path), "llm": False})._bound_deployment
-    assert off.init_args[3] is None
+    assert off.init_kwargs["llm"] is None

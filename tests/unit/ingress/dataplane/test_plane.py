@@ -26,9 +26,12 @@ from deployments.errors import (
 )
 from deployments.features.core import FeatureFetcher, FeatureRows
 from deployments.features.rowcache import FeatureCacheConfig, FeatureRowCache
-from deployments.ingress.dataplane import plane as dataplane
-from deployments.ingress.dataplane.plane import DataPlane, IngressConfig, decision_input
+from deployments.ingress.dataplane import catalog as catalog_module
+from deployments.ingress.dataplane.config import IngressConfig
+from deployments.ingress.dataplane.decide import decision_input
+from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
+from deployments.observability.events import ServingObserver
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
 from graph.demo.dataset import ACCOUNT_KEY, SYMBOL_KEY
@@ -103,7 +106,7 @@ def plane(pool: tuple[ModelPool, EmbeddedModels, RemoteModels]) -> DataPlane:
 
 async def test_infer_on_bytes_answers_what_the_model_computes(plane: DataPlane) -> None:
     x = _rows(3, seed=1)
-    answer = await plane.infer("linear", None, _body(x, id="r-1"), None)
+    answer = await plane.inference.infer("linear", None, _body(x, id="r-1"), None)
     assert answer.version == "1" and answer.cache == "off" and answer.json_length is None
     assert json.loads(answer.body)["id"] == "r-1"
     np.testing.assert_allclose(_probabilities(answer.body), reference_probabilities(x, seed=0),
@@ -116,7 +119,8 @@ async def test_concurrent_requests_reach_the_model_in_one_call_each_with_its_own
         model: str, seed: int) -> None:
     models, _, remote = pool
     xs = [_rows(1 + i % 3, seed=10 + i) for i in range(16)]
-    answers = await asyncio.gather(*(plane.infer(model, None, _body(x), None) for x in xs))
+    answers = await asyncio.gather(*(plane.inference.infer(model, None, _body(x), None)
+                                     for x in xs))
     for x, answer in zip(xs, answers, strict=True):
         np.testing.assert_allclose(_probabilities(answer.body),
                                    reference_probabilities(x, seed=seed), atol=ATOL)
@@ -156,18 +160,18 @@ async def test_a_status_refresh_that_hangs_delays_no_request_holding_a_copy(
         repository: ModelRepository) -> None:
     plane, remote = _hung_status_plane(repository, ttl_s=0.05)
     x = _rows(1, seed=3)
-    await plane.infer("nanok", None, _body(x), None)  # the first status, fetched
+    await plane.inference.infer("nanok", None, _body(x), None)  # the first status, fetched
     assert remote.status_calls == 1
     remote.answer_status.clear()  # from now on a status call hangs
     await asyncio.sleep(0.1)  # past status_ttl_s
     began = asyncio.get_running_loop().time()
     answers = await asyncio.wait_for(asyncio.gather(*(
-        plane.infer("nanok", None, _body(x), None) for _ in range(20))), 5)
+        plane.inference.infer("nanok", None, _body(x), None) for _ in range(20))), 5)
     assert asyncio.get_running_loop().time() - began < 1.0
     assert {a.version for a in answers} == {"1"}
     assert remote.status_calls == 2  # ONE refresh in the background, not one per request
     await asyncio.sleep(0.1)
-    await asyncio.wait_for(plane.infer("nanok", None, _body(x), None), 5)
+    await asyncio.wait_for(plane.inference.infer("nanok", None, _body(x), None), 5)
     assert remote.status_calls == 2  # still that one, still hung: nobody waits for it
     remote.answer_status.set()
     await asyncio.sleep(0.05)
@@ -177,11 +181,11 @@ async def test_a_status_refresh_that_hangs_delays_no_request_holding_a_copy(
 
 async def test_a_first_status_that_never_comes_is_a_503_with_retry_after(
         repository: ModelRepository, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dataplane, "STATUS_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(catalog_module, "STATUS_TIMEOUT_S", 0.2)
     plane, remote = _hung_status_plane(repository, ttl_s=1.0)
     remote.answer_status.clear()
     results = await asyncio.wait_for(asyncio.gather(*(
-        plane.infer("nanok", None, _body(_rows(1, seed=4)), None) for _ in range(5)),
+        plane.inference.infer("nanok", None, _body(_rows(1, seed=4)), None) for _ in range(5)),
         return_exceptions=True), 5)
     for result in results:
         assert isinstance(result, DependencyUnavailable), result
@@ -189,7 +193,7 @@ async def test_a_first_status_that_never_comes_is_a_503_with_retry_after(
         assert "model 'nanok' did not answer a status call within 0.2 s" in result.message
     assert remote.status_calls == 1  # the five requests waited on one call
     remote.answer_status.set()
-    answer = await plane.infer("nanok", None, _body(_rows(1, seed=4)), None)
+    answer = await plane.inference.infer("nanok", None, _body(_rows(1, seed=4)), None)
     assert answer.version == "1"  # answered once the model answers again
 
 
@@ -228,12 +232,12 @@ async def test_a_timed_out_or_cancelled_request_fails_alone(
     plane = DataPlane(ModelPool(None, remote, max_in_flight=lambda: 1),
                       MutableIngressConfig(IngressConfig(request_timeout_s=5)))
     x = _rows(1, seed=4)
-    blocker = asyncio.create_task(plane.infer("linear", None, _body(x), None))
+    blocker = asyncio.create_task(plane.inference.infer("linear", None, _body(x), None))
     await asyncio.sleep(0.05)  # the others queue behind the first call and leave together
-    kept = asyncio.create_task(plane.infer("linear", None, _body(x), None))
-    cancelled = asyncio.create_task(plane.infer("linear", None, _body(x), None))
+    kept = asyncio.create_task(plane.inference.infer("linear", None, _body(x), None))
+    cancelled = asyncio.create_task(plane.inference.infer("linear", None, _body(x), None))
     timed_out = asyncio.create_task(asyncio.wait_for(
-        plane.infer("linear", None, _body(x), None), 0.35))
+        plane.inference.infer("linear", None, _body(x), None), 0.35))
     await asyncio.sleep(0.1)
     cancelled.cancel()
     with pytest.raises(TimeoutError):
@@ -252,11 +256,11 @@ async def test_ingress_models_swap_versions_live_and_pins_keep_working(
     x = _rows(2, seed=5)
     embedded.apply({"linear": OnnxModelConfig(version="2")})
     plane.catalog.forget()
-    answer = await plane.infer("linear", None, _body(x), None)
+    answer = await plane.inference.infer("linear", None, _body(x), None)
     assert answer.version == "2"
     np.testing.assert_allclose(_probabilities(answer.body), reference_probabilities(x, seed=1),
                                atol=ATOL)
-    pinned = await plane.infer("linear", "1", _body(x), None)
+    pinned = await plane.inference.infer("linear", "1", _body(x), None)
     assert pinned.version == "1"  # the replaced version stays loaded for pinned requests
     embedded.apply({"linear": OnnxModelConfig(version="2"), "nanok": OnnxModelConfig()})
     with pytest.raises(KeelError, match=r"\['typo'\] are not in the model repository"):
@@ -316,7 +320,7 @@ def _entities(n: int, offset: int = 0) -> list[dict[str, str]]:
 
 def _expected(demo: tuple[Path, FeatureFetcher], entities: list[dict[str, str]]) -> np.ndarray:
     models, fetcher = demo
-    from deployments.ingress.dataplane.plane import decision_input
+    from deployments.ingress.dataplane.decide import decision_input
 
     spec = ModelRepository(models).spec("risk_mlp")
     rows = fetcher.lookup(entities, list(decision_input(spec).columns or []))
@@ -331,21 +335,21 @@ async def test_decide_scores_entities_and_reuses_fresh_feature_rows(
     plane, features = _decide_plane(demo, staleness_s=60)
     items = _entities(4)
     body = json.dumps({"model": "risk_mlp", "entities": items}).encode()
-    first = json.loads((await plane.decide(body)).body)
+    first = json.loads((await plane.decisions.decide(body)).body)
     assert [r["entity"] for r in first["results"]] == items
     np.testing.assert_allclose([r["score"] for r in first["results"]], _expected(demo, items),
                                rtol=1e-5)
     assert features.calls == [1]
-    second = json.loads((await plane.decide(body)).body)
+    second = json.loads((await plane.decisions.decide(body)).body)
     assert features.calls == [1], "fresh rows must not go back to the store"
     assert [r["score"] for r in second["results"]] == [r["score"] for r in first["results"]]
     # Two held, two new: only the new ones are looked up, order kept.
     mixed = _entities(2) + _entities(2, offset=3)
-    third = json.loads((await plane.decide(json.dumps(
+    third = json.loads((await plane.decisions.decide(json.dumps(
         {"model": "risk_mlp", "entities": mixed}).encode())).body)
     np.testing.assert_allclose([r["score"] for r in third["results"]], _expected(demo, mixed),
                                rtol=1e-5)
-    assert plane.cache_state()["feature_rows"]["hits"] == 6
+    assert plane.admin.cache_state()["feature_rows"]["hits"] == 6
 
 
 async def test_a_sampled_decision_is_logged_with_its_entities_and_features(
@@ -370,7 +374,7 @@ async def test_a_sampled_decision_is_logged_with_its_entities_and_features(
                       cache=PredictionCache(remote, CacheConfig(
                           key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:")))
     items = _entities(3)
-    answer = json.loads((await plane.decide(json.dumps(
+    answer = json.loads((await plane.decisions.decide(json.dumps(
         {"model": "risk_mlp", "entities": items}).encode())).body)
     await plane.payloads.settled()
     with redis.Redis.from_url("redis://127.0.0.1:6379/0") as client:
@@ -402,14 +406,14 @@ async def test_the_drift_gauge_moves_when_the_load_shifts_a_feature(
     embedded.apply({})
     seen: dict[str, float] = {}
 
-    class Gauge:
+    class Gauge(ServingObserver):
         def feature_drift(self, model: str, version: str, feature: str, value: float) -> None:
             assert (model, version) == ("risk_mlp", "1")
             seen[feature] = value
 
     config = IngressConfig(payloads=PayloadLogConfig(rate=1.0, drift_window=400))
     plane = DataPlane(ModelPool(embedded, None), MutableIngressConfig(config),
-                      drift_observer=Gauge())
+                      observer=Gauge())
     x = training_matrix(generate(SMALL))[0].astype(np.float32)
     rng = np.random.default_rng(11)
 
@@ -419,7 +423,7 @@ async def test_the_drift_gauge_moves_when_the_load_shifts_a_feature(
             body = json.dumps({"inputs": [{"name": "features", "shape": list(block.shape),
                                            "datatype": "FP32",
                                            "data": block.reshape(-1).tolist()}]}).encode()
-            await plane.infer("risk_mlp", None, body, None)
+            await plane.inference.infer("risk_mlp", None, body, None)
 
     await load(x[rng.choice(len(x), 400)])
     assert sorted(seen) == sorted(FEATURE_REFS)
@@ -440,7 +444,7 @@ async def test_decide_with_staleness_zero_always_asks_the_store(
     plane, features = _decide_plane(demo, staleness_s=0)
     body = json.dumps({"model": "risk_mlp", "entities": _entities(2)}).encode()
     for _ in range(3):
-        await plane.decide(body)
+        await plane.decisions.decide(body)
     assert features.calls == [1, 1, 1] and len(plane.feature_rows) == 0
 
 
@@ -451,7 +455,8 @@ async def test_concurrent_decisions_share_one_lookup_and_an_unknown_entity_fails
             for i in range(6)]
     unknown = json.dumps({"model": "risk_mlp",
                           "entities": [{SYMBOL_KEY: "NOPE", ACCOUNT_KEY: ACCOUNTS[0]}]}).encode()
-    results = await asyncio.gather(*(plane.decide(b) for b in [*good[:3], unknown, *good[3:]]),
+    results = await asyncio.gather(*(plane.decisions.decide(b)
+                                     for b in [*good[:3], unknown, *good[3:]]),
                                    return_exceptions=True)
     assert isinstance(results[3], EntityNotFound) and "NOPE" in results[3].message
     assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
@@ -464,7 +469,7 @@ async def test_decide_bad_input_names_the_field(demo: tuple[Path, FeatureFetcher
                         (b'{"model": "risk_mlp", "entities": [1]}', "entities.0"),
                         (b"not json", "JSON")):
         with pytest.raises(InvalidInput, match=field):
-            await plane.decide(body)
+            await plane.decisions.decide(body)
     assert features.calls == []
 
 
@@ -504,12 +509,13 @@ async def test_auto_cache_steps_aside_for_a_model_in_the_ingress(
     plane = DataPlane(pool[0], MutableIngressConfig(config), cache=cache)
     answers = []
     for i in range(200):
-        answers.append(await plane.infer("linear", None, _body(_rows(1, seed=200 + i)), None))
+        answers.append(await plane.inference.infer("linear", None,
+                                                   _body(_rows(1, seed=200 + i)), None))
         if [a.cache for a in answers[-10:]] == ["off"] * 10:
             break
     assert answers[0].cache == "miss"  # costs unknown: measured once
     assert [a.cache for a in answers[-10:]] == ["off"] * 10, Counter(a.cache for a in answers)
-    state = plane.cache_state()["models"]["linear"]
+    state = plane.admin.cache_state()["models"]["linear"]
     assert state["in_use"] is False and state["compute_ms"] < state["lookup_ms"]
     await cache.settled()
     await cache.store.remote.client.aclose()  # type: ignore[union-attr]
@@ -533,7 +539,8 @@ async def test_a_split_sends_keys_to_versions_by_weight_and_each_answer_is_its_v
     plane = _split_plane(pool, {"1": 70, "2": 30})
     x = _rows(1, seed=40)
     references = {"1": reference_probabilities(x, seed=0), "2": reference_probabilities(x, seed=1)}
-    answers = await asyncio.gather(*(plane.infer("linear", None, _body(x), None, f"acct-{i}")
+    answers = await asyncio.gather(*(plane.inference.infer("linear", None, _body(x), None,
+                                                           f"acct-{i}")
                                      for i in range(1200)))
     counts = Counter(a.version for a in answers)
     assert 0.25 < counts["2"] / 1200 < 0.35, counts
@@ -542,10 +549,10 @@ async def test_a_split_sends_keys_to_versions_by_weight_and_each_answer_is_its_v
                                    atol=ATOL)
     # Sticky: a key keeps its version; a pinned version overrides the split.
     for i in range(20):
-        again = {(await plane.infer("linear", None, _body(x), None, f"acct-{i}")).version
+        again = {(await plane.inference.infer("linear", None, _body(x), None, f"acct-{i}")).version
                  for _ in range(3)}
         assert again == {answers[i].version}
-    pinned = await plane.infer("linear", "2", _body(x), None, "acct-0")
+    pinned = await plane.inference.infer("linear", "2", _body(x), None, "acct-0")
     assert pinned.version == "2"
     np.testing.assert_allclose(_probabilities(pinned.body), references["2"], atol=ATOL)
 
@@ -564,7 +571,7 @@ async def test_the_cache_keeps_each_versions_rows_apart(
     seeds = {"1": 0, "2": 1}
     key_for: dict[str, str] = {}
     for i in range(200):  # the same rows under keys that land on 1 and on 2
-        answer = await plane.infer("linear", None, _body(x), None, f"k{i}")
+        answer = await plane.inference.infer("linear", None, _body(x), None, f"k{i}")
         if answer.version in key_for:
             continue
         key_for[answer.version] = f"k{i}"
@@ -578,7 +585,7 @@ async def test_the_cache_keeps_each_versions_rows_apart(
             break
     assert sorted(key_for) == ["1", "2"]
     for version, key in key_for.items():
-        answer = await plane.infer("linear", None, _body(x), None, key)
+        answer = await plane.inference.infer("linear", None, _body(x), None, key)
         assert answer.version == version and answer.cache == "hit"
         np.testing.assert_allclose(_probabilities(answer.body),
                                    reference_probabilities(x, seed=seeds[version]), atol=ATOL)
@@ -596,12 +603,12 @@ async def test_a_version_unloaded_under_a_stale_split_is_answered_by_the_served_
     x = _rows(1, seed=42)
     assert (await plane.catalog.status("linear")).traffic == {"1": 50, "2": 50}
     embedded.apply({"linear": OnnxModelConfig(version="2")})  # 1 unloaded, split gone
-    answers = await asyncio.gather(*(plane.infer("linear", None, _body(x), None, f"a{i}")
+    answers = await asyncio.gather(*(plane.inference.infer("linear", None, _body(x), None, f"a{i}")
                                      for i in range(40)))
     assert {a.version for a in answers} == {"2"}
     assert (await plane.catalog.status("linear")).traffic == {}  # refreshed on the way
     with pytest.raises(ModelNotFound, match="'1'"):  # pinned by the client: its own error
-        await plane.infer("linear", "1", _body(x), None)
+        await plane.inference.infer("linear", "1", _body(x), None)
 
 
 async def test_decide_routes_each_entity_stickily_and_a_mixed_answer_says_so(
@@ -619,16 +626,16 @@ async def test_decide_routes_each_entity_stickily_and_a_mixed_answer_says_so(
                       features=InProcessFeatures(fetcher))
     items = _entities(12)
     body = json.dumps({"model": "risk_mlp", "entities": items}).encode()
-    first = json.loads((await plane.decide(body)).body)
+    first = json.loads((await plane.decisions.decide(body)).body)
     versions = [r["model_version"] for r in first["results"]]
     assert set(versions) == {"1", "2"} and first["model_version"] == "mixed"
     for i, item in enumerate(items):  # alone, each entity gets the version it got in a batch
-        alone = await plane.decide(json.dumps({"model": "risk_mlp",
+        alone = await plane.decisions.decide(json.dumps({"model": "risk_mlp",
                                                "entities": [item]}).encode())
         assert alone.version == versions[i]
-    keyed = await plane.decide(body, route_key="one-account")
+    keyed = await plane.decisions.decide(body, route_key="one-account")
     assert keyed.version in ("1", "2")  # one key for the whole request: one version
-    pinned = json.loads((await plane.decide(json.dumps(
+    pinned = json.loads((await plane.decisions.decide(json.dumps(
         {"model": "risk_mlp", "version": "2", "entities": items}).encode())).body)
     assert {r["model_version"] for r in pinned["results"]} == {"2"}
 
@@ -677,7 +684,7 @@ async def test_replicas_that_disagree_on_the_served_version_fail_no_request(
     references = {}
     for i in range(12):
         x = _rows(2, seed=60 + i)
-        answer = await plane.infer("linear", None, _body(x), None)
+        answer = await plane.inference.infer("linear", None, _body(x), None)
         references[answer.version] = True
         np.testing.assert_allclose(
             _probabilities(answer.body),
@@ -686,7 +693,7 @@ async def test_replicas_that_disagree_on_the_served_version_fail_no_request(
     assert set(references) <= {"1", "2"}
     with pytest.raises(ModelNotFound, match="serving '1'"):  # a client's pin is not rerouted
         for _ in range(3):
-            await plane.infer("linear", "2", _body(_rows(1, seed=1)), None)
+            await plane.inference.infer("linear", "2", _body(_rows(1, seed=1)), None)
     if cache is not None:
         await cache.settled()
         await cache.store.remote.client.aclose()  # type: ignore[union-attr]
@@ -707,7 +714,7 @@ async def test_decisions_fail_no_request_while_replicas_disagree_on_the_version(
     expected = _expected(demo, items)
     for i, item in enumerate(items):
         body = json.dumps({"model": "risk_mlp", "entities": [item]}).encode()
-        answer = json.loads((await plane.decide(body)).body)
+        answer = json.loads((await plane.decisions.decide(body)).body)
         assert answer["model_version"] in ("1", "2")
         assert answer["results"][0]["score"] == pytest.approx(float(expected[i]), abs=ATOL)
     assert replicas.calls["behind"] >= 8
@@ -727,9 +734,9 @@ async def test_decisions_are_mirrored_to_the_shadow_per_entity_row(
     plane = DataPlane(ModelPool(embedded, None), MutableIngressConfig(),
                       features=InProcessFeatures(demo[1]))
     body = json.dumps({"model": "risk_mlp", "entities": _entities(5)}).encode()
-    answer = await plane.decide(body)
+    answer = await plane.decisions.decide(body)
     assert answer.version == "1"
-    await plane.decide(json.dumps({"model": "risk_mlp", "version": "1",
+    await plane.decisions.decide(json.dumps({"model": "risk_mlp", "version": "1",
                                    "entities": _entities(3)}).encode())  # pinned: no copy
     await plane.shadow.settled()
     [comparison] = plane.shadow.state("risk_mlp")

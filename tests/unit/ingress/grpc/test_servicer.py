@@ -20,7 +20,8 @@ from deployments.cache.core import CacheConfig, PredictionCache, redis_store
 from deployments.contracts import InferCall, InferResult
 from deployments.errors import KeelError
 from deployments.ingress.auth import ApiKey, AuthConfig, hash_key
-from deployments.ingress.dataplane.plane import DataPlane, IngressConfig
+from deployments.ingress.dataplane.config import IngressConfig
+from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.grpc import protocol as pb
 from deployments.ingress.grpc.servicer import GRPC_CODES, GrpcOip, to_request
 from deployments.ingress.pool.placement import EmbeddedModels, ModelPool

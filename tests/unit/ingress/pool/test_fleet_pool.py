@@ -44,12 +44,12 @@ def plane(tmp_path: Path, fleet: InProcessFleet) -> DataPlane:
 
 async def test_members_answer_beside_other_models(plane: DataPlane) -> None:
     for i in range(3):
-        answer = await plane.infer(f"t{i}", None, _body(X), None)
+        answer = await plane.inference.infer(f"t{i}", None, _body(X), None)
         outputs = {o["name"]: o for o in json.loads(answer.body)["outputs"]}
         np.testing.assert_allclose(
             np.asarray(outputs["probabilities"]["data"]).reshape(3, 2),
             reference_probabilities(X, 20 + i), rtol=1e-5)
-    assert (await plane.infer("solo", None, _body(X), None)).version == "1"
+    assert (await plane.inference.infer("solo", None, _body(X), None)).version == "1"
     assert plane.models.placement("t1") == "fleet" and plane.models.fleet("t1") == "Tenants"
     assert plane.models.placement("solo") == "ingress" and plane.models.fleet("solo") is None
     metadata = await plane.model_metadata("t2", None)
@@ -60,7 +60,7 @@ async def test_a_member_dropped_in_later_joins_on_its_first_request(
         plane: DataPlane, fleet: InProcessFleet) -> None:
     assert "t9" not in plane.models.model_names()
     write_linear_model(fleet.directory, "t9", seed=29)
-    answer = await plane.infer("t9", None, _body(X), None)
+    answer = await plane.inference.infer("t9", None, _body(X), None)
     assert answer.version == "1"
     assert "t9" in plane.models.model_names()
 
@@ -68,17 +68,17 @@ async def test_a_member_dropped_in_later_joins_on_its_first_request(
 async def test_an_unknown_model_is_a_404_naming_it_and_the_fleets(
         plane: DataPlane, fleet: InProcessFleet) -> None:
     with pytest.raises(ModelNotFound) as raised:
-        await plane.infer("t77", None, _body(X), None)
+        await plane.inference.infer("t77", None, _body(X), None)
     message = raised.value.message
     assert "'t77' is not served here" in message
     assert "'solo'" in message and "fleet 'Tenants' (3 models)" in message
     # A directory without a complete version joins, then its status is the fleet's 404.
     (fleet.directory / "empty").mkdir()
     with pytest.raises(ModelNotFound, match="'empty' is not in fleet 'Tenants'"):
-        await plane.infer("empty", None, _body(X), None)
+        await plane.inference.infer("empty", None, _body(X), None)
     shutil.rmtree(fleet.directory / "t0")
     with pytest.raises(ModelNotFound, match="'t0' is not in fleet 'Tenants'"):
-        await plane.infer("t0", None, _body(X), None)
+        await plane.inference.infer("t0", None, _body(X), None)
 
 
 async def test_ready_probes_each_fleet_once_not_each_member(

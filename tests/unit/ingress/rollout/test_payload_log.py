@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from deployments.cache.core import CacheConfig, PredictionCache, RedisStore, redis_store
 from deployments.errors import ConfigError, parse_user_config
 from deployments.ingress.auth import ApiKey, AuthConfig, hash_key
-from deployments.ingress.dataplane.plane import DataPlane, IngressConfig
+from deployments.ingress.dataplane.config import IngressConfig
+from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
 from deployments.ingress.rest.app import create_app
 from deployments.ingress.rollout.payload_log import (
@@ -86,9 +87,9 @@ async def test_sampled_answers_land_in_the_stream_as_cloudevents(
     plane = _plane(repository, config, _cache(store))
     sent = [_rows(i + 1, seed=300 + i) for i in range(4)]
     for i, x in enumerate(sent):
-        answer = await plane.infer("linear", None, _body(x, id=f"req-{i}"), None)
+        answer = await plane.inference.infer("linear", None, _body(x, id=f"req-{i}"), None)
         assert answer.version == "1"
-    await plane.infer("linear", "1", _body(sent[0], id="pinned"), None)  # a hit, pinned
+    await plane.inference.infer("linear", "1", _body(sent[0], id="pinned"), None)  # a hit, pinned
     await plane.payloads.settled()
     events = _events(stream)
     assert [e["data"]["request_id"] for e in events] == ["req-0", "req-1", "req-2", "req-3",
@@ -116,7 +117,7 @@ async def test_rows_beyond_max_rows_are_counted_not_logged_and_nan_is_null(
     config = IngressConfig(payloads=PayloadLogConfig(rate=1.0, stream=stream, max_rows=3))
     plane = _plane(repository, config, _cache(store))
     x = _rows(8, seed=310)
-    await plane.infer("linear", None, _body(x), None)
+    await plane.inference.infer("linear", None, _body(x), None)
     await plane.payloads.settled()
     [event] = _events(stream)
     assert event["data"]["rows"] == 8 and event["data"]["rows_logged"] == 3
@@ -190,7 +191,7 @@ async def test_redis_stopped_mid_traffic_fails_no_request(repository: ModelRepos
     async def traffic(n: int, seed: int) -> None:
         for i in range(n):
             x = _rows(2, seed=seed + i)
-            answer = await plane.infer("linear", None, _body(x), None)
+            answer = await plane.inference.infer("linear", None, _body(x), None)
             body = json.loads(answer.body)
             [out] = [o for o in body["outputs"] if o["name"] == "probabilities"]
             np.testing.assert_allclose(np.asarray(out["data"]).reshape(2, 2),
@@ -217,7 +218,7 @@ async def test_no_redis_configured_counts_every_sampled_record(
         repository: ModelRepository) -> None:
     config = IngressConfig(payloads=PayloadLogConfig(rate=1.0))
     plane = _plane(repository, config, None)
-    await plane.infer("linear", None, _body(_rows(1, seed=7)), None)
+    await plane.inference.infer("linear", None, _body(_rows(1, seed=7)), None)
     assert plane.payloads.state()["dropped"]["no_redis"] == 1
     assert plane.payloads.state()["redis"] is False
 

@@ -15,7 +15,8 @@ import pytest
 from deployments.cache.core import CacheConfig, PredictionCache, redis_store
 from deployments.contracts import InferCall, InferResult, Shadow
 from deployments.errors import DependencyUnavailable, KeelError
-from deployments.ingress.dataplane.plane import DataPlane, IngressConfig
+from deployments.ingress.dataplane.config import IngressConfig
+from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
 from deployments.ingress.rollout.shadow import compare
 from deployments.onnx.core import OnnxModelConfig
@@ -87,13 +88,14 @@ async def test_every_unpinned_answer_is_mirrored_and_compared_exactly(
     embedded.apply({"linear": SHADOWED})
     plane = _plane(ModelPool(embedded, None))
     xs = [_rows(3, seed=100 + i) for i in range(40)]
-    answers = await asyncio.gather(*(plane.infer("linear", None, _body(x), None) for x in xs))
+    answers = await asyncio.gather(*(plane.inference.infer("linear", None, _body(x), None)
+                                     for x in xs))
     for x, answer in zip(xs, answers, strict=True):  # the client hears the live version only
         assert answer.version == "1"
         np.testing.assert_allclose(_probabilities(answer.body),
                                    reference_probabilities(x, seed=0), atol=ATOL)
     for x in xs[:5]:  # pinned by the client: not mirrored
-        await plane.infer("linear", "1", _body(x), None)
+        await plane.inference.infer("linear", "1", _body(x), None)
     await plane.shadow.settled()
     rows, flips, largest = _expected(xs)
     [comparison] = plane.shadow.state("linear")
@@ -103,7 +105,7 @@ async def test_every_unpinned_answer_is_mirrored_and_compared_exactly(
     assert comparison["flip_ratio"] == pytest.approx(flips / rows)
     assert comparison["max_abs_difference"] == pytest.approx(largest, abs=ATOL)
     assert comparison["dropped"] == {"queue_full": 0, "failed": 0}
-    rollouts = await plane.rollouts()
+    rollouts = await plane.admin.rollouts()
     assert rollouts["models"]["linear"]["shadow"] == {"version": "2", "fraction": 1.0}
     assert rollouts["models"]["linear"]["shares"] == {"1": 1.0}
     assert rollouts["models"]["linear"]["loaded_versions"] == ["1", "2"]
@@ -116,7 +118,7 @@ async def test_a_fraction_mirrors_about_that_share(repository: ModelRepository) 
     plane = _plane(ModelPool(embedded, None))
     x = _rows(1, seed=7)
     for _ in range(800):
-        await plane.infer("linear", None, _body(x), None)
+        await plane.inference.infer("linear", None, _body(x), None)
     await plane.shadow.settled()
     [comparison] = plane.shadow.state("linear")
     assert 140 < comparison["requests_compared"] < 260, comparison
@@ -129,7 +131,7 @@ async def test_a_slow_shadow_never_holds_a_live_answer_and_a_full_queue_drops_co
     xs = [_rows(2, seed=200 + i) for i in range(20)]
     answers = []
     for x in xs:  # every answer comes back while the shadow has not answered once
-        answers.append(await plane.infer("linear", None, _body(x), None))
+        answers.append(await plane.inference.infer("linear", None, _body(x), None))
     assert [a.version for a in answers] == ["1"] * 20
     for x, answer in zip(xs, answers, strict=True):
         np.testing.assert_allclose(_probabilities(answer.body),
@@ -151,7 +153,8 @@ async def test_a_failing_shadow_fails_no_request_and_is_counted(
     backend.gate.set()
     plane = _plane(ModelPool(None, backend))
     xs = [_rows(1, seed=300 + i) for i in range(12)]
-    answers = await asyncio.gather(*(plane.infer("linear", None, _body(x), None) for x in xs))
+    answers = await asyncio.gather(*(plane.inference.infer("linear", None, _body(x), None)
+                                     for x in xs))
     assert {a.version for a in answers} == {"1"}
     await plane.shadow.settled()
     [comparison] = plane.shadow.state("linear")
@@ -168,15 +171,15 @@ async def test_a_shadow_answer_is_never_cached(repository: ModelRepository) -> N
     embedded.apply({"linear": SHADOWED})
     plane = _plane(ModelPool(embedded, None), cache=cache)
     x = _rows(4, seed=400)
-    first = await plane.infer("linear", None, _body(x), None)
+    first = await plane.inference.infer("linear", None, _body(x), None)
     assert first.cache == "miss"
     await plane.shadow.settled()
     await cache.settled()
-    again = await plane.infer("linear", None, _body(x), None)
+    again = await plane.inference.infer("linear", None, _body(x), None)
     assert again.version == "1" and again.cache == "hit"
     np.testing.assert_allclose(_probabilities(again.body), reference_probabilities(x, seed=0),
                                atol=ATOL)
-    pinned = await plane.infer("linear", "2", _body(x), None)
+    pinned = await plane.inference.infer("linear", "2", _body(x), None)
     assert pinned.cache == "miss"
     np.testing.assert_allclose(_probabilities(pinned.body), reference_probabilities(x, seed=1),
                                atol=ATOL)
