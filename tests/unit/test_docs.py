@@ -74,6 +74,18 @@ def test_layout_path_exists(path: str) -> None:
         assert target.exists(), f"docs/architecture.md, Layout: {path} does not exist"
 
 
+def test_every_package_has_a_layout_line() -> None:
+    """Every package directory under deployments/ and graph/ (a room, or a room's
+    sub-package) has its own line in the Layout: a new room without one fails here."""
+    listed = set(layout_paths())
+    packages = sorted(f"{init.parent.relative_to(ROOT).as_posix()}/"
+                      for top in ("deployments", "graph")
+                      for init in (ROOT / top).rglob("__init__.py"))
+    assert packages, "no package found under deployments/ and graph/"
+    missing = [package for package in packages if package not in listed]
+    assert not missing, f"docs/architecture.md, Layout: no line for {missing}"
+
+
 # --- (b) configuration -------------------------------------------------------------------
 
 
