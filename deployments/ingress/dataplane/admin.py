@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.background import AfterAnswer
@@ -25,21 +26,18 @@ class SloSource(Protocol):
     async def report(self) -> SloReport: ...
 
 
+@dataclass
 class AdminViews:
     """``/v1/cache``, ``/v1/rollouts`` and ``/v1/slo``: what this replica holds and sees."""
 
-    def __init__(self, config: Callable[[], IngressConfig], models: ModelPool,
-                 catalog: ModelCatalog, cache: PredictionCache | None,
-                 after_answer: AfterAnswer, feature_rows: FeatureRowCache,
-                 shadow: ShadowMirror, slo: SloSource | None) -> None:
-        self.config = config
-        self.models = models
-        self.catalog = catalog
-        self.cache = cache
-        self.after_answer = after_answer
-        self.feature_rows = feature_rows
-        self.shadow = shadow
-        self.slo = slo
+    config: Callable[[], IngressConfig]
+    models: ModelPool
+    catalog: ModelCatalog
+    cache: PredictionCache | None
+    after_answer: AfterAnswer
+    feature_rows: FeatureRowCache
+    shadow: ShadowMirror
+    slo: SloSource | None
 
     def cache_state(self) -> dict[str, Any]:
         cache = self.cache

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,24 +59,27 @@ class DecideAnswer:
 MIXED = "mixed"
 
 
+@dataclass
 class Decisions:
     """``/v1/decide``: entities in, one scored and thresholded row per entity out."""
 
-    def __init__(self, config: Callable[[], IngressConfig], catalog: ModelCatalog,
-                 predictor: Predictor, inference: Inference, feature_rows: FeatureRowCache,
-                 features: FeatureBackend | None, observer: ServingObserver) -> None:
-        self.config = config
-        self.catalog = catalog
-        self.predictor = predictor
-        self.inference = inference
-        self.feature_rows = feature_rows
-        self.features = features
-        self.observer = observer
-        self._lookups: Coalescer[tuple[Lookup, dict[str, str] | None], FeatureRows] | None = None
-        if features is not None:
+    config: Callable[[], IngressConfig]
+    catalog: ModelCatalog
+    predictor: Predictor
+    inference: Inference
+    feature_rows: FeatureRowCache
+    features: FeatureBackend | None
+    observer: ServingObserver
+    #: The FeatureService's lookups of concurrent requests, coalesced.
+    _lookups: Coalescer[tuple[Lookup, dict[str, str] | None], FeatureRows] | None = field(
+        init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.features is not None:
+            config = self.config()
             self._lookups = Coalescer(self._lookup_batch,
-                                      max_batch_size=config().max_batch_size,
-                                      max_in_flight=config().calls_in_flight)
+                                      max_batch_size=config.max_batch_size,
+                                      max_in_flight=config.calls_in_flight)
 
     def reconfigured(self) -> None:
         config = self.config()

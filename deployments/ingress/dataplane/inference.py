@@ -36,18 +36,16 @@ class InferAnswer:
     version: str
 
 
+@dataclass
 class Inference:
     """``infer`` (a body) and ``predict`` (a parsed request, any transport's)."""
 
-    def __init__(self, config: Callable[[], IngressConfig], catalog: ModelCatalog,
-                 predictor: Predictor, shadow: ShadowMirror, payloads: PayloadLog,
-                 drift: DriftMonitor) -> None:
-        self.config = config
-        self.catalog = catalog
-        self.predictor = predictor
-        self.shadow = shadow
-        self.payloads = payloads
-        self.drift = drift
+    config: Callable[[], IngressConfig]
+    catalog: ModelCatalog
+    predictor: Predictor
+    shadow: ShadowMirror
+    payloads: PayloadLog
+    drift: DriftMonitor
 
     async def infer(self, name: str, version: str | None, body: bytes,
                     json_length: int | None, route_key: str | None = None) -> InferAnswer:

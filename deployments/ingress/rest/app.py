@@ -8,13 +8,11 @@ API-key check. ``deployment.py`` gives it Ray handles; tests give it models in p
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
-from deployments.background import AfterAnswer
-from deployments.cache.core import PredictionCache
 from deployments.contracts import InferenceRequest
 from deployments.ingress.auth import (
     API_KEY_SCOPE_KEY,
@@ -25,9 +23,7 @@ from deployments.ingress.auth import (
     authorize,
     current_caller,
 )
-from deployments.ingress.dataplane.admin import SloSource
 from deployments.ingress.dataplane.config import IngressConfig, server_version
-from deployments.ingress.dataplane.decide import FeatureBackend
 from deployments.ingress.dataplane.plane import DataPlane
 from deployments.ingress.pool.placement import ModelBackend, ModelPool
 from deployments.ingress.rest import openapi
@@ -45,19 +41,14 @@ __all__ = ["IngressConfig", "build_plane", "create_app", "create_rest_app"]
 
 
 def build_plane(models: ModelPool | ModelBackend, config: Callable[[], IngressConfig], *,
-                cache: PredictionCache | None = None,
-                features: FeatureBackend | None = None,
-                observer: ServingObserver | None = None,
-                slo: SloSource | None = None,
-                after_answer: AfterAnswer | None = None,
-                warm_up: Callable[[], Coroutine[Any, Any, None]] | None = None) -> DataPlane:
+                observer: ServingObserver | None = None, **options: Any) -> DataPlane:
     """The data plane over ``models`` (a ``ModelPool``, or one backend all its models are
-    reached through); ``observer`` hears everything it serves."""
+    reached through); ``observer`` hears everything it serves; ``options`` are the
+    ``DataPlane``'s (cache, features, slo, after_answer, warm_up)."""
     pool = models if isinstance(models, ModelPool) else ModelPool(
         None, models, max_batch_size=lambda _: config().max_batch_size,
         max_in_flight=lambda: config().calls_in_flight, observer=observer)
-    return DataPlane(pool, config, cache=cache, features=features, slo=slo,
-                     observer=observer, after_answer=after_answer, warm_up=warm_up)
+    return DataPlane(pool, config, observer=observer, **options)
 
 
 def create_rest_app(plane: DataPlane, *, observer: RequestObserver | None = None,
@@ -113,13 +104,8 @@ def _key_check(auth: AuthConfig) -> Callable[[Request], Awaitable[None]]:
 
 
 def create_app(models: ModelPool | ModelBackend, config: Callable[[], IngressConfig], *,
-               cache: PredictionCache | None = None,
-               features: FeatureBackend | None = None,
-               observer: ServingObserver | None = None,
-               slo: SloSource | None = None,
-               llm: LLMBackend | None = None,
-               auth: AuthConfig | None = None) -> FastAPI:
+               observer: ServingObserver | None = None, llm: LLMBackend | None = None,
+               auth: AuthConfig | None = None, **options: Any) -> FastAPI:
     """``build_plane`` + ``create_rest_app`` in one call (tests, the single-process bench)."""
-    plane = build_plane(models, config, cache=cache, features=features, observer=observer,
-                        slo=slo)
+    plane = build_plane(models, config, observer=observer, **options)
     return create_rest_app(plane, observer=observer, llm=llm, auth=auth)
