@@ -33,6 +33,8 @@ class _Cached:
 #: status call that went to a hung replica must not hold requests for the replica's whole
 #: removal (~45 s). Past it: 503 with Retry-After, or the copy already held.
 STATUS_TIMEOUT_S = 5.0
+#: How long requests wait for a refresh of a copy past its TTL before they use the copy.
+STALE_WAIT_S = 0.25
 
 
 @dataclass
@@ -40,18 +42,23 @@ class ModelCatalog:
     """The ingress's short-lived copy of each model's status.
 
     Validation needs the served version's spec on every request; asking the model
-    deployment each time would add a hop, so the answer is kept for ``status_ttl_s``. An
-    older copy is still used while ONE refresh runs in the background (a request never
-    waits for a refresh when a copy is held: a refresh that went to a hung replica then
-    delays nobody). A request waits only for a model's first status, or for a fresh one
-    (``fresh=True``: a result named a version the copy does not have), at most
-    ``STATUS_TIMEOUT_S``. A copy is dropped early when a result reports a new version.
+    deployment each time would add a hop, so the answer is kept for ``status_ttl_s``.
+    Past it, ONE refresh runs for all the requests that need the model, and they wait
+    for it, but only while it is young: once it has run ``STALE_WAIT_S`` without an
+    answer (it went to a hung replica), the older copy is used instead, at once, until
+    the refresh answers. So a copy is never used past its TTL while the model answers
+    its status calls (a split or version changed by a deploy applies within the TTL),
+    and a hung replica delays requests by ``STALE_WAIT_S`` at most. A request waits
+    longer only for a model's first status, or for a fresh one (``fresh=True``: a
+    result named a version the copy does not have), at most ``STATUS_TIMEOUT_S``. A
+    copy is dropped early when a result reports a new version.
     """
 
     backend: ModelPool
     config: Callable[[], IngressConfig]
     _cache: dict[str, _Cached] = field(default_factory=dict)
     _refreshing: dict[str, asyncio.Task[ModelStatus]] = field(default_factory=dict)
+    _refresh_began: dict[str, float] = field(default_factory=dict)
 
     def require(self, name: str) -> None:
         """404 for a model this ingress does not serve (before any body is read)."""
@@ -63,9 +70,17 @@ class ModelCatalog:
         self.require(name)
         cached = self._cache.get(name)
         if cached is not None and not fresh:
-            if time.monotonic() - cached.fetched >= self.config().status_ttl_s:
-                self._refresh(name)  # in the background; this request keeps the copy held
-            return cached.status
+            now = time.monotonic()
+            if now - cached.fetched < self.config().status_ttl_s:
+                return cached.status
+            task = self._refresh(name)
+            patience = self._refresh_began[name] + STALE_WAIT_S - now
+            if patience <= 0:  # the refresh is slow: the held copy, until it answers
+                return cached.status
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), patience)
+            except (TimeoutError, KeelError):
+                return cached.status  # the refresh goes on in the background
         if fresh:  # its own call: one already running may have started before the change
             return await self._fetch(name)
         # Shared by every request waiting for this model's first status; shielded, so a
@@ -78,6 +93,7 @@ class ModelCatalog:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fetch(name))
             self._refreshing[name] = task
+            self._refresh_began[name] = time.monotonic()
             task.add_done_callback(lambda done: self._refreshed(name, done))
         return task
 
