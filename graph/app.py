@@ -110,14 +110,50 @@ def resolve_feature_store(args: AppArgs) -> tuple[Path, Path] | None:
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    """Bind the ingress, one ``OnnxModel`` deployment per model not placed in it, and one
-    ``FleetModel`` deployment per fleet."""
+    """The application, bound by keyword: the Ingress and what it holds: one
+    ``OnnxModel`` deployment per model not placed in it, one ``FleetModel`` deployment per
+    fleet, the ``FeatureService`` (unless turned off), the ``SloMonitor`` and the
+    ``LLMGateway`` (unless turned off)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     root = resolve_repository(RepositorySettings().model_repository or parsed.model_repository)
+    names, available = served_models(parsed, root)
+    embedded = [n for n in names if parsed.placement.get(n) == "ingress"]
+    fleet_dirs = fleet_directories(parsed, root, available)
+    store = resolve_feature_store(parsed)
+    ingress_args = IngressArgs(repository=str(root), embedded=embedded,
+                               fleet_directories={name: str(path)
+                                                  for name, path in fleet_dirs.items()})
+    # user_config={} makes Serve call reconfigure(), which checks each deployment's knobs.
+    return _deployment(Ingress).options(user_config={}).bind(
+        args=ingress_args.model_dump(),
+        models={name: _deployment(OnnxModel).options(
+                    name=name, user_config={}, request_router_config=stall_aware()
+                ).bind(name, str(root))
+                for name in names if name not in embedded},
+        fleets={name: _deployment(FleetModel).options(
+                    name=name, user_config={}, request_router_config=stall_aware()
+                ).bind(name, str(fleet_dirs[name]), fleet.max_models_per_replica)
+                for name, fleet in parsed.fleets.items()},
+        features=None if store is None else _deployment(FeatureService).options(
+            user_config={}, request_router_config=stall_aware()
+        ).bind(str(store[0]), str(store[1])),
+        slo_monitor=_deployment(SloMonitor).options(user_config={}).bind(),
+        llm=_deployment(LLMGateway).options(user_config={}).bind() if parsed.llm else None)
+
+
+def _deployment(cls: Any) -> Deployment:
+    """``@serve.deployment`` returns a Deployment; Ray's stubs type it as the class."""
+    return cast(Deployment, cls)
+
+
+def served_models(args: AppArgs, root: Path) -> tuple[list[str], list[str]]:
+    """The models to serve (``args.models``, or every model of the repository) and every
+    model the repository holds; refuses a missing model, a broken model.yaml (naming the
+    file) and a placement for a model the repository lacks."""
     repository = ModelRepository(root)
     available = repository.model_names()
-    names = parsed.models or available
-    if not names and not parsed.fleets:
+    names = args.models or available
+    if not names and not args.fleets:
         raise ConfigError(f"model repository {str(root)!r} holds no model; "
                           f"run `keel prepare` to build the demo models")
     missing = [n for n in names if n not in available]
@@ -126,39 +162,11 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
                           f"(it has {available})")
     for name in names:
         repository.spec(name)  # a broken model.yaml fails the deploy, naming the file
-    stray = sorted(set(parsed.placement) - set(available))
+    stray = sorted(set(args.placement) - set(available))
     if stray:
         raise ConfigError(f"args.placement: {stray} are not in the repository {str(root)!r} "
                           f"(it has {available})")
-    fleet_dirs = fleet_directories(parsed, root, available)
-    embedded = [n for n in names if parsed.placement.get(n) == "ingress"]
-    # @serve.deployment returns a Deployment; Ray's stubs type it as the class.
-    model_deployment, ingress = cast(Deployment, OnnxModel), cast(Deployment, Ingress)
-    models = {
-        # user_config={} makes Serve call reconfigure(), which checks the batch limits.
-        name: model_deployment.options(name=name, user_config={},
-                                       request_router_config=stall_aware()
-                                       ).bind(name, str(root))
-        for name in names if name not in embedded
-    }
-    store = resolve_feature_store(parsed)
-    features = None if store is None else cast(Deployment, FeatureService).options(
-        user_config={}, request_router_config=stall_aware()).bind(str(store[0]), str(store[1]))
-    slo_monitor = cast(Deployment, SloMonitor).options(user_config={}).bind()
-    llm = cast(Deployment, LLMGateway).options(user_config={}).bind() if parsed.llm else None
-    fleet_deployment = cast(Deployment, FleetModel)
-    fleets = {
-        name: fleet_deployment.options(name=name, user_config={},
-                                       request_router_config=stall_aware()).bind(
-            name, str(fleet_dirs[name]), fleet.max_models_per_replica)
-        for name, fleet in parsed.fleets.items()
-    }
-    ingress_args = IngressArgs(repository=str(root), embedded=embedded,
-                               fleet_directories={name: str(path)
-                                                  for name, path in fleet_dirs.items()})
-    return ingress.options(user_config={}).bind(
-        args=ingress_args.model_dump(), models=models, fleets=fleets, features=features,
-        slo_monitor=slo_monitor, llm=llm)
+    return names, available
 
 
 def fleet_directories(args: AppArgs, root: Path, models: list[str]) -> dict[str, Path]:
