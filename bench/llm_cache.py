@@ -35,10 +35,10 @@ from bench.harness.http_load import zipf_indices
 from bench.harness.progress import Progress, log
 from bench.harness.report import RESULTS_DIR, pyplot, rel, save_figure
 from bench.harness.statistics import median_or_none, percentiles
-from deployments.cache.core import redis_store
 from deployments.llm.chat import ChatCall
 from deployments.llm.config import LLMGatewayConfig
 from deployments.llm.gateway import ChatGateway
+from deployments.storage.remote import redis_store
 from graph.demo.llm_upstream import FakeUpstream
 
 PRICE = {"input_per_1k": 0.00015, "output_per_1k": 0.0006}  # a small hosted model's list price

@@ -139,8 +139,8 @@ def _payloads(args: argparse.Namespace) -> int:
     ``--follow`` then waits for more."""
     import redis
 
-    from deployments.cache.core import redacted
     from deployments.settings import RedisSettings
+    from deployments.storage.remote import redacted
 
     settings = RedisSettings()
     url = args.redis_url or settings.url

@@ -107,6 +107,7 @@ def check_serve_config(path: Path) -> list[str]:
         except KeelError:
             repository = None  # not on this machine (an image's path): versions unchecked
         problems += fleet_problems(args, repository, where)
+        problems += queue_problems(app.deployments, where)
         for d, dep in enumerate(app.deployments):
             dep_where = f"{where}.deployments[{d}] ({dep.name})"
             fields: dict[str, Any] = dep.model_dump(exclude_unset=True)
@@ -147,6 +148,35 @@ def check_serve_config(path: Path) -> list[str]:
                     config.check_max_ongoing_requests(limit)
                 except KeelError as exc:
                     problems.append(f"{dep_where}: {exc.message}")
+    return problems
+
+
+def queue_problems(deployments: list[Any], where: str) -> list[str]:
+    """A deployment the Ingress calls through coalesced handles (a model, a fleet, the
+    FeatureService) must let ``max_queued_requests`` hold the Ingress's
+    ``calls_in_flight``: Ray's router counts a call as queued until a replica takes it,
+    so when calls arrive together it turns the ones past that limit away (503) while the
+    replicas still have free slots (ray serve/_private/router.py says so). Each call
+    carries up to ``max_batch_size`` requests."""
+    ingress = next((d for d in deployments if d.name == "Ingress"), None)
+    try:
+        config = IngressConfig.model_validate(
+            (ingress.model_dump(exclude_unset=True).get("user_config") if ingress else None)
+            or {})
+    except ValidationError:
+        return []  # reported with the Ingress's other fields
+    problems: list[str] = []
+    for d, dep in enumerate(deployments):
+        if dep.name in USER_CONFIGS and dep.name != "FeatureService":
+            continue
+        queued = dep.model_dump(exclude_unset=True).get("max_queued_requests", -1)
+        if queued != -1 and queued < config.calls_in_flight:
+            problems.append(
+                f"{where}.deployments[{d}] ({dep.name}).max_queued_requests: {queued} is "
+                f"below the Ingress's user_config.calls_in_flight ({config.calls_in_flight}): "
+                f"Ray counts a call as queued until a replica takes it, so calls sent together "
+                f"would be turned away (503) while its replicas have free slots; set it to at "
+                f"least {config.calls_in_flight}, or leave it unset")
     return problems
 
 

@@ -30,7 +30,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from bench.harness.report import REPO_ROOT
-from deployments.cache.core import CacheConfig, PredictionCache, redis_store_from_env
+from deployments.cache.core import PredictionCache
+from deployments.cache.policy import CacheConfig
 from deployments.errors import KeelError
 from deployments.features.core import FeatureFetcher, FeatureRows
 from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
@@ -38,6 +39,7 @@ from deployments.ingress.rest.app import IngressConfig
 from deployments.ingress.rest.app import create_app as create_ingress_app
 from deployments.onnx.core import OnnxModelConfig, RuntimeOptions
 from deployments.repository import ModelRepository
+from deployments.storage.remote import redis_store_from_env
 
 
 class LocalFeatures:

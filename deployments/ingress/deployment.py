@@ -23,12 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.cache.core import (
-    CacheConfig,
-    PredictionCache,
-    redacted,
-    redis_store_from_env,
-)
+from deployments.background import AfterAnswer
+from deployments.cache.core import PredictionCache
+from deployments.cache.policy import CacheConfig
 from deployments.errors import parse_user_config
 from deployments.ingress.auth import announce, load_auth
 from deployments.ingress.dataplane.config import IngressConfig
@@ -51,6 +48,7 @@ from deployments.observability.replica import (
 from deployments.observability.slo import SloObserver
 from deployments.repository import ModelRepository
 from deployments.settings import RedisSettings
+from deployments.storage.remote import RedisStore, redacted, redis_store_from_env
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +67,20 @@ class IngressArgs(BaseModel):
     fleet_directories: dict[str, str] = Field(default_factory=dict)
 
 
-def build_cache(config: CacheConfig, slo: SloObserver) -> PredictionCache:
-    """The prediction cache over the Redis named by the environment (``KEEL_REDIS_*``)."""
+def build_redis() -> RedisStore | None:
+    """The process's Redis, as the environment names it (``KEEL_REDIS_*``): the
+    prediction cache's and the payload log's; ``None`` when ``KEEL_REDIS_URL`` is empty."""
     settings = RedisSettings()
-    cache = PredictionCache(redis_store_from_env(settings), config)
+    log.info("Redis: %s", redacted(settings.url) if settings.url else
+             "none (KEEL_REDIS_URL is empty): the prediction cache is in-process only")
+    return redis_store_from_env(settings)
+
+
+def build_cache(config: CacheConfig, slo: SloObserver, redis: RedisStore | None,
+                after_answer: AfterAnswer) -> PredictionCache:
+    """The prediction cache over ``redis``, writing back through ``after_answer``."""
+    cache = PredictionCache(redis, config, background=after_answer)
     cache.observer = CacheMetrics(cache, slo)
-    log.info("prediction cache: %s", redacted(settings.url) if settings.url else
-             "in-process only (KEEL_REDIS_URL is empty)")
     return cache
 
 
@@ -118,7 +123,11 @@ class Ingress:
         self._pusher = (SloPusher(slo_monitor, lambda: self._config.slo_push_interval_s)
                         if slo_monitor is not None else None)
         self._metrics = IngressMetrics(self._pusher, lambda: self._config.metrics)
-        self._cache = build_cache(self._config.cache, self._metrics)
+        # One Redis and one after-the-answer queue for the whole replica.
+        self._redis = build_redis()
+        self._after_answer = AfterAnswer()
+        self._cache = build_cache(self._config.cache, self._metrics, self._redis,
+                                  self._after_answer)
         self._features = HandleFeatures(features) if features is not None else None
         self._handles = HandleModels(models, self._retry_after_s) if models else None
         self._fleets = [FleetHandles(name, handle, parsed.fleet_directories[name],
@@ -130,7 +139,9 @@ class Ingress:
                          observer=self._metrics)
         self._plane: DataPlane = build_plane(pool, lambda: self._config, cache=self._cache,
                                              features=self._features, observer=self._metrics,
-                                             slo=self._pusher, warm_up=self._warm_up)
+                                             slo=self._pusher, warm_up=self._warm_up,
+                                             redis=self._redis,
+                                             after_answer=self._after_answer)
         self._llm = HandleLLM(llm) if llm is not None else None
         self._grpc = GrpcOip(self._plane, lambda: self._auth, self._metrics)
         # Serve builds replicas inside their event loop: warm every hop there, in the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.cache.core import HashName
+from deployments.storage.hashing import HashName
 
 
 class ModelPrice(BaseModel):

@@ -8,7 +8,6 @@ from typing import Any
 
 from ray import serve
 
-from deployments.cache.core import redacted, redis_store_from_env
 from deployments.errors import parse_user_config
 from deployments.llm.chat import CacheResult, ChatAnswer, ChatCall
 from deployments.llm.config import LLMGatewayConfig
@@ -16,6 +15,7 @@ from deployments.llm.gateway import ChatGateway
 from deployments.observability import catalog
 from deployments.observability.ray_metrics import make
 from deployments.settings import RedisSettings
+from deployments.storage.remote import redacted, redis_store_from_env
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from deployments.cache.core import ByteCache, RemoteStore
 from deployments.errors import InvalidInput, KeelError, ModelNotFound
 from deployments.llm.chat import (
     SSE_DONE,
@@ -35,6 +34,8 @@ from deployments.llm.config import LLMGatewayConfig, ModelPrice
 from deployments.llm.ledger import UsageLedger, token_counts
 from deployments.llm.prompt_cache import EntryKind, decode_entry, encode_entry, prompt_key
 from deployments.llm.upstream import Upstream
+from deployments.storage.remote import RemoteStore
+from deployments.storage.tiered import ByteCache
 
 
 class LLMObserver(Protocol):

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from deployments.cache.core import ByteCache, RedisCommand
+from deployments.storage.remote import RedisCommand
+from deployments.storage.tiered import ByteCache
 
 
 def token_counts(usage: dict[str, Any] | None) -> tuple[int, int]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from deployments.cache.core import HashName, hasher
 from deployments.llm.chat import ChatRequest
+from deployments.storage.hashing import HashName, hasher
 
 #: What a prompt cache entry holds: a whole answer, or a stream's chunks.
 EntryKind = Literal["completion", "stream"]

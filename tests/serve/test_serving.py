@@ -318,37 +318,47 @@ def test_model_errors_cross_the_handle_as_keel_errors(keel_app: KeelApp) -> None
 
 
 def test_overload_is_503_with_retry_after_and_loses_nothing_else(keel_app: KeelApp) -> None:
+    """A model deployment's back-pressure (Ray's BackPressureError) reaches the client as
+    Keel's 503 with Retry-After, and every request that got in is answered.
+
+    Reaching it takes a configuration `keel check-config` refuses: one handle call per
+    request, 64 at once, against max_queued_requests 2. Ray's router counts a call as
+    queued until a replica takes it, so of calls sent together it turns away all but a
+    few *while the replica still has free slots* (it has 64): how many get in depends on
+    how the arrivals interleave with the router's assignment. (This test once asserted
+    that at least 8 got in and failed at random with 6: that count is Ray's race, not a
+    property of Keel.) What Keel guarantees, and what is asserted: each request is
+    answered 200 or turned away with 503 + Retry-After before reaching the model, the
+    first call always gets in, and the model computed exactly the rows answered 200 that
+    the prediction cache did not answer."""
     config = keel_app.modified()
     original = dict(keel_app.deployment("Ingress")["user_config"])
-    # One request per handle call, all at once (no coalescing in the ingress), so that the
-    # model deployment itself overflows and its back-pressure must reach the client.
     ingress = keel_app.deployment("Ingress", config)["user_config"]
     ingress.update(max_batch_size=1, calls_in_flight=64)
     dep = keel_app.deployment("linear", config)
     dep["max_queued_requests"] = 2
-    # A long batch wait keeps the replica's 16 slots busy, so the queue overflows.
-    dep["user_config"] = {**dep["user_config"], "batch_wait_timeout_s": 0.5}
     keel_app.deploy(config)
     try:
+        before = stats("linear")["batch_sizes"]
         answers = _load(keel_app.base_url, "/v2/models/linear/infer",
-                        rows(48, seed=109, width=4), n=48,
-                        workers=48)
+                        rows(48, seed=109, width=4), n=48, workers=48)
+        after = stats("linear")["batch_sizes"]
     finally:
         restore = keel_app.modified()
         keel_app.deployment("Ingress", restore)["user_config"] = original
         keel_app.deployment("linear", restore).pop("max_queued_requests")
-        keel_app.deployment("linear", restore)["user_config"]["batch_wait_timeout_s"] = 0.005
         keel_app.deploy(restore)
     statuses = [a.status_code for a in answers]
     assert set(statuses) <= {200, 503}, statuses
     overloaded = [a for a in answers if a.status_code == 503]
-    assert overloaded, "48 concurrent requests against 16 slots + 2 queued must overflow"
+    assert overloaded, "48 calls at once against max_queued_requests 2 must be turned away"
     assert all(a.headers.get("retry-after") == "1" for a in overloaded)
-    assert all("overloaded" in a.json()["error"] for a in overloaded)
-    # Overload turns away the excess, not the requests that found room: at least half of
-    # the first wave's 16 slots are answered. (The exact count follows how 48 client
-    # threads' arrivals interleave with the batches on 2 busy cores: 15 once in CI.)
-    assert statuses.count(200) >= 8
+    assert all("model 'linear' is overloaded" in a.json()["error"] for a in overloaded)
+    assert statuses.count(200) >= 1  # the first call finds the router's queue empty
+    # Rows the replica computed: exactly the 200s the prediction cache did not answer.
+    computed = sum(int(size) * (count - before.get(size, 0)) for size, count in after.items())
+    uncached = [a for a in answers if a.status_code == 200 and a.headers["x-keel-cache"] != "hit"]
+    assert computed == len(uncached), (computed, len(uncached), statuses.count(200))
     for answer in answers:
         if answer.status_code == 200:
             assert answer.json()["model_name"] == "linear"

@@ -7,7 +7,7 @@ from importlib.metadata import version as package_version
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.cache.core import CacheConfig
+from deployments.cache.policy import CacheConfig
 from deployments.features.rowcache import FeatureCacheConfig
 from deployments.ingress.rollout.payload_log import PayloadLogConfig
 from deployments.onnx.core import OnnxModelConfig

@@ -43,6 +43,7 @@ from deployments.ingress.rollout.drift import DriftMonitor
 from deployments.ingress.rollout.payload_log import PayloadLog
 from deployments.ingress.rollout.shadow import ShadowMirror
 from deployments.observability.events import ServingObserver
+from deployments.storage.remote import RemoteStore
 
 
 class DataPlane:
@@ -54,6 +55,7 @@ class DataPlane:
                  slo: SloSource | None = None,
                  observer: ServingObserver | None = None,
                  after_answer: AfterAnswer | None = None,
+                 redis: RemoteStore | None = None,
                  warm_up: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         self.models = models
         self.config = config
@@ -71,8 +73,8 @@ class DataPlane:
                                    batch_size=lambda: config().max_batch_size,
                                    timeout_s=lambda: config().request_timeout_s,
                                    observer=observer, queue=self.after_answer)
-        # The payload log writes to the prediction cache's Redis (none: records dropped).
-        self.payloads = PayloadLog(cache.remote if cache is not None else None,
+        # The payload log appends to the process's Redis (none: records dropped, counted).
+        self.payloads = PayloadLog(redis,
                                    lambda: config().payloads,
                                    source=f"/keel/ingress/{socket.gethostname()}/{os.getpid()}",
                                    observer=observer, queue=self.after_answer)

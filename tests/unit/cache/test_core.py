@@ -13,18 +13,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from deployments.cache.core import (
-    CacheConfig,
-    LocalStore,
-    PredictionCache,
-    RedisStore,
-    decode_row,
-    encode_row,
-    redacted,
-    redis_store,
-    redis_store_from_env,
-    row_keys,
-)
+from deployments.cache.core import PredictionCache
+from deployments.cache.keys import row_keys
+from deployments.cache.policy import CacheConfig
+from deployments.cache.rows import decode_row, encode_row
+from deployments.storage.remote import RedisStore, redacted, redis_store, redis_store_from_env
 from tests.support.redisserver import PrivateRedis, TlsFiles, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -108,27 +101,6 @@ def test_truncated_and_padded_entries_are_refused() -> None:
 
 
 # --- the in-process fallback -----------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_local_store_is_a_bounded_lru_with_expiry() -> None:
-    clock = Clock()
-    store = LocalStore(2, clock)
-    store.set_many({"a": b"1", "b": b"2"}, ttl_s=10)
-    assert store.get_many(["a"]) == [b"1"]  # a is now the most recent
-    store.set_many({"c": b"3"}, ttl_s=10)
-    assert store.get_many(["a", "b", "c"]) == [b"1", None, b"3"]
-    assert store.evictions == 1
-    clock.now += 11
-    assert store.get_many(["a", "c"]) == [None, None]
-    assert len(store) == 0 and store.evictions == 1  # expiry is not eviction
 
 
 # --- the cache against Redis -----------------------------------------------------------

@@ -50,6 +50,26 @@ def test_ray_default_max_ongoing_requests_counts(tmp_path: Path) -> None:
     assert "risk_gbdt" in problem and "max_ongoing_requests (5)" in problem
 
 
+def test_max_queued_requests_below_the_ingress_calls_in_flight_is_named(
+        tmp_path: Path) -> None:
+    """Ray's router counts a call as queued until a replica takes it: a model whose
+    max_queued_requests is below the calls one ingress replica sends at once has calls
+    turned away while its replicas have room (the overload serve test's 503s were that)."""
+    path = _write(tmp_path, lambda app: _dep(app, "risk_gbdt").update(max_queued_requests=2))
+    [problem] = check_serve_config(path)
+    assert "deployments[3] (risk_gbdt).max_queued_requests: 2" in problem
+    assert "calls_in_flight (4)" in problem
+    for fine in (4, -1):
+        path = _write(tmp_path,
+                      lambda app, q=fine: _dep(app, "risk_gbdt").update(max_queued_requests=q))
+        assert check_serve_config(path) == []
+    path = _write(tmp_path, lambda app: (
+        _dep(app, "risk_gbdt").update(max_queued_requests=8),
+        _dep(app, "Ingress")["user_config"].update(calls_in_flight=16)))
+    [problem] = check_serve_config(path)
+    assert "max_queued_requests: 8" in problem and "calls_in_flight (16)" in problem
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [

@@ -17,7 +17,6 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from deployments.cache.core import ByteCache, redis_store
 from deployments.errors import (
     BadGateway,
     ConfigError,
@@ -44,6 +43,7 @@ from deployments.llm.config import LLMGatewayConfig, ModelPrice
 from deployments.llm.gateway import ChatGateway
 from deployments.llm.prompt_cache import decode_entry, encode_entry, prompt_key
 from deployments.llm.upstream import transport_error, upstream_error
+from deployments.storage.remote import redis_store
 from graph.demo.llm_upstream import FakeUpstream
 from tests.support.inprocess import InProcessLLM
 
@@ -443,31 +443,6 @@ async def test_the_observer_is_told_everything(upstream: FakeUpstream, prefix: s
     await dead.complete(_call())
     assert ("cache_failed", "MGET") in observer.seen
     await dead.aclose()
-
-
-async def test_redis_commands_through_the_cache_layer(prefix: str) -> None:
-    store = redis_store(REDIS_URL)
-    failures: list[str] = []
-    cache = ByteCache(store, on_failure=failures.append)
-    counters, users, members = prefix + "h", prefix + "u", prefix + "s"
-    replies = await cache.execute_remote([
-        ("HINCRBY", counters, "n", 2), ("HINCRBYFLOAT", counters, "usd", 0.25),
-        ("EXPIRE", counters, 60), ("SADD", members, "a"), ("PFADD", users, "x"),
-        ("PFADD", users, "x"), ("PFCOUNT", users)], "TEST")
-    assert replies == [2, 0.25, True, 1, 1, 0, 1]
-    replies = await cache.execute_remote([("HGETALL", counters), ("SMEMBERS", members)],
-                                         "TEST")
-    assert replies == [{b"n": b"2", b"usd": b"0.25"}, {b"a"}]
-    assert await cache.execute_remote([], "TEST") == [] and failures == []
-    await store.client.aclose()
-    assert await ByteCache(None).execute_remote([("PFCOUNT", users)], "TEST") is None
-    dead = ByteCache(redis_store("redis://127.0.0.1:1/0"), on_failure=failures.append,
-                     retry_after_s=60)
-    assert await dead.execute_remote([("PFCOUNT", users)], "TEST") is None
-    assert failures == ["TEST"] and dead.errors == 1 and not dead.remote_available
-    # While Redis is given its retry interval, it is not asked (nothing more counted).
-    assert await dead.execute_remote([("PFCOUNT", users)], "TEST") is None
-    assert failures == ["TEST"]
 
 
 def test_routes_answer_http(upstream: FakeUpstream, prefix: str) -> None:

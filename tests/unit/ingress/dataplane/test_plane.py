@@ -379,8 +379,10 @@ async def test_a_sampled_decision_is_logged_with_its_entities_and_features(
 
     import redis
 
-    from deployments.cache.core import CacheConfig, PredictionCache, redis_store
+    from deployments.cache.core import PredictionCache
+    from deployments.cache.policy import CacheConfig
     from deployments.ingress.rollout.payload_log import PayloadLogConfig
+    from deployments.storage.remote import redis_store
 
     models, fetcher = demo
     embedded = EmbeddedModels(ModelRepository(models), ["risk_mlp"])
@@ -389,7 +391,7 @@ async def test_a_sampled_decision_is_logged_with_its_entities_and_features(
     remote = redis_store("redis://127.0.0.1:6379/0")
     config = IngressConfig(payloads=PayloadLogConfig(rate=1.0, stream=stream))
     plane = DataPlane(ModelPool(embedded, None), MutableIngressConfig(config),
-                      features=InProcessFeatures(fetcher),
+                      features=InProcessFeatures(fetcher), redis=remote,
                       cache=PredictionCache(remote, CacheConfig(
                           key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:")))
     items = _entities(3)
@@ -520,7 +522,9 @@ async def test_auto_cache_steps_aside_for_a_model_in_the_ingress(
     than the lookups: within 200 requests the cache steps aside and stays aside."""
     import uuid
 
-    from deployments.cache.core import CacheConfig, PredictionCache, redis_store
+    from deployments.cache.core import PredictionCache
+    from deployments.cache.policy import CacheConfig
+    from deployments.storage.remote import redis_store
 
     config = IngressConfig(cache=CacheConfig(key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:",
                                              probe_interval_s=3600))
@@ -581,7 +585,8 @@ async def test_the_cache_keeps_each_versions_rows_apart(
     """The version is chosen before keying: a row computed by 1 is never a hit for 2."""
     import uuid
 
-    from deployments.cache.core import CacheConfig, redis_store
+    from deployments.cache.policy import CacheConfig
+    from deployments.storage.remote import redis_store
 
     config = CacheConfig(key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:", policy="always")
     cache = PredictionCache(redis_store("redis://127.0.0.1:6379/0"), config)
@@ -693,7 +698,8 @@ async def test_replicas_that_disagree_on_the_served_version_fail_no_request(
     it; the replica still on 1 answers the unpinned request with its own version."""
     import uuid
 
-    from deployments.cache.core import CacheConfig, redis_store
+    from deployments.cache.policy import CacheConfig
+    from deployments.storage.remote import redis_store
 
     cache = PredictionCache(redis_store("redis://127.0.0.1:6379/0"), CacheConfig(
         key_prefix=f"keel-test:{uuid.uuid4().hex[:8]}:", policy="always")) if cached else None

@@ -12,18 +12,15 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from deployments.cache.core import (
-    CacheConfig,
-    PredictionCache,
-    decode_row,
-    encode_row,
-    redis_store,
-)
+from deployments.cache.core import PredictionCache
+from deployments.cache.policy import CacheConfig
+from deployments.cache.rows import decode_row, encode_row
 from deployments.contracts import InferCall, InferResult
 from deployments.errors import KeelError
 from deployments.ingress.rest.app import IngressConfig, create_app
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
+from deployments.storage.remote import redis_store
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import reference_probabilities
 

@@ -16,7 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from deployments.cache.core import CacheConfig, PredictionCache, redis_store
+from deployments.cache.core import PredictionCache
+from deployments.cache.policy import CacheConfig
 from deployments.contracts import InferCall, InferResult
 from deployments.errors import KeelError
 from deployments.ingress.auth import ApiKey, AuthConfig, hash_key
@@ -27,6 +28,7 @@ from deployments.ingress.grpc.servicer import GRPC_CODES, GrpcOip, to_request
 from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
+from deployments.storage.remote import redis_store
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import raw_infer_request as raw_request
 from tests.support.modelkit import reference_probabilities

@@ -16,7 +16,8 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from deployments.cache.core import CacheConfig, PredictionCache, RedisStore, redis_store
+from deployments.cache.core import PredictionCache
+from deployments.cache.policy import CacheConfig
 from deployments.errors import ConfigError, parse_user_config
 from deployments.ingress.auth import ApiKey, AuthConfig, hash_key
 from deployments.ingress.dataplane.config import IngressConfig
@@ -31,6 +32,7 @@ from deployments.ingress.rollout.payload_log import (
 )
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
+from deployments.storage.remote import RedisStore, redis_store
 from graph.cli import main
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import reference_probabilities
@@ -73,7 +75,8 @@ def _plane(repository: ModelRepository, config: IngressConfig,
            cache: PredictionCache | None) -> DataPlane:
     embedded = EmbeddedModels(repository, ["linear"])
     embedded.apply({"linear": OnnxModelConfig(version="1")})
-    return DataPlane(ModelPool(embedded, None), MutableIngressConfig(config), cache=cache)
+    return DataPlane(ModelPool(embedded, None), MutableIngressConfig(config), cache=cache,
+                     redis=cache.remote if cache is not None else None)
 
 
 def _cache(remote: RedisStore | None) -> PredictionCache:
@@ -260,7 +263,7 @@ def test_the_caller_is_named_by_its_key_name_and_tenant_never_the_key(
     config = MutableIngressConfig(IngressConfig(
         payloads=PayloadLogConfig(rate=1.0, stream=stream)))
     remote = redis_store(REDIS_URL)
-    app = create_app(backend, config, cache=_cache(remote), auth=auth)
+    app = create_app(backend, config, cache=_cache(remote), redis=remote, auth=auth)
     x = _rows(1, seed=9)
     with TestClient(app) as client:
         answer = client.post("/v2/models/linear/infer", content=_body(x),

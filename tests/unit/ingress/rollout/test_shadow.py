@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deployments.cache.core import CacheConfig, PredictionCache, redis_store
+from deployments.cache.core import PredictionCache
+from deployments.cache.policy import CacheConfig
 from deployments.contracts import InferCall, InferResult, Shadow
 from deployments.errors import DependencyUnavailable, KeelError
 from deployments.ingress.dataplane.config import IngressConfig
@@ -21,6 +22,7 @@ from deployments.ingress.pool.placement import EmbeddedModels, ModelPool
 from deployments.ingress.rollout.shadow import compare
 from deployments.onnx.core import OnnxModelConfig
 from deployments.repository import ModelRepository
+from deployments.storage.remote import redis_store
 from tests.support.inprocess import InProcessModels, MutableIngressConfig
 from tests.support.modelkit import reference_probabilities
 
