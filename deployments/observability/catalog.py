@@ -174,7 +174,7 @@ ALL: tuple[MetricSpec, ...] = (
     LLM_UPSTREAM_CALLS, LLM_CACHE_ERRORS, LLM_CACHE_HIT_RATIO, LLM_COST_PER_MAU,
 )
 
-#: The CloudWatch exporter's own failures (deployments/observability/cloudwatch.py): exported
+#: The CloudWatch exporter's own failures (deployments/observability/cloudwatch/): exported
 #: through Ray like the rest, but not in ``ALL``, which is what goes to CloudWatch (a
 #: failing sink cannot report its own failures).
 #: By operation: ``emf`` (writing EMF lines), ``put_metric_data`` (a call that failed),
