@@ -1,4 +1,5 @@
-"""A private, restartable redis-server on its own port: for tests that stop Redis.
+"""A private, restartable redis-server on its own port: for the tests that stop Redis and
+the resilience benchmarks (bench/resilience/), which share this one helper.
 
 Never the machine's own Redis (127.0.0.1:6379), which other tests share.
 """
@@ -58,7 +59,7 @@ class PrivateRedis:
     """``start()`` / ``stop()`` a redis-server (no persistence) on one fixed port."""
 
     def __init__(self, port: int | None = None, *, password: str | None = None,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, directory: Path | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:  # the machine and CI have it; say so plainly if not
             raise RuntimeError("redis-server is not installed")
@@ -66,6 +67,8 @@ class PrivateRedis:
         self.port = port or free_port()
         self.password = password
         self.tls = tls
+        #: Where redis-server runs (``--dir``); it keeps nothing on disk either way.
+        self.directory = directory
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -90,6 +93,8 @@ class PrivateRedis:
             args += ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.directory is not None:
+            args += ["--dir", str(self.directory)]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -103,7 +108,12 @@ class PrivateRedis:
         raise RuntimeError(f"private redis-server on port {self.port} did not start")
 
     def stop(self) -> None:
+        """Stop it (killed if it has not exited 10 s after SIGTERM); ``start`` again."""
         if self._proc is not None:
             self._proc.terminate()
-            self._proc.wait(timeout=10)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._proc = None

@@ -19,9 +19,9 @@
 
 Writes ``<out>/<date>-soak.json`` and ``.png`` and prints a table::
 
-    .venv/bin/python -m bench.soak                 # 10 minutes
-    .venv/bin/python -m bench.soak --duration 120  # a quick look
-    .venv/bin/python -m bench.soak --duration 3600 # an hour of memory
+    .venv/bin/python -m bench.resilience.soak                 # 10 minutes
+    .venv/bin/python -m bench.resilience.soak --duration 120  # a quick look
+    .venv/bin/python -m bench.resilience.soak --duration 3600 # an hour of memory
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ Redis. This scenario checks it on one machine:
 Writes ``<out>/<date>-gcs-restart.json`` and ``.png`` (answers per second by status,
 the kill, the restart and the redeploy marked) and prints a summary::
 
-    .venv/bin/python -m bench.gcs_restart                  # ~80 s
-    .venv/bin/python -m bench.gcs_restart --down-s 30      # a longer outage
+    .venv/bin/python -m bench.resilience.gcs_restart                  # ~80 s
+    .venv/bin/python -m bench.resilience.gcs_restart --down-s 30      # a longer outage
 
 Stops everything it started (Ray's process group, the restarted GCS, Redis) by process
 id, never ``ray stop``.

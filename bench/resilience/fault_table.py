@@ -1,7 +1,7 @@
 """Run the fault-injection tests and print their figures as a markdown table.
 
-    .venv/bin/python -m bench.fault_table            # ~5 min on 2 cores
-    .venv/bin/python -m bench.fault_table --json out.jsonl
+    .venv/bin/python -m bench.resilience.fault_table            # ~5 min on 2 cores
+    .venv/bin/python -m bench.resilience.fault_table --json out.jsonl
 
 Runs ``tests/serve/test_faults.py`` (each test appends one JSON line per fault to
 ``$KEEL_FAULT_REPORT``) and the Redis-cache fault that ``tests/serve/test_decide.py``

@@ -26,8 +26,8 @@ so no run finds the previous one's predictions in Redis), private ports for Serv
 fallback proxy (see FirstRequestServer) and unbuffered replica logs
 (``harness.servers.UNBUFFERED_LOGS``).
 
-    .venv/bin/python -m bench.first_request --markdown            # 3 runs, ~4-6 min
-    .venv/bin/python -m bench.first_request --runs 1 --out /tmp/first.json
+    .venv/bin/python -m bench.resilience.first_request --markdown            # 3 runs, ~4-6 min
+    .venv/bin/python -m bench.resilience.first_request --runs 1 --out /tmp/first.json
 
 Writes the JSON and a PNG beside it (each request's latency per run, and the time to
 readiness).

@@ -6,7 +6,7 @@
    else), and ``serve_config.yaml`` pointed at both, with ``risk_gbdt`` pinned to version
    1 and at least two replicas (``--min-replicas``: a hung or killed replica then
    leaves one that answers, as production runs it).
-2. Keel under ``serve run`` with HAProxy, as ``make demo`` runs it (``bench.soak``'s
+2. Keel under ``serve run`` with HAProxy, as ``make demo`` runs it (``bench.resilience.soak``'s
    server); its maximum on the mix measured by a closed-loop probe.
 3. An open-loop load at ``--fraction`` (0.5) of that maximum for ``--duration`` s
    (1800): ``/v1/decide`` on ``risk_gbdt`` for Zipf entities, and OIP infer on
@@ -37,8 +37,8 @@ stalled replicas; with ``--access-log``, every request that took a second or mor
 request id: where a lost one stopped). Writes ``<out>/<date>-chaos-soak.json`` and
 ``.png``::
 
-    .venv/bin/python -m bench.chaos_soak                  # 30 minutes
-    .venv/bin/python -m bench.chaos_soak --duration 300   # a quick look
+    .venv/bin/python -m bench.resilience.chaos_soak                  # 30 minutes
+    .venv/bin/python -m bench.resilience.chaos_soak --duration 300   # a quick look
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ import random
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -81,6 +79,7 @@ from bench.harness.progress import Progress, log
 from bench.harness.report import REPO_ROOT, RESULTS_DIR, pyplot, save_figure
 from bench.harness.servers import TARGETS, Server, unbuffered_logs
 from bench.harness.statistics import percentiles
+from tests.support.redisserver import PrivateRedis
 
 MODEL = "risk_gbdt"  # the model in its own deployment: the one the faults hit
 INGRESS_MODEL = "risk_mlp"  # runs inside the ingress replicas
@@ -97,44 +96,6 @@ KEEP_LINE = re.compile(r"^(WARNING|ERROR)|attempt \d+ of \d+|routing around it|a
 
 
 # -- the private world ------------------------------------------------------------------------
-
-
-class PrivateRedis:
-    """A ``redis-server`` on a free port that keeps nothing on disk; restartable."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = quiet_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), \
-                    socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def private_repository(into: Path, seed: int) -> Path:
@@ -697,7 +658,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.chaos_soak",
+    parser = argparse.ArgumentParser(prog="python -m bench.resilience.chaos_soak",
                                      description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--duration", type=float, default=1800.0, help="soak seconds")
@@ -736,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.date.today().isoformat()
     json_path = args.out / f"{stamp}-chaos-soak.json"
     work = Path(tempfile.mkdtemp(prefix="keel-chaos-"))
-    redis = PrivateRedis(work)
+    redis = PrivateRedis(quiet_port(), directory=work)
     log("building the private model repository (risk_gbdt version 2)")
     repository = private_repository(work, seed=args.seed % 1000 + 8)
     config_path = chaos_config(repository, args.min_replicas, work, args.access_log)
