@@ -80,17 +80,16 @@ def cacheable(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> bool:
     return all(a.ndim >= 1 and a.shape[0] > 0 and a.dtype.kind != "O" for a in inputs.values())
 
 
+@dataclass
 class Predictor:
     """Rows in, outputs out: cache first, the model for the rest (see module docstring)."""
 
-    def __init__(self, backend: ModelCaller, catalog: SpecSource,
-                 cache: PredictionCache | None, timeout_s: Callable[[], float],
-                 observer: CallObserver | None = None) -> None:
-        self.backend = backend
-        self.catalog = catalog
-        self.cache = cache
-        self.observer = observer
-        self._timeout_s = timeout_s
+    backend: ModelCaller
+    catalog: SpecSource
+    cache: PredictionCache | None
+    #: A request's time budget (the Ingress's ``request_timeout_s``), read per request.
+    timeout_s: Callable[[], float]
+    observer: CallObserver | None = None
 
     async def predict(self, name: str, version: str | None, inputs: dict[str, np.ndarray],
                       outputs: list[str] | None = None, *,
@@ -102,7 +101,7 @@ class Predictor:
         configured timeout.
         """
         if deadline is None:
-            deadline = time.monotonic() + self._timeout_s()
+            deadline = time.monotonic() + self.timeout_s()
         spec = await self.catalog.spec(name, version)
         cache = self.cache
         if cache is None or not cacheable(spec, inputs) or not cache.use_for(name):
@@ -190,7 +189,7 @@ class Predictor:
         call.trace = tracing.carrier()  # the model's batch span links this request
         try:
             result = await within_budget(self.backend.infer(name, call), deadline, "model",
-                                         f"model {name!r}", self._timeout_s())
+                                         f"model {name!r}", self.timeout_s())
             ok = True
             return result
         finally:
