@@ -19,9 +19,11 @@ a per-user folder under the temp directory) and prints its path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -61,10 +63,18 @@ def script(binary: str) -> str:
 
 def wrapper(directory: Path | None = None, binary: str | None = None) -> Path:
     """Write the wrapper (once; rewritten only if its text changes) and return its path:
-    ``directory/haproxy``, by default in a per-user folder under the temp directory."""
+    ``directory/haproxy``, by default in a folder of this user's under the temp directory,
+    one per wrapped binary (two checkouts on one machine never rewrite each other's), made
+    private (0700) and refused when another user owns it or may write to it."""
     binary = binary or real_haproxy()
-    folder = directory or Path(tempfile.gettempdir()) / f"keel-haproxy-{os.getuid()}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if directory is None:
+        digest = hashlib.sha256(binary.encode()).hexdigest()[:12]
+        folder = Path(tempfile.gettempdir()) / f"keel-haproxy-{os.getuid()}-{digest}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        _check_private(folder)
+    else:
+        folder = directory
+        folder.mkdir(parents=True, exist_ok=True)
     path = folder / "haproxy"
     text = script(binary)
     if not (path.is_file() and path.read_text() == text and os.access(path, os.X_OK)):
@@ -73,6 +83,17 @@ def wrapper(directory: Path | None = None, binary: str | None = None) -> Path:
         partial.chmod(0o755)
         os.replace(partial, path)
     return path
+
+
+def _check_private(folder: Path) -> None:
+    """A shared temp directory: the folder must be a real directory of this user's that
+    nobody else may write to (else someone else's script would be the HAProxy Ray runs)."""
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{folder} is not a private directory of this user's "
+                              f"(owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)}); "
+                              f"remove it, or pass a directory of your own")
 
 
 def haproxy_env(directory: Path | None = None) -> dict[str, str]:

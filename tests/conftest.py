@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.support.modelkit import write_linear_model
-from tests.support.redisserver import PrivateRedis, free_port
+from tests.support.redisserver import PrivateRedis, quiet_port
 from tests.support.serve_app import (
     PROJECT_ROOT,
     SERVE_ENV,
@@ -70,20 +70,20 @@ def serve_client() -> Iterator[Any]:
     from ray import serve
     from ray.serve._private.api import serve_start
 
-    port = free_port()
+    port = quiet_port()
     # The mode `make demo` runs in (docs/architecture.md): Ray reads these when its processes
     # start.
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
     # HAProxy's metrics and stats ports are fixed by default (9101, 8404): free ones let
     # a second test session (or a running demo) share the machine.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-    metrics_port = free_port()
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(quiet_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(quiet_port()))
+    metrics_port = quiet_port()
     ray.init(num_cpus=4, include_dashboard=False, namespace="serve",
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
              log_to_driver=False, _metrics_export_port=metrics_port)
-    grpc_port = free_port()
+    grpc_port = quiet_port()
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     client = serve_start(http_options={"host": "127.0.0.1", "port": port},
                          grpc_options={**config["grpc_options"], "port": grpc_port})

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.support.redisserver import free_port
+from tests.support.redisserver import quiet_port
 from tests.support.serve_app import PROJECT_ROOT, SERVE_ENV, serve_test_config
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def test_one_ctrl_c_ends_every_process_keel_serve_started(model_repo: Path) -> None:
     config = serve_test_config(model_repo)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = quiet_port(), quiet_port()
     config["http_options"].update(host="127.0.0.1", port=http_port)
     config["grpc_options"]["port"] = grpc_port
     app = config["applications"][0]
@@ -41,8 +41,8 @@ def test_one_ctrl_c_ends_every_process_keel_serve_started(model_repo: Path) -> N
     env = {**os.environ, **SERVE_ENV,
            "RAY_ADDRESS": "local",  # a new local instance, never the test session's
            "RAY_TMPDIR": str(temp / "ray"),
-           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-           "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+           "RAY_SERVE_HAPROXY_METRICS_PORT": str(quiet_port()),
+           "RAY_SERVE_HAPROXY_STATS_PORT": str(quiet_port()),
            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),

@@ -6,6 +6,7 @@ Never the machine's own Redis (127.0.0.1:6379), which other tests share.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def quiet_port(low: int = 20000, high: int = 30000) -> int:
+    """A free port for a server that binds it later (HAProxy's frontends, Ray's metrics):
+    below the ephemeral range, where Ray's own servers bind port 0, and above Ray's worker
+    ports (10002-19999), picked at random. A port from ``free_port`` can be taken in
+    between, and HAProxy and gRPC bind with SO_REUSEPORT: the kernel then splits the
+    connections between the two servers, silently (a CI run's gRPC calls once reached
+    another test session's Keel)."""
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 class PrivateRedis:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from graph.haproxy_nosplice import (
     BINARY_ENV,
     is_wrapper,
@@ -31,3 +33,28 @@ def test_only_an_environment_that_turns_haproxy_on_gets_it() -> None:
     assert is_wrapper(Path(env[BINARY_ENV]))
     chosen = {"RAY_SERVE_ENABLE_HA_PROXY": "1", BINARY_ENV: "/opt/my/haproxy"}
     assert without_splice(chosen) == chosen  # an operator's own choice is kept
+
+
+def test_the_default_folder_is_private_and_one_per_wrapped_binary(tmp_path: Path) -> None:
+    """Under the shared temp directory, a folder per user and wrapped binary (two checkouts
+    never rewrite each other's wrapper: a CI run beside a second checkout once ran the
+    other checkout's HAProxy), 0700, and refused when anyone else may write to it."""
+    import os
+    import stat
+
+    ours = wrapper()
+    assert ours.parent.name.startswith(f"keel-haproxy-{os.getuid()}-")
+    assert stat.S_IMODE(ours.parent.stat().st_mode) == 0o700
+    assert real_haproxy({BINARY_ENV: str(ours)}) == real_haproxy({})
+    other = tmp_path / "bin" / "haproxy"
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    elsewhere = wrapper(binary=str(other))
+    assert elsewhere.parent != ours.parent and str(other) in elsewhere.read_text()
+    assert wrapper() == ours and str(other) not in ours.read_text()
+    elsewhere.parent.chmod(0o777)
+    try:
+        with pytest.raises(PermissionError, match="not a private directory"):
+            wrapper(binary=str(other))
+    finally:
+        elsewhere.parent.chmod(0o700)
