@@ -193,7 +193,11 @@ class Ingress:
                         "Ray turns overload away first, in plain text", ongoing,
                         config.max_requests)
         self._config = config
-        self._plane.catalog.forget()
+        # Only the in-ingress models' statuses follow this config. Dropping every model's
+        # made the next requests to a deployment-placed model all wait for one status call
+        # and then leave together, a burst of handle calls at once.
+        if self._embedded is not None:
+            self._plane.catalog.forget(self._embedded.model_names())
         self._plane.reconfigured()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from deployments.contracts import ModelStatus
@@ -143,9 +143,13 @@ class ModelCatalog:
         if cached is not None and cached.status.served_version != version:
             self._cache.pop(name, None)
 
-    def forget(self) -> None:
-        """Drop every cached status (after a live reconfiguration of in-ingress models)."""
-        self._cache.clear()
+    def forget(self, names: Iterable[str] | None = None) -> None:
+        """Drop the copies of ``names`` (after a live reconfiguration of the models placed
+        in the ingress: only theirs follow the Ingress's config), or every copy."""
+        if names is None:
+            self._cache.clear()
+        for name in names or ():
+            self._cache.pop(name, None)
 
 
 def describe(exc: BaseException) -> str:
